@@ -1,0 +1,62 @@
+"""qdplex: multiplexed quantum-dot immunofluorescence → per-cell biomarker tables.
+
+The public API (re-exported names only; each module is imported on first use)::
+
+    import qdplex
+    img = qdplex.read_image("slide.ome.tif")
+    lib = qdplex.SpectralLibrary.builtin()
+    res = qdplex.unmix(img, lib.subset(["DAPI", "QD605", "QD655", "AF"]))
+    seg = qdplex.segment(res.abundances.plane("DAPI").compute(), pixel_size_um=img.pixel_size_um)
+    table = qdplex.quantify(res.abundances, seg)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "QdplexError": "errors",
+    "InputError": "errors",
+    "PanelError": "errors",
+    "SpectraError": "errors",
+    "SegmentationError": "errors",
+    "OutputError": "errors",
+    "Channel": "model",
+    "MultiplexImage": "model",
+    "Segmentation": "model",
+    "read_image": "io",
+    "write_ome_tiff": "io",
+    "write_labels": "io",
+    "SpectralLibrary": "spectra",
+    "unmix": "unmix",
+    "UnmixResult": "unmix",
+    "segment": "segment",
+    "segment_nuclei": "segment",
+    "expand_nuclei": "segment",
+    "quantify": "quantify",
+    "Panel": "panel",
+    "Marker": "panel",
+    "read_panel": "panel",
+    "run": "pipeline",
+    "run_slide": "pipeline",
+    "process_slide": "pipeline",
+    "SlideResult": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qdplex' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

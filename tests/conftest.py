@@ -1,0 +1,25 @@
+"""Shared fixtures: the real public data in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SAMPLE_DATA = ROOT / "sample_data"
+PIPELINES = ROOT / "pipelines"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data; skips the test when that folder is absent (e.g. a user's clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real public data not found at {SHARED_DATA} (only present beside the project checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def breast_panel_path() -> Path:
+    return PIPELINES / "breast-5plex.toml"
