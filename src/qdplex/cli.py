@@ -1,0 +1,149 @@
+"""The ``qdplex`` command line: a thin shell over the Python API.
+
+Each subcommand is registered by a small ``_add_<name>(subparsers)`` function that
+sets ``func`` to a handler taking the parsed arguments and returning an exit code.
+Errors from qdplex (:class:`qdplex.errors.QdplexError`) are printed as one line on
+stderr, without a traceback, and give a non-zero exit code; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import QdplexError
+
+__all__ = ["build_parser", "main"]
+
+
+# --------------------------------------------------------------------------- run
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="unmix, segment, quantify and score slides into per-cell tables",
+        description="Run the full pipeline on each slide. Each INPUT is a slide file "
+        "(OME-TIFF, TIFF with a channel sidecar, OME-Zarr) or a folder searched for slides.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path, help="slide file or folder of slides")
+    p.add_argument("--panel", required=True, type=Path, help="panel TOML file (see pipelines/)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not be inside an input folder)")
+    p.add_argument("--no-report", action="store_true", help="do not write the QC reports")
+    p.set_defaults(func=_cmd_run)
+
+
+def _run_options(args) -> dict:
+    """Keyword options for :func:`qdplex.pipeline.run` taken from the parsed arguments."""
+    opts = {"report": not args.no_report}
+    for name in ("scheduler", "workers", "include", "exclude", "force", "quiet", "fmt"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    return opts
+
+
+def _cmd_run(args) -> int:
+    from .panel import read_panel
+    from .pipeline import run
+
+    panel = read_panel(args.panel)
+    manifest = run(args.inputs, panel, args.out, **_run_options(args))
+    failed = manifest[manifest["status"] != "ok"] if len(manifest) else manifest
+    n = len(manifest)
+    if n == 0:
+        raise QdplexError(f"expected at least one slide in {[str(p) for p in args.inputs]}, found none")
+    print(f"qdplex: {n - len(failed)} of {n} slides done, {len(failed)} failed; manifest: {Path(args.out) / 'manifest.csv'}")
+    for _, row in failed.iterrows():
+        print(f"qdplex: failed {row['slide']}: {row['error']}", file=sys.stderr)
+    return 1 if len(failed) else 0
+
+
+# --------------------------------------------------------------------------- synth
+def _add_synth(sub) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="make a synthetic multiplexed QD slide with ground truth",
+        description="Write DIR/slides/NAME.ome.tif, its ground truth in DIR/truth/NAME/ and, "
+        "with --unstained, an unstained control in DIR/controls/.",
+    )
+    p.add_argument("--panel", required=True, type=Path, help="panel TOML file")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--name", default="synthetic", help="slide name (default: synthetic)")
+    p.add_argument("--shape", nargs=2, type=int, default=(512, 512), metavar=("Y", "X"), help="image size in pixels")
+    p.add_argument("--pixel-size", type=float, default=0.5, help="pixel size in µm (default 0.5)")
+    p.add_argument("--mode", choices=("lambda", "filter"), default="lambda", help="λ-stack or filter channels")
+    p.add_argument("--wavelengths", nargs=3, type=float, default=(420.0, 720.0, 10.0),
+                   metavar=("FIRST", "LAST", "STEP"), help="λ-stack band centres in nm (default 420 720 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--unstained", action="store_true", help="also write an unstained control")
+    p.add_argument("--crowded", action="store_true", help="dense, touching nuclei")
+    p.add_argument("--uneven", action="store_true", help="dim and bright nuclei and a background gradient")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from .panel import read_panel
+    from .synth import make_slide, write_slide
+
+    panel = read_panel(args.panel)
+    slide = make_slide(
+        panel,
+        shape=tuple(args.shape),
+        pixel_size_um=args.pixel_size,
+        mode=args.mode,
+        wavelengths=tuple(args.wavelengths),
+        crowded=args.crowded,
+        uneven=args.uneven,
+        unstained=args.unstained,
+        seed=args.seed,
+        name=args.name,
+    )
+    paths = write_slide(slide, args.out)
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+_REGISTRY = [_add_run, _add_synth]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``qdplex`` command (also used to generate docs/cli.md)."""
+    parser = argparse.ArgumentParser(
+        prog="qdplex",
+        description="Multiplexed quantum-dot immunofluorescence: spectral unmixing, "
+        "segmentation and per-cell biomarker tables.",
+    )
+    parser.add_argument("--version", action="version", version=f"qdplex {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _REGISTRY:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``qdplex`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QdplexError as e:
+        if args.debug:
+            raise
+        print(f"qdplex: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdplex: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # unexpected: still one line, traceback with --debug
+        if args.debug:
+            raise
+        print(f"qdplex: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
