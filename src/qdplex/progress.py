@@ -1,0 +1,193 @@
+"""Progress of a batch: bars with ETA on a terminal, plain log lines otherwise, a log file.
+
+:class:`BatchProgress` receives three kinds of events — a slide starts, a slide
+reaches a pipeline stage (``"unmix"``, ``"segment"``, ``"quantify"``, ``"score"``
+with the fraction of the slide done), a slide finishes — and shows them
+
+* on a terminal: one overall bar (slides done, ETA) and one bar per running slide
+  (tqdm);
+* elsewhere (a pipe, a CI log, a cluster job's stdout): one plain line per event;
+* always, when ``log_file`` is given: one timestamped line per event in that file
+  (``OUT/qdplex.log``), whatever ``quiet`` says.
+
+``quiet=True`` silences the terminal/stream output (errors still reach the log file
+and the manifest). The class is independent of dask: :mod:`qdplex.batch` feeds it
+from the client side as futures complete and as workers report stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+__all__ = ["BatchProgress", "LOGGER_NAME"]
+
+#: Name of the logger the batch writes to (``logging.getLogger(LOGGER_NAME)``).
+LOGGER_NAME = "qdplex.batch"
+
+_FMT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class BatchProgress:
+    """Report a batch's progress to a terminal, a stream and a log file.
+
+    Parameters
+    ----------
+    total : int
+        Number of slides in the batch.
+    log_file : str or Path, optional
+        File that receives every event as a timestamped line (appended).
+    quiet : bool
+        No terminal/stream output (the log file is still written).
+    stream : file-like, optional
+        Where to show progress (default ``sys.stderr``).
+    tty : bool, optional
+        Force bars (True) or plain lines (False); default: ``stream.isatty()``.
+
+    Examples
+    --------
+    >>> p = BatchProgress(2, quiet=True)
+    >>> p.start("a"); p.stage("a", "unmix", 0.25); p.finish("a", "ok", 1.0)
+    >>> p.close()
+    """
+
+    def __init__(self, total: int, *, log_file=None, quiet: bool = False, stream: TextIO | None = None,
+                 tty: bool | None = None):
+        self.total = int(total)
+        self.quiet = bool(quiet)
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(self.stream.isatty()) if tty is None else bool(tty)
+        self.done = 0
+        self.failed = 0
+        self._lock = threading.RLock()
+        self._bars: dict[str, object] = {}
+        self._overall = None
+        self._t0 = time.monotonic()
+        self.log = logging.getLogger(LOGGER_NAME)
+        self.log.setLevel(logging.INFO)
+        self.log.propagate = False
+        self._handlers: list[logging.Handler] = []
+        if log_file is not None:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+            fh.setFormatter(logging.Formatter(_FMT))
+            self._add_handler(fh)
+        if not self.quiet and not self.tty:
+            sh = logging.StreamHandler(self.stream)
+            sh.setFormatter(logging.Formatter("qdplex: %(message)s"))
+            self._add_handler(sh)
+        if not self.quiet and self.tty:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm
+            self._overall = tqdm(total=self.total, desc="slides", unit="slide", position=0,
+                                 file=self.stream, dynamic_ncols=True, leave=True)
+
+    # ------------------------------------------------------------------ events
+    def info(self, message: str) -> None:
+        """A free-form line (log file; stream unless quiet; above the bars on a TTY)."""
+        with self._lock:
+            self.log.info(message)
+            if self._overall is not None:
+                self._tqdm.write(f"qdplex: {message}", file=self.stream)
+
+    def start(self, slide: str) -> None:
+        """Slide ``slide`` started on a worker."""
+        with self._lock:
+            self.log.info("start %s", slide)
+            if self._overall is not None and slide not in self._bars:
+                self._bars[slide] = self._tqdm(
+                    total=100, desc=_short(slide), unit="%", position=len(self._bars) + 1, file=self.stream,
+                    leave=False, dynamic_ncols=True,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+                )
+
+    def stage(self, slide: str, stage: str, fraction: float) -> None:
+        """Slide ``slide`` finished pipeline stage ``stage``; ``fraction`` of it is done (0–1)."""
+        with self._lock:
+            self.log.info("%s: %s done (%.0f%%)", slide, stage, 100.0 * float(fraction))
+            bar = self._bars.get(slide)
+            if bar is None and self._overall is not None:
+                self.start(slide)
+                bar = self._bars.get(slide)
+            if bar is not None:
+                target = max(0, min(100, int(round(100 * float(fraction)))))
+                bar.update(max(0, target - bar.n))
+                bar.set_postfix_str(stage, refresh=True)
+
+    def finish(self, slide: str, status: str, seconds: float | None = None, error: str | None = None,
+               *, skipped: bool = False) -> None:
+        """Slide ``slide`` ended with ``status`` (``"ok"``/``"failed"``); ``skipped`` = resumed."""
+        with self._lock:
+            self.done += 1
+            if status != "ok":
+                self.failed += 1
+            what = "skipped (outputs complete)" if skipped else status
+            took = "" if seconds is None or skipped else f" in {seconds:.1f} s"
+            msg = f"[{self.done}/{self.total}] {slide} {what}{took}"
+            if error:
+                msg += f": {error}"
+                self.log.error(msg)
+            else:
+                self.log.info(msg + f"; {self._eta_text()}")
+            bar = self._bars.pop(slide, None)
+            if bar is not None:
+                bar.close()
+            if self._overall is not None:
+                if error:
+                    self._tqdm.write(f"qdplex: {msg}", file=self.stream)
+                self._overall.set_postfix_str(f"{self.failed} failed", refresh=False)
+                self._overall.update(1)
+
+    def stage_callback(self, slide: str) -> Callable[[str, float], None]:
+        """A ``progress(stage, fraction)`` callable for :func:`qdplex.pipeline.run_slide`."""
+        return lambda stage, fraction: self.stage(slide, stage, fraction)
+
+    def close(self, summary: str | None = None) -> None:
+        """Close the bars and detach the log handlers (``summary`` goes to the log first)."""
+        with self._lock:
+            if summary:
+                self.log.info(summary)
+            for bar in self._bars.values():
+                bar.close()
+            self._bars.clear()
+            if self._overall is not None:
+                self._overall.close()
+                self._overall = None
+            for h in self._handlers:
+                self.log.removeHandler(h)
+                h.close()
+            self._handlers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _add_handler(self, h: logging.Handler) -> None:
+        self.log.addHandler(h)
+        self._handlers.append(h)
+
+    def _eta_text(self) -> str:
+        left = self.total - self.done
+        if self.done == 0 or left <= 0:
+            return "batch done" if left <= 0 else "ETA unknown"
+        per = (time.monotonic() - self._t0) / self.done
+        return f"ETA {_hms(per * left)}"
+
+
+def _short(name: str, width: int = 24) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
