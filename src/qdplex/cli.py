@@ -31,6 +31,20 @@ def _add_run(sub) -> None:
     p.add_argument("--panel", required=True, type=Path, help="panel TOML file (see pipelines/)")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not be inside an input folder)")
     p.add_argument("--no-report", action="store_true", help="do not write the QC reports")
+    # batch options (qdplex.batch.run_batch)
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="an existing dask scheduler, e.g. tcp://HOST:PORT (default: a local cluster sized to "
+                   "this machine; 'synchronous' runs slides one by one in this process)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local worker processes (default: CPU count); with --scheduler, wait for N workers")
+    p.add_argument("--include", action="append", default=None, metavar="GLOB",
+                   help="only slides whose path matches GLOB (repeatable)")
+    p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                   help="skip slides whose path matches GLOB (repeatable)")
+    p.add_argument("--force", action="store_true", help="recompute slides whose outputs are already complete")
+    p.add_argument("--quiet", action="store_true", help="no progress output (OUT/qdplex.log is still written)")
+    p.add_argument("--format", dest="fmt", choices=("tiff", "zarr"), default="tiff",
+                   help="image outputs as tiled pyramidal OME-TIFF (default) or OME-Zarr")
     p.set_defaults(func=_cmd_run)
 
 
