@@ -1,0 +1,342 @@
+"""QC figures for the HTML reports: plain functions from arrays to matplotlib figures.
+
+Every function takes plain numpy / dask arrays, pandas tables or dicts and returns
+a :class:`matplotlib.figure.Figure` built on the Agg canvas (no pyplot, no global
+state, no display: safe on dask workers). :func:`to_data_uri` turns a figure into
+an inline ``data:image/png;base64,...`` string for a self-contained HTML page.
+
+Images are shown at most ``max_side`` pixels on their longer side:
+:func:`preview` subsamples a (lazy) plane by striding before computing it, so a
+whole-slide image never has to be loaded in full to draw its QC figure.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "PALETTE",
+    "preview",
+    "stretch",
+    "composite_rgb",
+    "composite_figure",
+    "segmentation_figure",
+    "residual_figure",
+    "histogram_figure",
+    "spectra_figure",
+    "crosstalk_figure",
+    "distribution_figure",
+    "to_data_uri",
+]
+
+#: Categorical colours of marker planes in the composite (distinct on black; DAPI is blue).
+PALETTE = (
+    (1.0, 0.15, 0.15),  # red
+    (0.1, 1.0, 0.1),  # green
+    (1.0, 0.1, 1.0),  # magenta
+    (0.1, 1.0, 1.0),  # cyan
+    (1.0, 1.0, 0.1),  # yellow
+    (1.0, 0.55, 0.0),  # orange
+    (0.6, 0.6, 1.0),  # lavender
+    (1.0, 1.0, 1.0),  # white
+)
+_NUCLEAR_RGB = (0.15, 0.35, 1.0)
+
+
+def _figure(width_in: float, height_in: float, dpi: int = 100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def preview(plane, max_side: int = 1024) -> np.ndarray:
+    """A plane subsampled by striding so that its longer side is at most ``max_side``.
+
+    Parameters
+    ----------
+    plane : array-like (numpy or dask), Y×X or C×Y×X
+        The image; a dask array is sliced before it is computed.
+    max_side : int
+        Longest side of the result in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        The subsampled plane (nearest-neighbour, so label images stay labels).
+    """
+    shape = plane.shape[-2:]
+    step = max(1, math.ceil(max(shape) / max_side))
+    sub = plane[..., ::step, ::step]
+    if hasattr(sub, "compute"):
+        sub = sub.compute()
+    return np.asarray(sub)
+
+
+def stretch(plane: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
+    """Contrast-stretch a plane to [0, 1] between its ``low`` and ``high`` percentiles.
+
+    Non-finite pixels become 0. A constant plane becomes all zeros.
+    """
+    a = np.asarray(plane, dtype=np.float32)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.float32)
+    lo, hi = np.percentile(a[finite], [low, high])
+    if not hi > lo:
+        return np.zeros(a.shape, np.float32)
+    out = (np.where(finite, a, lo) - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def composite_rgb(planes: Sequence[np.ndarray], colors: Sequence[Sequence[float]]) -> np.ndarray:
+    """Additive colour composite of contrast-stretched planes.
+
+    Parameters
+    ----------
+    planes : sequence of Y×X arrays
+        One plane per colour.
+    colors : sequence of RGB triples in [0, 1]
+        The colour of each plane.
+
+    Returns
+    -------
+    numpy.ndarray
+        Y×X×3 float32 RGB in [0, 1].
+    """
+    if len(planes) != len(colors):
+        raise ValueError(f"expected one colour per plane, found {len(colors)} colours for {len(planes)} planes")
+    if not planes:
+        raise ValueError("expected at least one plane, found none")
+    rgb = np.zeros(np.asarray(planes[0]).shape + (3,), np.float32)
+    for plane, color in zip(planes, colors):
+        rgb += stretch(plane)[..., None] * np.asarray(color, np.float32)
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def _legend_patches(names, colors):
+    from matplotlib.patches import Patch
+
+    return [Patch(facecolor=c, edgecolor="none", label=n) for n, c in zip(names, colors)]
+
+
+def composite_figure(planes: Mapping[str, np.ndarray], nuclear: np.ndarray | None = None, *,
+                     nuclear_name: str = "DAPI", title: str = "Unmixed channels"):
+    """Composite of the unmixed marker planes (one palette colour each) over the nuclear stain.
+
+    Parameters
+    ----------
+    planes : mapping name → Y×X array
+        Marker abundance planes, in legend order.
+    nuclear : Y×X array, optional
+        The nuclear-stain plane, shown dimmed in blue.
+    """
+    names = list(planes)
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+    arrays = [planes[n] for n in names]
+    if nuclear is not None:
+        arrays.append(nuclear)
+        colors.append(tuple(0.6 * c for c in _NUCLEAR_RGB))
+        names.append(nuclear_name)
+    rgb = composite_rgb(arrays, colors)
+    h, w = rgb.shape[:2]
+    fig = _figure(7.0, 7.0 * h / max(w, 1) + 0.6)
+    ax = fig.add_axes([0.0, 0.08, 1.0, 0.86])
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+    fig.legend(handles=_legend_patches(names, colors), loc="lower center", ncol=min(len(names), 6),
+               frameon=False, fontsize=9, labelcolor="black")
+    return fig
+
+
+def segmentation_figure(nuclear: np.ndarray, nuclei: np.ndarray, cells: np.ndarray, *, title: str = "Segmentation"):
+    """The nuclear stain in grey with nucleus outlines (cyan) and cell outlines (yellow)."""
+    from skimage.segmentation import find_boundaries
+
+    grey = stretch(nuclear)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    cell_edge = find_boundaries(np.asarray(cells), mode="inner")
+    nuc_edge = find_boundaries(np.asarray(nuclei), mode="inner")
+    rgb[cell_edge] = (1.0, 0.85, 0.0)
+    rgb[nuc_edge] = (0.0, 0.9, 1.0)
+    h, w = rgb.shape[:2]
+    fig = _figure(7.0, 7.0 * h / max(w, 1) + 0.6)
+    ax = fig.add_axes([0.0, 0.08, 1.0, 0.86])
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+    fig.legend(handles=_legend_patches(["nuclei", "cells"], [(0.0, 0.9, 1.0), (1.0, 0.85, 0.0)]),
+               loc="lower center", ncol=2, frameon=False, fontsize=9)
+    return fig
+
+
+def residual_figure(residual: np.ndarray, *, saturated: np.ndarray | None = None,
+                    title: str = "Unmixing residual (RMS misfit per pixel)"):
+    """The per-pixel unmixing residual with a colour bar; saturated pixels outlined in red."""
+    r = np.asarray(residual, dtype=np.float32)
+    finite = r[np.isfinite(r)]
+    vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+    h, w = r.shape
+    fig = _figure(7.6, 7.0 * h / max(w, 1) + 0.4)
+    ax = fig.add_axes([0.02, 0.03, 0.82, 0.9])
+    im = ax.imshow(r, cmap="magma", vmin=0.0, vmax=vmax if vmax > 0 else 1.0, interpolation="nearest")
+    if saturated is not None and np.any(saturated):
+        ax.contour(np.asarray(saturated, dtype=np.uint8), levels=[0.5], colors="red", linewidths=0.6)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+    cax = fig.add_axes([0.86, 0.1, 0.03, 0.76])
+    fig.colorbar(im, cax=cax)
+    return fig
+
+
+def histogram_figure(values: Mapping[str, np.ndarray], thresholds: Mapping[str, float] | None = None, *,
+                     xlabel: str = "mean abundance in the marker's compartment", bins: int = 60):
+    """One histogram of per-cell values per marker, with its positivity threshold as a red line.
+
+    Parameters
+    ----------
+    values : mapping marker → 1-D array
+        Per-cell values (e.g. the marker's column of ``cells.csv``).
+    thresholds : mapping marker → float, optional
+        Positivity thresholds; markers without one get no line.
+    """
+    thresholds = thresholds or {}
+    names = list(values)
+    n = max(len(names), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(3.4 * cols, 2.6 * rows)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        v = np.asarray(values[name], dtype=float)
+        v = v[np.isfinite(v)]
+        color = PALETTE[i % len(PALETTE)]
+        if v.size:
+            ax.hist(v, bins=bins, color=tuple(0.8 * c for c in color), edgecolor="none")
+        thr = thresholds.get(name)
+        label = name
+        if thr is not None and np.isfinite(thr):
+            ax.axvline(float(thr), color="red", lw=1.5)
+            pos = float(np.mean(v > thr) * 100) if v.size else float("nan")
+            label = f"{name}  (threshold {thr:.3g}, {pos:.1f}% positive)"
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("cells", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def spectra_figure(wavelengths: np.ndarray, spectra: Mapping[str, np.ndarray], *,
+                   bands: Sequence[tuple[float, float]] | None = None,
+                   labels: Mapping[str, str] | None = None, title: str = "Reference emission spectra"):
+    """Reference spectra (each scaled to a maximum of 1) with the image's channel bands shaded.
+
+    Parameters
+    ----------
+    wavelengths : 1-D array
+        Common wavelength grid in nm.
+    spectra : mapping name → 1-D array
+        Intensity of each endmember on ``wavelengths``.
+    bands : sequence of (low, high) in nm, optional
+        The image's channel bands, shaded grey.
+    labels : mapping name → str, optional
+        Legend labels (e.g. ``"QD655 (HER2)"``).
+    """
+    labels = labels or {}
+    fig = _figure(8.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for low, high in bands or ():
+        ax.axvspan(low, high, color="0.85", lw=0, zorder=0)
+    wl = np.asarray(wavelengths, dtype=float)
+    for i, (name, s) in enumerate(spectra.items()):
+        s = np.asarray(s, dtype=float)
+        peak = np.nanmax(s) if s.size and np.isfinite(s).any() else 0.0
+        ax.plot(wl, s / peak if peak > 0 else s, lw=1.6, label=labels.get(name, name),
+                color=PALETTE[i % len(PALETTE)] if name not in ("DAPI", "Hoechst") else _NUCLEAR_RGB)
+    ax.set_xlabel("wavelength (nm)")
+    ax.set_ylabel("relative emission")
+    ax.set_title(title, fontsize=11)
+    ax.set_facecolor("0.12")
+    ax.legend(fontsize=8, ncol=2, loc="upper right", facecolor="white")
+    fig.tight_layout()
+    return fig
+
+
+def crosstalk_figure(matrix, *, title: str = "Expected crosstalk (fraction of signal)"):
+    """Heat map of a square crosstalk matrix (rows: true fluor, columns: where it is read).
+
+    Parameters
+    ----------
+    matrix : pandas.DataFrame
+        Square table with fluor names as index and columns.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(matrix).astype(float)
+    n_r, n_c = df.shape
+    fig = _figure(1.2 + 0.75 * n_c, 1.0 + 0.55 * n_r)
+    ax = fig.add_subplot(1, 1, 1)
+    data = df.to_numpy()
+    vmax = float(np.nanmax(np.abs(data))) if data.size else 1.0
+    im = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
+    ax.set_xticks(range(n_c), [str(c) for c in df.columns], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n_r), [str(i) for i in df.index], fontsize=8)
+    for i in range(n_r):
+        for j in range(n_c):
+            v = data[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                        color="black" if vmax and v > 0.6 * vmax else "white")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def distribution_figure(table, columns: Sequence[str], *, title: str = "Score distributions across slides"):
+    """Per-column strip plot with a box plot of slide-level scores (one point per slide).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per slide.
+    columns : sequence of str
+        Numeric columns to show, one panel each.
+    """
+    columns = list(columns)
+    n = max(len(columns), 1)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = _figure(2.9 * cols, 2.6 * rows)
+    rng = np.random.default_rng(0)
+    for i, col in enumerate(columns):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        v = np.asarray(table[col], dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            ax.boxplot(v, widths=0.5, showfliers=False)
+            ax.scatter(1 + rng.uniform(-0.12, 0.12, v.size), v, s=14, color=PALETTE[i % len(PALETTE)],
+                       edgecolor="black", linewidths=0.4, zorder=3)
+        ax.set_xticks([])
+        ax.set_title(col, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def to_data_uri(fig, *, dpi: int = 100) -> str:
+    """The figure as an inline ``data:image/png;base64,...`` URI (the figure is then closed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    fig.clf()
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

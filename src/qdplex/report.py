@@ -1,0 +1,629 @@
+"""QC reports: one self-contained HTML page per slide and one for the cohort.
+
+Layering (pure → from disk → CLI)::
+
+    slide_report_html(...)        arrays, tables and dicts → HTML text (figures inline)
+    write_slide_report(result, slide_dir)       a SlideResult → slide_dir/qc/report.html
+    slide_report_from_outputs(slide_dir)        the files of OUT/<slide>/ → the same page
+    cohort_report_html(manifest, table, ...)    tables → HTML text
+    write_cohort_report(out)                    OUT/manifest.csv + cohort_summary.csv → OUT/report.html
+    report_from_outputs(out)                    every slide's report, then the cohort's (``qdplex report OUT``)
+
+The pages load nothing from the network: figures are inline base64 PNGs and the
+style sheet is inline, so a report can be mailed or archived as one file.
+Every figure is drawn on a subsampled preview (at most ``max_side`` pixels a side,
+see :func:`qdplex.figures.preview`), so reports of whole slides stay small and cheap.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import figures
+from .errors import InputError, OutputError
+
+__all__ = [
+    "slide_report_html",
+    "write_slide_report",
+    "slide_report_from_outputs",
+    "cohort_report_html",
+    "write_cohort_report",
+    "report_from_outputs",
+    "REPORT_NAME",
+]
+
+#: File name of the reports (``OUT/<slide>/qc/report.html`` and ``OUT/report.html``).
+REPORT_NAME = "report.html"
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;
+color:#1d1d1f;background:#fff;padding:0 16px}
+h1{font-size:24px;margin-bottom:4px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+.meta{color:#555;font-size:13px}.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+figure{margin:0}figure img{width:100%;height:auto;border:1px solid #ddd}figcaption{font-size:12px;color:#555}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f2f2f2}td.l,th.l{text-align:left}.bad{color:#b00020;font-weight:600}.ok{color:#1b7f3b}
+.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;font-size:13px;margin:6px 0}
+.err{background:#fdecea;border-left:4px solid #b00020;padding:6px 10px;font-size:13px;margin:6px 0}
+"""
+
+
+# --------------------------------------------------------------------------- html helpers
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if not math.isfinite(f):
+            return ""
+        return f"{f:.4g}"
+    return str(v)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def _table(df: pd.DataFrame, *, left: Sequence[str] = (), raw_html: Sequence[str] = (), index: bool = False) -> str:
+    """An HTML table; columns in ``raw_html`` are inserted unescaped (links)."""
+    cols = list(df.columns)
+    head = ""
+    if index:
+        head += f"<th class=l>{_e(df.index.name or '')}</th>"
+    head += "".join(f"<th class={'l' if c in left else 'r'}>{_e(c)}</th>" for c in cols)
+    rows = []
+    for idx, row in df.iterrows():
+        cells = f"<td class=l>{_e(idx)}</td>" if index else ""
+        for c in cols:
+            v = row[c]
+            text = str(v) if c in raw_html else _e(_fmt(v))
+            cells += f"<td class={'l' if c in left or c in raw_html else 'r'}>{text}</td>"
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _figure_html(make, caption: str) -> str:
+    """Render ``make()`` (→ Figure) inline; a failing figure becomes a visible error box."""
+    try:
+        uri = figures.to_data_uri(make())
+    except Exception as e:  # a QC figure must not sink the slide; say what went wrong instead
+        return f"<div class=err>{_e(caption)}: not drawn ({_e(type(e).__name__)}: {_e(e)})</div>"
+    return f"<figure><img alt=\"{_e(caption)}\" src=\"{uri}\"><figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    from .io import atomic_path
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"expected a writable report file, found {type(e).__name__}: {e}", path=path) from None
+    return path
+
+
+# --------------------------------------------------------------------------- summary → tables
+def summary_tables(summary: Mapping[str, Any], markers: Sequence[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a slide summary into a per-marker table and a table of the remaining scalars.
+
+    Parameters
+    ----------
+    summary : mapping
+        ``summary.json`` of a slide (JSON-able, possibly nested).
+    markers : sequence of str
+        Marker names; nested entries keyed by a marker become rows of the marker table.
+
+    Returns
+    -------
+    per_marker : pandas.DataFrame
+        One row per marker (index), one column per score (flattened ``a.b`` names).
+    scalars : pandas.DataFrame
+        Columns ``key``, ``value`` for everything else.
+    """
+    marker_set = set(markers)
+    rows: dict[str, dict[str, Any]] = {}
+    scalars: list[tuple[str, Any]] = []
+
+    def flat(prefix: str, value, marker: str | None):
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                k = str(k)
+                if marker is None and k in marker_set:
+                    flat(prefix, v, k)
+                else:
+                    flat(f"{prefix}.{k}" if prefix else k, v, marker)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+            for i, v in enumerate(value):
+                name = v.get("marker") or v.get("name") if isinstance(v, Mapping) else None
+                if marker is None and name in marker_set:
+                    flat(prefix, {k: x for k, x in v.items() if k not in ("marker", "name")}, name)
+                else:
+                    flat(f"{prefix}[{i}]", v, marker)
+        else:
+            if isinstance(value, (list, tuple)):
+                value = ", ".join(_fmt(v) for v in value)
+            if marker is None:
+                scalars.append((prefix, value))
+            else:
+                rows.setdefault(marker, {})[prefix] = value
+
+    flat("", summary, None)
+    per_marker = pd.DataFrame.from_dict(rows, orient="index")
+    prefixes = {str(c).split(".", 1)[0] for c in per_marker.columns if "." in str(c)}
+    if len(prefixes) == 1 and all("." in str(c) for c in per_marker.columns):
+        per_marker.columns = [str(c).split(".", 1)[1] for c in per_marker.columns]  # markers.HER2.x → x
+    if len(per_marker):
+        per_marker = per_marker.reindex([m for m in markers if m in rows])
+        per_marker.index.name = "marker"
+    return per_marker, pd.DataFrame(scalars, columns=["key", "value"])
+
+
+# --------------------------------------------------------------------------- library, crosstalk
+def _library_curves(library, names: Sequence[str], step_nm: float = 1.0):
+    """``(wavelengths, {name: curve})``: the library's spectra for ``names`` on one common grid."""
+    spectra = [library[n] for n in names if n in library]
+    if not spectra:
+        return np.array([]), {}
+    lo = min(s.range_nm[0] for s in spectra)
+    hi = max(s.range_nm[1] for s in spectra)
+    wl = np.arange(lo, hi + step_nm, step_nm)
+    return wl, {s.name: s.sample(wl) for s in spectra}
+
+
+def _crosstalk(panel, channels, library):
+    """The unmixing helper's crosstalk check of this panel on these channels, or None when unavailable."""
+    try:
+        from .crosstalk import check_panel
+    except ImportError:
+        return None
+    return check_panel(panel, channels, library=library)
+
+
+def _crosstalk_parts(check) -> tuple[pd.DataFrame | None, list[str]]:
+    """The crosstalk matrix and warning lines of a :func:`qdplex.crosstalk.check_panel` result."""
+    if check is None:
+        return None, []
+    if isinstance(check, pd.DataFrame):
+        return check, []
+    matrix = getattr(check, "matrix", None)
+    if matrix is None and isinstance(check, Mapping):
+        matrix = check.get("matrix")
+    warnings = getattr(check, "warnings", None)
+    if warnings is None and isinstance(check, Mapping):
+        warnings = check.get("warnings")
+    return (None if matrix is None else pd.DataFrame(matrix)), [str(w) for w in (warnings or [])]
+
+
+# --------------------------------------------------------------------------- slide report
+def slide_report_html(
+    *,
+    name: str,
+    panel,
+    abundances,
+    segmentation,
+    table: pd.DataFrame,
+    thresholds: Mapping[str, float] | None = None,
+    summary: Mapping[str, Any] | None = None,
+    residual=None,
+    saturated=None,
+    library=None,
+    channels=None,
+    timings: Mapping[str, float] | None = None,
+    source: str | None = None,
+    max_side: int = 1024,
+) -> str:
+    """The QC report of one slide as a self-contained HTML page.
+
+    Parameters
+    ----------
+    name : str
+        Slide name.
+    panel : qdplex.panel.Panel
+        The panel the slide was run with.
+    abundances : qdplex.model.MultiplexImage
+        Unmixed planes named by marker (plus the nuclear stain, ``AF``...).
+    segmentation : qdplex.model.Segmentation
+        Nuclei and cells.
+    table : pandas.DataFrame
+        The cell table (one column per marker, MCQuant order).
+    thresholds : mapping marker → float, optional
+        Positivity thresholds, drawn on the histograms.
+    summary : mapping, optional
+        Slide scores (``summary.json``).
+    residual, saturated : Y×X arrays (numpy or dask), optional
+        Per-pixel unmixing residual and saturation mask.
+    library : qdplex.spectra.SpectralLibrary, optional
+        Reference spectra used for unmixing (plotted with the channel bands).
+    channels : sequence of qdplex.model.Channel, optional
+        The raw image's channels (bands for the spectra plot, crosstalk check).
+    timings : mapping stage → seconds, optional
+    source : str, optional
+        The input file.
+    max_side : int
+        Longest side of image previews in pixels.
+
+    Returns
+    -------
+    str
+        The HTML page.
+    """
+    thresholds = dict(thresholds or {})
+    summary = dict(summary or {})
+    markers = [m.name for m in panel.markers]
+    nuclear_name = panel.nuclear_stain
+    present = set(abundances.channel_names)
+    n_cells = int(len(table))
+
+    parts = [f"<h1>QC report: {_e(name)}</h1>"]
+    meta = [f"panel <b>{_e(panel.name)}</b>", f"{n_cells} cells",
+            f"image {abundances.shape[1]}×{abundances.shape[2]} px"]
+    if source:
+        meta.append(f"input {_e(source)}")
+    from . import __version__
+
+    meta.append(f"qdplex {__version__}, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    parts.append(f"<p class=meta>{' · '.join(meta)}</p>")
+
+    # scores
+    parts.append("<h2>Scores</h2>")
+    per_marker, scalars = summary_tables(summary, markers)
+    thr = pd.DataFrame(
+        {"fluor": [m.fluor for m in panel.markers], "compartment": [m.compartment for m in panel.markers],
+         "threshold": [thresholds.get(m.name) for m in panel.markers]},
+        index=pd.Index(markers, name="marker"),
+    )
+    if len(per_marker):
+        thr = thr.join(per_marker, how="left")
+    parts.append(_table(thr, left=["fluor", "compartment"], index=True))
+    if len(scalars):
+        parts.append(_table(scalars, left=["key"]))
+    if timings:
+        t = pd.DataFrame({"stage": list(timings), "seconds": [float(v) for v in timings.values()]})
+        parts.append(_table(t, left=["stage"]))
+
+    # images
+    parts.append("<h2>Images</h2><div class=grid>")
+    shown = [m for m in markers if m in present]
+
+    def composite():
+        planes = {m: figures.preview(abundances.plane(m), max_side) for m in shown}
+        nuc = figures.preview(abundances.plane(nuclear_name), max_side) if nuclear_name in present else None
+        return figures.composite_figure(planes, nuc, nuclear_name=nuclear_name)
+
+    def overlay():
+        nuc = figures.preview(abundances.plane(nuclear_name), max_side)
+        return figures.segmentation_figure(nuc, figures.preview(segmentation.nuclei, max_side),
+                                           figures.preview(segmentation.cells, max_side))
+
+    parts.append(_figure_html(composite, "Composite of the unmixed marker planes (each stretched to its "
+                                         "1st–99.5th percentile) over the nuclear stain"))
+    parts.append(_figure_html(overlay, f"Segmentation: {segmentation.n_cells} cells on the {nuclear_name} plane"))
+    if residual is not None:
+        res = figures.preview(residual, max_side).astype(np.float32)
+        sat = None if saturated is None else figures.preview(saturated, max_side)
+        finite = res[np.isfinite(res)]
+        stats = ""
+        if finite.size:
+            stats = (f"median {np.median(finite):.4g}, 99th percentile {np.percentile(finite, 99):.4g}")
+        if sat is not None:
+            stats += f"; {float(np.mean(sat)) * 100:.2f}% of pixels saturated (red outline)"
+        parts.append(_figure_html(lambda: figures.residual_figure(res, saturated=sat),
+                                  f"Unmixing residual: {stats}"))
+    parts.append("</div>")
+
+    # histograms
+    parts.append("<h2>Per-cell intensities</h2>")
+    cols = {m: table[m].to_numpy() for m in markers if m in table.columns}
+    if cols:
+        parts.append(_figure_html(lambda: figures.histogram_figure(cols, thresholds),
+                                  "Per-cell mean abundance of each marker in its compartment; red line: positivity threshold"))
+    else:
+        parts.append(f"<div class=warn>the cell table has no marker columns {markers}</div>")
+
+    # spectra and crosstalk
+    parts.append("<h2>Spectra and expected crosstalk</h2>")
+    if library is not None:
+        endmembers = [panel.nuclear_stain] + [m.fluor for m in panel.markers]
+        endmembers += [n for n in getattr(library, "names", []) if str(n).upper().startswith("AF")]
+        labels = {m.fluor: f"{m.fluor} ({m.name})" for m in panel.markers}
+        bands = [c.band for c in (channels or []) if getattr(c, "band", None)]
+
+        def spectra():
+            wl, curves = _library_curves(library, endmembers)
+            return figures.spectra_figure(wl, curves, bands=bands, labels=labels)
+
+        parts.append(_figure_html(spectra, "Reference spectra of the library used for unmixing; grey: the image's channel bands"))
+        try:
+            matrix, warns = _crosstalk_parts(_crosstalk(panel, channels, library))
+        except Exception as e:
+            matrix, warns = None, [f"crosstalk check failed: {type(e).__name__}: {e}"]
+        for w in warns:
+            parts.append(f"<div class=warn>{_e(w)}</div>")
+        if matrix is not None and matrix.size:
+            parts.append(_figure_html(lambda: figures.crosstalk_figure(matrix),
+                                      "Expected crosstalk between the panel's fluors on these channels"))
+    else:
+        parts.append("<div class=warn>no spectral library recorded for this slide</div>")
+
+    return _page(f"qdplex QC: {name}", "\n".join(parts))
+
+
+def write_slide_report(result, out_dir, *, max_side: int = 1024) -> Path:
+    """Write the QC report of a :class:`qdplex.pipeline.SlideResult` to ``out_dir/qc/report.html``.
+
+    Parameters
+    ----------
+    result : qdplex.pipeline.SlideResult
+        The slide as computed by :func:`qdplex.pipeline.run_slide`.
+    out_dir : str or Path
+        The slide's output folder (``OUT/<slide>``).
+
+    Returns
+    -------
+    Path
+        The written report (written atomically).
+    """
+    unm = result.unmixed
+    text = slide_report_html(
+        name=result.image.name,
+        panel=result.panel,
+        abundances=unm.abundances,
+        segmentation=result.segmentation,
+        table=result.table,
+        thresholds=result.thresholds,
+        summary=result.summary,
+        residual=getattr(unm, "residual", None),
+        saturated=getattr(unm, "saturated", None),
+        library=result.library,
+        channels=result.image.channels,
+        timings=result.timings,
+        source=result.image.source,
+        max_side=max_side,
+    )
+    return _atomic_write_text(Path(out_dir) / "qc" / REPORT_NAME, text)
+
+
+# --------------------------------------------------------------------------- from disk
+def _first(slide_dir: Path, names: Sequence[str]) -> Path | None:
+    for n in names:
+        if (slide_dir / n).exists():
+            return slide_dir / n
+    return None
+
+
+def _panel_from_record(rec: Mapping[str, Any], where: Path):
+    """The Panel recorded in ``run.json`` (re-read from its file when that still exists)."""
+    from .panel import panel_from_dict, read_panel
+
+    d = rec.get("panel") or {}
+    if not d:
+        raise InputError("expected a 'panel' entry in run.json, found none", path=where)
+    path = d.get("path")
+    if path and Path(path).is_file():
+        return read_panel(path)
+    raw = {k: d[k] for k in ("name", "nuclear_stain", "unmixing", "segmentation", "quantification", "scoring")
+           if d.get(k) is not None}
+    raw["markers"] = [{k: v for k, v in m.items() if v is not None} for m in d.get("markers", [])]
+    if d.get("pixel_size_um"):
+        raw["image"] = {"pixel_size_um": d["pixel_size_um"]}
+    return panel_from_dict(raw, path=where)
+
+
+def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
+    """Rebuild ``slide_dir/qc/report.html`` from the files in a slide's output folder.
+
+    Reads ``unmixed.ome.tif`` (or ``.ome.zarr``), ``nuclei``/``cells`` labels,
+    ``cells.parquet`` (or ``cells.csv``), ``summary.json`` and ``run.json``
+    (panel, thresholds, timings, input). The spectra are the built-in library's
+    for the panel on the input's channels when the input is still readable.
+
+    Returns
+    -------
+    Path
+        The written report.
+    """
+    from .io import read_image
+    from .model import Segmentation
+
+    slide_dir = Path(slide_dir)
+    unmixed_path = _first(slide_dir, ["unmixed.ome.tif", "unmixed.ome.zarr"])
+    nuclei_path = _first(slide_dir, ["nuclei.ome.tif", "nuclei.ome.zarr"])
+    cells_path = _first(slide_dir, ["cells.ome.tif", "cells.ome.zarr"])
+    table_path = _first(slide_dir, ["cells.parquet", "cells.csv"])
+    missing = [n for n, p in [("unmixed.ome.tif", unmixed_path), ("nuclei.ome.tif", nuclei_path),
+                              ("cells.ome.tif", cells_path), ("cells.csv", table_path),
+                              ("run.json", _first(slide_dir, ["run.json"]))] if p is None]
+    if missing:
+        raise InputError(f"expected the slide outputs {missing} to rebuild its report, found them missing", path=slide_dir)
+    rec = json.loads((slide_dir / "run.json").read_text(encoding="utf-8"))
+    summary = {}
+    if (slide_dir / "summary.json").is_file():
+        summary = json.loads((slide_dir / "summary.json").read_text(encoding="utf-8"))
+    panel = _panel_from_record(rec, slide_dir / "run.json")
+
+    abundances = read_image(unmixed_path)
+    nuclei = np.asarray(read_image(nuclei_path).data[0].compute())
+    cells = np.asarray(read_image(cells_path).data[0].compute())
+    seg = Segmentation(nuclei, cells)
+    table = pd.read_parquet(table_path) if table_path.suffix == ".parquet" else pd.read_csv(table_path)
+    residual = abundances.plane("residual") if "residual" in abundances.channel_names else None
+
+    params = rec.get("parameters") or {}
+    thresholds = rec.get("thresholds") or params.get("thresholds") or summary.get("thresholds") or {}
+    timings = rec.get("timings") or rec.get("timings_s") or params.get("timings_s") or {}
+    inputs = rec.get("inputs") or []
+    source = inputs[0]["path"] if inputs and isinstance(inputs[0], Mapping) else None
+
+    library = channels = None
+    if source and Path(source).exists():
+        try:
+            from .spectra import library_for_panel
+
+            channels = read_image(source).channels
+            library = library_for_panel(panel, channels)
+        except Exception:  # the input moved or changed: the report goes without spectra
+            library = channels = None
+
+    text = slide_report_html(
+        name=slide_dir.name, panel=panel, abundances=abundances, segmentation=seg, table=table,
+        thresholds={k: float(v) for k, v in thresholds.items() if v is not None},
+        summary=summary, residual=residual, library=library, channels=channels, timings=timings,
+        source=source, max_side=max_side,
+    )
+    return _atomic_write_text(slide_dir / "qc" / REPORT_NAME, text)
+
+
+# --------------------------------------------------------------------------- cohort
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        elif not isinstance(v, (list, tuple)):
+            out[key] = v
+    return out
+
+
+def cohort_report_html(manifest: pd.DataFrame, scores: pd.DataFrame | None = None, *,
+                       title: str = "qdplex cohort report", links: Mapping[str, str] | None = None,
+                       max_distributions: int = 24) -> str:
+    """The cohort report as a self-contained HTML page.
+
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        One row per slide with at least ``slide`` and ``status`` (``"ok"``/``"failed"``);
+        ``error``, ``input`` and ``seconds`` when present.
+    scores : pandas.DataFrame, optional
+        One row per slide, a ``slide`` column and numeric slide scores (``cohort_summary.csv``).
+    links : mapping slide → relative URL, optional
+        Per-slide report links.
+
+    Returns
+    -------
+    str
+    """
+    links = dict(links or {})
+    man = manifest.copy()
+    if "slide" not in man.columns or "status" not in man.columns:
+        raise InputError(f"expected a manifest with columns 'slide' and 'status', found {list(man.columns)}")
+    man["slide"] = man["slide"].astype(str)
+    ok = man["status"].astype(str) == "ok"
+    parts = [f"<h1>{_e(title)}</h1>",
+             f"<p class=meta>{len(man)} slides: <span class=ok>{int(ok.sum())} ok</span>, "
+             f"<span class={'bad' if (~ok).any() else 'ok'}>{int((~ok).sum())} failed</span></p>"]
+
+    parts.append("<h2>Failures</h2>")
+    if (~ok).any():
+        cols = [c for c in ("slide", "input", "error") if c in man.columns]
+        parts.append(_table(man.loc[~ok, cols], left=cols))
+    else:
+        parts.append("<p>none</p>")
+
+    table = man[[c for c in ("slide", "status", "seconds", "input") if c in man.columns]].copy()
+    numeric: list[str] = []
+    if scores is not None and len(scores):
+        sc = scores.copy()
+        sc["slide"] = sc["slide"].astype(str)
+        numeric = [c for c in sc.columns if c != "slide" and pd.api.types.is_numeric_dtype(sc[c])
+                   and sc[c].notna().any()]
+        table = table.merge(sc[["slide"] + numeric], on="slide", how="left")
+    table.insert(0, "report", [f"<a href=\"{_e(links[s])}\">{_e(s)}</a>" if s in links else _e(s)
+                               for s in table["slide"]])
+    table = table.drop(columns=["slide"])
+    parts.append("<h2>Slides</h2>")
+    parts.append(_table(table, left=["status", "input"], raw_html=["report"]))
+
+    parts.append("<h2>Score distributions</h2>")
+    if numeric:
+        shown = numeric[:max_distributions]
+        sc_ok = table  # includes failed slides as NaN rows, which the plot drops
+        parts.append(_figure_html(lambda: figures.distribution_figure(sc_ok, shown),
+                                  "One point per slide; boxes: quartiles" +
+                                  (f" (first {max_distributions} of {len(numeric)} scores)" if len(numeric) > len(shown) else "")))
+    else:
+        parts.append("<p>no slide scores yet</p>")
+    return _page(title, "\n".join(parts))
+
+
+def _cohort_scores(out: Path, manifest: pd.DataFrame) -> pd.DataFrame | None:
+    path = out / "cohort_summary.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    rows = []
+    for slide in manifest["slide"].astype(str):
+        f = out / slide / "summary.json"
+        if f.is_file():
+            rows.append({"slide": slide, **_flatten(json.loads(f.read_text(encoding="utf-8")))})
+    return pd.DataFrame(rows) if rows else None
+
+
+def write_cohort_report(out) -> Path:
+    """Write ``OUT/report.html`` from ``OUT/manifest.csv`` and ``OUT/cohort_summary.csv``.
+
+    When ``cohort_summary.csv`` is absent the slides' ``summary.json`` files are used.
+
+    Returns
+    -------
+    Path
+        The written report.
+    """
+    out = Path(out)
+    mpath = out / "manifest.csv"
+    if not mpath.is_file():
+        raise InputError("expected a qdplex output folder holding manifest.csv, found no manifest.csv", path=out)
+    manifest = pd.read_csv(mpath, dtype={"slide": str})
+    links = {}
+    for slide in manifest["slide"].astype(str):
+        if (out / slide / "qc" / REPORT_NAME).is_file():
+            links[slide] = f"{slide}/qc/{REPORT_NAME}"
+    text = cohort_report_html(manifest, _cohort_scores(out, manifest),
+                              title=f"qdplex cohort report: {out.resolve().name}", links=links)
+    return _atomic_write_text(out / REPORT_NAME, text)
+
+
+def report_from_outputs(out, *, max_side: int = 1024) -> list[Path]:
+    """Rebuild every slide's QC report and the cohort report from the files in ``OUT``.
+
+    Slides whose status in ``manifest.csv`` is not ``ok`` are listed in the cohort
+    report only. This is what ``qdplex report OUT`` runs.
+
+    Returns
+    -------
+    list of Path
+        The slide reports, then the cohort report.
+    """
+    out = Path(out)
+    mpath = out / "manifest.csv"
+    if not mpath.is_file():
+        raise InputError("expected a qdplex output folder holding manifest.csv, found no manifest.csv", path=out)
+    manifest = pd.read_csv(mpath, dtype={"slide": str})
+    written = []
+    for _, row in manifest.iterrows():
+        if str(row.get("status")) != "ok":
+            continue
+        written.append(slide_report_from_outputs(out / str(row["slide"]), max_side=max_side))
+    written.append(write_cohort_report(out))
+    return written
