@@ -1,0 +1,292 @@
+"""One slide end to end: unmix → segment → quantify → score → write.
+
+:func:`run_slide` works in memory on a :class:`~qdplex.model.MultiplexImage`;
+:func:`process_slide` reads a slide from disk and writes its output folder
+(the layout in docs/architecture.md); :func:`run` runs many slides through
+:func:`qdplex.batch.run_batch`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, QdplexError
+from .model import Channel, MultiplexImage, Segmentation
+from .panel import Panel
+
+__all__ = ["SlideResult", "run_slide", "process_slide", "write_slide_outputs", "run", "name_planes_by_marker"]
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class SlideResult:
+    """Everything :func:`run_slide` computed for one slide."""
+
+    image: MultiplexImage
+    panel: Panel
+    library: object
+    unmixed: object  # qdplex.unmix.UnmixResult, planes named by marker
+    segmentation: Segmentation
+    table: pd.DataFrame
+    summary: dict
+    thresholds: dict
+    timings: dict = field(default_factory=dict)
+
+
+def name_planes_by_marker(unmixed, panel: Panel):
+    """Rename the unmixed planes from fluor to marker name (fluor kept in ``Channel.fluor``)."""
+    mapping = panel.fluor_to_marker()
+    chans = [
+        Channel(mapping.get(c.name, c.name), c.emission_nm, c.bandwidth_nm, c.fluor or c.name)
+        for c in unmixed.abundances.channels
+    ]
+    return replace(unmixed, abundances=replace(unmixed.abundances, channels=chans))
+
+
+def _pixel_size(image: MultiplexImage, panel: Panel) -> float:
+    px = image.pixel_size_um or panel.pixel_size_um
+    if not px:
+        raise InputError(
+            "expected a pixel size (OME PhysicalSizeX in the file, or [image] pixel_size_um in the panel), found none",
+            path=image.source or image.name,
+        )
+    return float(px)
+
+
+def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Progress | None = None) -> SlideResult:
+    """Unmix, segment, quantify and score one slide in memory.
+
+    Parameters
+    ----------
+    image : MultiplexImage
+        The raw λ-stack or filter-channel image.
+    panel : Panel
+        Markers, fluors, compartments and per-stage settings.
+    library : SpectralLibrary, optional
+        Reference spectra; by default :func:`qdplex.spectra.library_for_panel`.
+    progress : callable, optional
+        Called as ``progress(stage, fraction_done)`` after each stage.
+
+    Returns
+    -------
+    SlideResult
+    """
+    from .quantify import quantify
+    from .score import score_table
+    from .segment import segment
+    from .spectra import library_for_panel
+    from .tables import cell_table
+    from .unmix import unmix
+
+    report = progress or (lambda stage, frac: None)
+    timings: dict[str, float] = {}
+    px = _pixel_size(image, panel)
+
+    t = time.perf_counter()
+    lib = library if library is not None else library_for_panel(panel, image.channels)
+    opts = panel.unmixing
+    unmixed = unmix(
+        image,
+        lib,
+        method=opts.get("method", "nnls"),
+        offset=opts.get("offset"),
+        saturation=opts.get("saturation"),
+        exclude_saturated=opts.get("exclude_saturated", False),
+    )
+    unmixed = name_planes_by_marker(unmixed, panel)
+    timings["unmix"] = time.perf_counter() - t
+    report("unmix", 0.25)
+
+    t = time.perf_counter()
+    segopts = panel.segmentation
+    nuclear = np.asarray(unmixed.abundances.plane(panel.nuclear_stain).compute())
+    membrane = None
+    if segopts.get("membrane_guided"):
+        planes = [m.name for m in panel.markers if m.compartment == "membrane"]
+        if planes:
+            membrane = np.asarray(unmixed.abundances.select(planes).data.sum(axis=0).compute())
+    seg = segment(
+        nuclear,
+        pixel_size_um=px,
+        diameter_um=segopts.get("diameter_um"),
+        expand_um=segopts.get("expand_um", 5.0),
+        membrane_width_um=segopts.get("membrane_width_um", 1.0),
+        membrane_image=membrane,
+        method=segopts.get("method", "classical"),
+    )
+    timings["segment"] = time.perf_counter() - t
+    report("segment", 0.5)
+
+    t = time.perf_counter()
+    q = panel.quantification
+    quant = quantify(
+        unmixed,
+        seg,
+        panel,
+        stats=tuple(q.get("stats", ("mean", "std", "sum"))),
+        quantiles=tuple(q.get("quantiles", ())),
+        pixel_size_um=px,
+    )
+    table = cell_table(quant, panel)
+    timings["quantify"] = time.perf_counter() - t
+    report("quantify", 0.75)
+
+    t = time.perf_counter()
+    table, thresholds, summary = score_table(table, panel)
+    timings["score"] = time.perf_counter() - t
+    report("score", 1.0)
+    return SlideResult(image, panel, lib, unmixed, seg, table, summary, thresholds, timings)
+
+
+def write_slide_outputs(result: SlideResult, slide_dir, *, fmt: str = "tiff", provenance: dict | None = None) -> dict:
+    """Write one slide's outputs (images, tables, summary.json, run.json) into ``slide_dir``.
+
+    Every file is written atomically. Returns a dict of the written paths.
+    """
+    from . import io as qio
+    from .tables import write_tables
+
+    slide_dir = Path(slide_dir)
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    px = result.image.pixel_size_um or result.panel.pixel_size_um
+    unmixed_img = result.unmixed.to_image()
+    seg = result.segmentation
+    paths: dict[str, Path] = {}
+    if fmt == "zarr":
+        paths["unmixed"] = slide_dir / "unmixed.ome.zarr"
+        qio.write_ome_zarr(paths["unmixed"], unmixed_img.data, unmixed_img.channels, pixel_size_um=px)
+        paths["nuclei"] = slide_dir / "nuclei.ome.zarr"
+        qio.write_ome_zarr(paths["nuclei"], seg.nuclei[None], [Channel("nuclei")], pixel_size_um=px)
+        paths["cells"] = slide_dir / "cells.ome.zarr"
+        qio.write_ome_zarr(paths["cells"], seg.cells[None], [Channel("cells")], pixel_size_um=px)
+    elif fmt == "tiff":
+        paths["unmixed"] = slide_dir / "unmixed.ome.tif"
+        qio.write_ome_tiff(paths["unmixed"], unmixed_img.data.astype(np.float32), unmixed_img.channels, pixel_size_um=px)
+        paths["nuclei"] = slide_dir / "nuclei.ome.tif"
+        qio.write_labels(paths["nuclei"], seg.nuclei, pixel_size_um=px, name="nuclei")
+        paths["cells"] = slide_dir / "cells.ome.tif"
+        qio.write_labels(paths["cells"], seg.cells, pixel_size_um=px, name="cells")
+    else:
+        raise QdplexError(f"expected output format 'tiff' or 'zarr', found {fmt!r}")
+    prov = dict(provenance or {})
+    prov.setdefault("timings_s", result.timings)
+    prov.setdefault("thresholds", result.thresholds)
+    paths.update(write_tables(result.table, slide_dir, result.panel, provenance=prov))
+    paths["summary"] = slide_dir / "summary.json"
+    _write_json(paths["summary"], result.summary)
+    return paths
+
+
+def _write_json(path: Path, obj) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, default=_json_default), encoding="utf-8")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = True,
+                  progress: Progress | None = None, tile: int | None = None) -> dict:
+    """Read one slide, run it, and write ``out_dir/<slide>/`` (layout in docs/architecture.md).
+
+    Slides larger than :data:`qdplex.wholeslide.WHOLESLIDE_PIXELS` go through
+    :func:`qdplex.wholeslide.run_wholeslide` (tile by tile, bounded memory);
+    smaller ones through :func:`run_slide` in memory.
+
+    Parameters
+    ----------
+    path : path
+        Slide file or folder (anything :func:`qdplex.io.read_image` reads).
+    panel : Panel or path
+    out_dir : path
+        The batch output folder; the slide's folder is ``out_dir/<slide name>``.
+    fmt : {"tiff", "zarr"}
+        Image output format.
+    report : bool
+        Also write the QC report ``<slide>/qc/report.html``.
+    progress : callable, optional
+        ``progress(stage, fraction)``.
+    tile : int, optional
+        Force tiled whole-slide processing with this tile size.
+
+    Returns
+    -------
+    dict
+        One manifest row: ``slide``, ``input``, ``status`` ("ok"), ``error`` (""),
+        ``seconds``, ``outputs`` (name → path), ``timings``.
+
+    Raises
+    ------
+    QdplexError
+        On unreadable input or any stage's bad-input error (a batch records it).
+    """
+    from . import provenance as prov
+    from .io import read_image
+    from .panel import read_panel
+    from .wholeslide import needs_wholeslide, run_wholeslide
+
+    t0 = time.perf_counter()
+    if not isinstance(panel, Panel):
+        panel = read_panel(panel)
+    path = Path(path)
+    image = read_image(path)
+    slide_dir = Path(out_dir) / image.name
+    params = {"fmt": fmt, "report": report, "tile": tile}
+    if tile is not None or needs_wholeslide(image):
+        params["mode"] = "wholeslide"
+        ws = run_wholeslide(image, panel, slide_dir, fmt=fmt, progress=progress, tile=tile or 1024)
+        timings, paths = ws.timings, dict(ws.paths)
+        record = prov.run_record(panel=panel, inputs=[path], parameters=params, timings=timings)
+    else:
+        params["mode"] = "in-memory"
+        result = run_slide(image, panel, progress=progress)
+        t = time.perf_counter()
+        record = prov.run_record(panel=panel, inputs=[path], parameters=params, timings=result.timings,
+                                 library=result.library)
+        paths = write_slide_outputs(result, slide_dir, fmt=fmt, provenance=record)
+        result.timings["write"] = time.perf_counter() - t
+        if report:
+            from .report import write_slide_report
+
+            t = time.perf_counter()
+            paths["report"] = write_slide_report(result, slide_dir)
+            result.timings["report"] = time.perf_counter() - t
+        timings = result.timings
+        record["timings"] = {k: round(float(v), 4) for k, v in timings.items()}
+    paths["run"] = slide_dir / "run.json"
+    _write_json(paths["run"], record)
+    return {
+        "slide": image.name,
+        "input": str(path),
+        "status": "ok",
+        "error": "",
+        "seconds": round(time.perf_counter() - t0, 3),
+        "outputs": {k: str(v) for k, v in paths.items()},
+        "timings": timings,
+    }
+
+
+def run(inputs, panel, out, **options):
+    """Run many slides (see :func:`qdplex.batch.run_batch` for ``options``); returns the manifest."""
+    from .batch import run_batch
+
+    return run_batch(inputs, panel, out, **options)
