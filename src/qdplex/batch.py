@@ -144,7 +144,8 @@ def run_batch(
     check_output_location(inputs, out)
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
-    slides = [Path(s) for s in find_slides(inputs, include=include, exclude=exclude)]
+    found_opts = {k: v for k, v in (("include", include), ("exclude", exclude)) if v}
+    slides = [Path(s) for s in find_slides(inputs, **found_opts)]
     if not slides:
         raise QdplexError(f"expected at least one slide in {[str(p) for p in inputs]}, found none")
 
@@ -598,11 +599,9 @@ def _alive(pid) -> bool:
 
 # --------------------------------------------------------------------------- helpers
 def _slide_guess(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
+    from .io.discover import slide_stem
+
+    return slide_stem(path)
 
 
 def _one_line(text: str) -> str:

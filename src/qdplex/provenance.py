@@ -150,27 +150,19 @@ def panel_sha256(panel) -> str:
 
 
 def library_sha256(library) -> str:
-    """SHA-256 of a spectral library's numbers: its names and spectra, in order.
+    """SHA-256 of a spectral library's numbers: each spectrum's name, wavelengths and intensities, in order.
 
-    Works with any object exposing its spectra as ``names`` plus ``wavelengths`` and
-    a 2-D ``spectra`` array, or as a pandas DataFrame (``to_frame()``/``to_dataframe()``),
-    which :class:`qdplex.spectra.SpectralLibrary` does.
+    Parameters
+    ----------
+    library : qdplex.spectra.SpectralLibrary
+        Any iterable of spectra with ``name``, ``wavelength_nm`` and ``intensity``.
     """
-    frame = None
-    for attr in ("to_frame", "to_dataframe"):
-        if hasattr(library, attr):
-            frame = getattr(library, attr)()
-            break
     h = hashlib.sha256()
-    if frame is not None:
-        h.update(json.dumps([str(c) for c in frame.columns]).encode())
-        h.update(np.ascontiguousarray(frame.index.to_numpy(dtype=np.float64)).tobytes())
-        h.update(np.ascontiguousarray(frame.to_numpy(dtype=np.float64)).tobytes())
-        return h.hexdigest()
-    names = list(getattr(library, "names"))
-    h.update(json.dumps([str(n) for n in names]).encode())
-    for attr in ("wavelengths", "spectra"):
-        h.update(np.ascontiguousarray(np.asarray(getattr(library, attr), dtype=np.float64)).tobytes())
+    for spec in library:
+        h.update(str(spec.name).encode("utf-8") + b"\0")
+        for arr in (spec.wavelength_nm, spec.intensity):
+            a = np.ascontiguousarray(np.asarray(arr, dtype=np.float64))
+            h.update(str(a.shape).encode() + a.tobytes())
     return h.hexdigest()
 
 
