@@ -97,7 +97,7 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
         image,
         lib,
         method=opts.get("method", "nnls"),
-        offset=opts.get("offset"),
+        offset=opts.get("offset", image.metadata.get("camera_offset")),
         saturation=opts.get("saturation"),
         exclude_saturated=opts.get("exclude_saturated", False),
     )
