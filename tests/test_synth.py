@@ -69,3 +69,159 @@ def test_tissue_layout_cells_share_nucleus_ids():
     np.testing.assert_array_equal(np.unique(lay.cells[lay.cells > 0]), np.unique(lay.nuclei[inside]))
     # cells are larger than their nuclei (a cytoplasm exists)
     assert (lay.cells > 0).sum() > 1.3 * inside.sum()
+
+
+# --------------------------------------------------------------------------- slides
+from qdplex.panel import panel_from_dict  # noqa: E402
+
+BREAST = {
+    "name": "breast-5plex",
+    "nuclear_stain": "DAPI",
+    "markers": [
+        {"name": "HER2", "fluor": "QD655", "compartment": "membrane"},
+        {"name": "ER", "fluor": "QD605", "compartment": "nucleus"},
+        {"name": "PR", "fluor": "QD565", "compartment": "nucleus"},
+        {"name": "EGFR", "fluor": "QD705", "compartment": "membrane"},
+        {"name": "mTOR", "fluor": "QD525", "compartment": "cytoplasm"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def library():
+    spectra = pytest.importorskip("qdplex.spectra", reason="qdplex.spectra (reference spectra) not available yet")
+    return spectra.SpectralLibrary.builtin()
+
+
+@pytest.fixture(scope="module")
+def breast():
+    return panel_from_dict(BREAST)
+
+
+@pytest.fixture(scope="module")
+def slide(breast, library):
+    from qdplex.synth import make_slide
+
+    return make_slide(breast, shape=(256, 256), unstained=True, library=library, seed=11, name="s11")
+
+
+def _labels_of(slide, compartment):
+    from qdplex.synth import _compartments, TissueLayout
+
+    lay = TissueLayout(slide.nuclei, slide.cells, None, None, None, None, slide.image.pixel_size_um)
+    return _compartments(lay)[compartment]
+
+
+def test_make_slide_is_deterministic_for_a_seed(breast, library, slide):
+    from qdplex.synth import make_slide
+
+    again = make_slide(breast, shape=(256, 256), unstained=True, library=library, seed=11, name="s11")
+    np.testing.assert_array_equal(np.asarray(slide.image.data), np.asarray(again.image.data))
+    np.testing.assert_array_equal(np.asarray(slide.unstained.data), np.asarray(again.unstained.data))
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(slide.truth, again.truth)
+    other = make_slide(breast, shape=(256, 256), library=library, seed=12)
+    assert not np.array_equal(np.asarray(slide.image.data), np.asarray(other.image.data))
+    assert other.unstained is None
+
+
+def test_slide_image_and_truth_are_consistent(slide, breast):
+    img = slide.image
+    assert img.data.dtype == np.uint16 and img.shape == (31, 256, 256)
+    assert img.channels[0].emission_nm == 420 and img.channels[-1].emission_nm == 720
+    assert all(c.bandwidth_nm == 10 for c in img.channels) and img.pixel_size_um == 0.5
+    # IDs: cells == nuclei == truth rows
+    ids = np.unique(slide.nuclei[slide.nuclei > 0])
+    np.testing.assert_array_equal(ids, np.unique(slide.cells[slide.cells > 0]))
+    np.testing.assert_array_equal(ids, slide.truth["CellID"].to_numpy())
+    assert list(slide.truth.columns[:6]) == ["CellID", "HER2", "ER", "PR", "EGFR", "mTOR"]
+    assert list(slide.abundances.channel_names) == ["DAPI", "QD655", "QD605", "QD565", "QD705", "QD525", "AF"]
+    # the image is offset + mixing @ abundances, up to Poisson + read noise
+    off = img.metadata["camera_offset"]
+    a = np.asarray(slide.abundances.data, dtype=np.float64)
+    expected = np.tensordot(slide.mixing, a, axes=1)
+    z = (np.asarray(img.data, np.float64) - off - expected) / np.sqrt(expected + slide.settings["read_noise"] ** 2 + 1 / 12)
+    assert abs(z.mean()) < 0.01 and 0.97 < z.std() < 1.03
+    # both sub-populations exist for every marker; positives are brighter
+    for m in breast.markers:
+        pos = slide.truth[f"{m.name}_positive"].to_numpy()
+        vals = slide.truth[m.name].to_numpy()
+        assert 0 < pos.sum() < pos.size
+        assert np.median(vals[pos]) > 8 * np.median(vals[~pos])
+
+
+def test_markers_sit_in_their_compartments(slide, breast):
+    a = {c.name: np.asarray(p) for c, p in zip(slide.abundances.channels, slide.abundances.data.compute())}
+    nuc = slide.nuclei > 0
+    inner_nuc = ndi.binary_erosion(nuc, iterations=3)
+    near_nuc = ndi.binary_dilation(nuc, iterations=2)
+    membrane = ndi.binary_dilation(_labels_of(slide, "membrane") > 0, iterations=1)
+    for m in breast.markers:
+        x = a[m.fluor]
+        total = x.sum()
+        if m.compartment == "nucleus":
+            assert x[near_nuc].sum() > 0.97 * total
+        elif m.compartment == "membrane":
+            assert x[membrane].sum() > 0.9 * total
+            assert x[inner_nuc].sum() < 0.02 * total
+        elif m.compartment == "cytoplasm":
+            assert x[inner_nuc].sum() < 0.02 * total
+            cyto = ndi.binary_dilation(_labels_of(slide, "cytoplasm") > 0, iterations=1)
+            assert x[cyto].sum() > 0.95 * total
+    dapi = a["DAPI"]
+    assert dapi[near_nuc].sum() > 0.97 * dapi.sum()
+
+
+def test_unmixing_with_the_true_matrix_recovers_truth(slide, breast):
+    """Least squares on the slide with its own mixing matrix gives per-cell means ≈ truth."""
+    img = np.asarray(slide.image.data, np.float64) - slide.image.metadata["camera_offset"]
+    c, h, w = img.shape
+    est = np.linalg.lstsq(slide.mixing, img.reshape(c, -1), rcond=None)[0].reshape(-1, h, w)
+    names = slide.abundances.channel_names
+    ids = slide.truth["CellID"].to_numpy()
+    for m in breast.markers:
+        lab = _labels_of(slide, m.compartment)
+        got = ndi.mean(est[names.index(m.fluor)], lab, ids)
+        true = slide.truth[m.name].to_numpy()
+        r = np.corrcoef(got, true)[0, 1]
+        assert r > 0.97, (m.name, r)
+
+
+def test_unstained_control_holds_only_autofluorescence(slide):
+    ctl = np.asarray(slide.unstained.data, np.float64) - slide.unstained.metadata["camera_offset"]
+    mean = ctl.reshape(ctl.shape[0], -1).mean(axis=1)
+    af = slide.mixing[:, -1]
+    r = np.corrcoef(mean, af)[0, 1]
+    assert r > 0.99  # the control's spectrum is the AF endmember's
+    assert slide.unstained.channel_names == slide.image.channel_names
+
+
+def test_filter_mode_and_a_one_marker_panel(library):
+    from qdplex.synth import make_slide
+
+    one = panel_from_dict({"name": "one", "markers": [{"name": "CK", "fluor": "QD605", "compartment": "cytoplasm"}]})
+    s = make_slide(one, shape=(128, 128), mode="filter", library=library, seed=2)
+    names = s.image.channel_names
+    assert names[:2] == ["DAPI", "QD605"] and names[2].startswith("AF") and len(names) == 3
+    assert abs(s.image.channels[1].emission_nm - 605) <= 5
+    assert s.mixing.shape == (3, 3)
+    assert list(s.truth.columns[:2]) == ["CellID", "CK"]
+    # the λ-stack of the same seed has the same tissue and truth
+    lam = make_slide(one, shape=(128, 128), library=library, seed=2)
+    np.testing.assert_array_equal(lam.nuclei, s.nuclei)
+    np.testing.assert_allclose(lam.truth["CK"], s.truth["CK"])
+    np.testing.assert_allclose(np.asarray(lam.abundances.data), np.asarray(s.abundances.data))
+
+
+def test_panel_synth_options_are_used_and_validated(library):
+    from qdplex.errors import PanelError
+    from qdplex.synth import make_slide
+
+    raw = dict(BREAST, synth={"positive_fraction": {"HER2": 1.0, "ER": 0.0}, "control_shape": [64, 48]})
+    s = make_slide(panel_from_dict(raw), shape=(128, 128), unstained=True, library=library, seed=4)
+    epi = (s.truth["cell_type"] == "epithelial").to_numpy()
+    assert s.truth.loc[epi, "HER2_positive"].all() and not s.truth.loc[epi, "ER_positive"].any()
+    assert s.unstained.shape == (31, 64, 48)
+    for bad in ({"positive_fraction": {"HER2": 2}}, {"brightness": {"XX": 1}}, {"colour": 1}, {"control_shape": [8]}):
+        with pytest.raises(PanelError, match="synth"):
+            make_slide(panel_from_dict(dict(BREAST, synth=bad)), shape=(64, 64), library=library)

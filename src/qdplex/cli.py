@@ -97,10 +97,9 @@ def _add_synth(sub) -> None:
 
 
 def _cmd_synth(args) -> int:
-    from .panel import read_panel
-    from .synth import make_slide, write_slide
+    from .synth import make_slide, read_synth_panel, write_slide
 
-    panel = read_panel(args.panel)
+    panel = read_synth_panel(args.panel)  # its unstained control may be what this run writes
     slide = make_slide(
         panel,
         shape=tuple(args.shape),

@@ -31,12 +31,28 @@ mixing matrix for the slide's channels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage as ndi
 
-__all__ = ["nuclear_field", "tissue_layout", "TissueLayout"]
+from .errors import InputError, PanelError
+from .model import Channel, MultiplexImage
+
+__all__ = [
+    "nuclear_field",
+    "tissue_layout",
+    "TissueLayout",
+    "SynthSlide",
+    "make_slide",
+    "write_slide",
+    "read_synth_panel",
+    "lambda_channels",
+    "filter_channels",
+]
 
 # cell types of the layout, in the order of TissueLayout.cell_type codes
 CELL_TYPES = ("epithelial", "stromal", "immune")
@@ -206,8 +222,6 @@ def tissue_layout(shape=(512, 512), *, pixel_size_um=0.5, crowded=False, seed=0)
     shape = tuple(int(s) for s in shape)
     px = float(pixel_size_um)
     if len(shape) != 2 or min(shape) < 16 or px <= 0:
-        from .errors import InputError
-
         raise InputError(f"expected a Y×X shape of at least 16×16 and a positive pixel size, found {shape}, {px}")
     area_um2 = shape[0] * shape[1] * px * px
     nests = _nest_map(rng, shape, px, 0.72 if crowded else 0.5)
@@ -364,3 +378,465 @@ def nuclear_field(
     expected = _psf(dens * illum + bg, psf_sigma_um / float(pixel_size_um)) * float(photons)
     image = _camera(np.random.default_rng(ss[2]), expected, float(read_noise))
     return image, layout.nuclei
+
+
+# --------------------------------------------------------------------------- slides
+#: camera offset (counts) added to every synthetic pixel, as a real camera's bias
+CAMERA_OFFSET = 100.0
+#: width of the true membrane ring in µm
+MEMBRANE_WIDTH_UM = 1.0
+#: reference band (nm) over which a fluor's peak count is defined (see make_slide ``photons``)
+_REF_BAND_NM = 10.0
+
+
+@dataclass
+class SynthSlide:
+    """A synthetic slide and its ground truth.
+
+    Attributes
+    ----------
+    image : MultiplexImage
+        The slide as a camera records it: uint16 C×Y×X (λ-stack or filter channels,
+        each with ``emission_nm`` and ``bandwidth_nm``), camera offset included
+        (``image.metadata["camera_offset"]``).
+    nuclei, cells : numpy.ndarray
+        uint32 Y×X true labels; a cell's ID equals its nucleus's ID.
+    truth : pandas.DataFrame
+        One row per cell: ``CellID``, one column per marker (the true mean
+        abundance in the marker's compartment, before blur), ``X_centroid``,
+        ``Y_centroid``, ``Area``, then phenotypes: ``cell_type``
+        (epithelial / stromal / immune), ``nest`` (epithelial nest, 0 = stroma)
+        and ``<marker>_positive``.
+    abundances : MultiplexImage
+        float32 K×Y×X noise-free abundance planes after PSF blur, named by fluor
+        (nuclear stain, marker fluors, ``"AF"``): the slide's expected value is
+        ``camera_offset + mixing @ abundances``.
+    mixing : numpy.ndarray
+        C×K mixing matrix (the library's spectra over the slide's channels).
+    unstained : MultiplexImage or None
+        An unstained control (autofluorescence only, another field of the same tissue).
+    panel : Panel
+    """
+
+    image: MultiplexImage
+    nuclei: np.ndarray
+    cells: np.ndarray
+    truth: pd.DataFrame
+    abundances: MultiplexImage
+    mixing: np.ndarray
+    unstained: MultiplexImage | None
+    panel: object
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.image.name
+
+
+def lambda_channels(first=420.0, last=720.0, step=10.0) -> list[Channel]:
+    """Channels of a λ-stack: bands of width ``step`` centred on ``first, first+step, …, last``."""
+    first, last, step = float(first), float(last), float(step)
+    if step <= 0 or last < first:
+        raise InputError(f"expected λ-stack wavelengths FIRST ≤ LAST and STEP > 0, found {first}, {last}, {step}")
+    n = int(np.floor((last - first) / step + 1e-6)) + 1
+    return [Channel(f"{w:g}nm", emission_nm=float(w), bandwidth_nm=step) for w in first + step * np.arange(n)]
+
+
+def _library(library, panel=None):
+    """The given library, else the built-ins plus the panel's ``[spectra] files``."""
+    if library is not None:
+        return library
+    from .spectra import SpectralLibrary
+
+    lib = SpectralLibrary.builtin()
+    for f in getattr(panel, "spectra_files", None) or ():
+        lib = lib.merge(SpectralLibrary.from_csv(f))
+    return lib
+
+
+def _matrix(library, fluors, channels) -> np.ndarray:
+    """C×K mixing matrix of ``fluors`` over ``channels`` from the library."""
+    m = np.asarray(library.subset(list(fluors)).matrix(list(channels)), dtype=np.float64)
+    if m.shape != (len(channels), len(fluors)):
+        raise InputError(f"expected a {len(channels)}×{len(fluors)} mixing matrix, found shape {m.shape}")
+    return m
+
+
+def _reference_peaks(library, fluors) -> np.ndarray:
+    """Each fluor's response in a 10 nm band centred on its emission peak."""
+    out = []
+    for f in fluors:
+        band = Channel("peak", float(library.peak_nm(f)), _REF_BAND_NM)
+        out.append(float(_matrix(library, [f], [band])[0, 0]))
+    return np.array(out)
+
+
+def filter_channels(fluors, *, library=None, bandwidth_nm=20.0, nuclear_bandwidth_nm=40.0, af_channel=True):
+    """One filter channel per fluor, centred on its emission peak, plus an autofluorescence channel.
+
+    Parameters
+    ----------
+    fluors : sequence of str
+        The fluors to image, the nuclear stain first (as ``Panel.fluors``).
+    library : SpectralLibrary, optional
+        Where the emission peaks come from (default: the built-in library).
+    bandwidth_nm, nuclear_bandwidth_nm : float
+        Filter widths for the markers' fluors and for the nuclear stain.
+    af_channel : bool
+        Add a channel where autofluorescence dominates the panel's fluors, so
+        that autofluorescence can be unmixed as an extra endmember.
+
+    Returns
+    -------
+    list of Channel
+        Named by fluor (``"QD655"``); the autofluorescence channel ``"AF<nm>"``.
+    """
+    lib = _library(library)
+    fluors = list(fluors)
+    peaks = [lib.peak_nm(f) for f in fluors]
+    chans = [
+        Channel(f, emission_nm=float(p), bandwidth_nm=float(nuclear_bandwidth_nm if i == 0 else bandwidth_nm))
+        for i, (f, p) in enumerate(zip(fluors, peaks))
+    ]
+    if af_channel:
+        cand = [Channel(f"{w:g}", float(w), float(bandwidth_nm)) for w in np.arange(420.0, 801.0, 5.0)]
+        names = fluors + ["AF"]
+        m = _matrix(lib, names, cand)
+        m = m / np.maximum(m.max(axis=0), 1e-12)
+        score = m[:, -1] - m[:, :-1].max(axis=1)  # AF's share over the brightest fluor
+        for c in chans:  # keep clear of the fluor filters
+            score[np.abs(np.array([x.emission_nm for x in cand]) - c.emission_nm) < bandwidth_nm] = -np.inf
+        best = cand[int(np.argmax(score))]
+        chans.append(Channel(f"AF{best.emission_nm:g}", best.emission_nm, best.bandwidth_nm))
+    return chans
+
+
+def _membrane(cells: np.ndarray, width_px: float) -> np.ndarray:
+    """True membrane: the pixels of each cell within ``width_px`` of its outline (cell IDs)."""
+    from skimage.segmentation import find_boundaries
+
+    edge = find_boundaries(cells, mode="inner") & (cells > 0)
+    near = ndi.distance_transform_edt(~edge) < max(width_px - 0.5, 0.5)
+    return np.where(near, cells, 0).astype(np.uint32)
+
+
+def _compartments(layout: TissueLayout) -> dict[str, np.ndarray]:
+    cyto = layout.cells.copy()
+    cyto[layout.nuclei > 0] = 0
+    return {
+        "nucleus": layout.nuclei,
+        "cell": layout.cells,
+        "cytoplasm": cyto,
+        "membrane": _membrane(layout.cells, MEMBRANE_WIDTH_UM / layout.pixel_size_um),
+    }
+
+
+def _expression(rng, layout: TissueLayout, fraction=None):
+    """Per-cell expression levels (index = cell ID) and positivity of one marker.
+
+    Positivity is clonal in epithelium: each nest is mostly positive or mostly
+    negative; stromal and immune cells are rarely positive. ``fraction`` (from the
+    panel's ``[synth] positive_fraction``) instead makes every epithelial cell
+    positive with that probability. Levels are log-normal: positives around 1
+    (σ = 0.45), negatives around 0.04 (σ = 0.5, unspecific binding).
+    """
+    n = layout.n
+    ct = layout.cell_type
+    p = np.zeros(n + 1)
+    if fraction is None:
+        n_nest = int(layout.nest.max()) if n else 0
+        nest_p = np.where(rng.random(n_nest + 1) < 0.5, rng.uniform(0.7, 0.95, n_nest + 1), rng.uniform(0.0, 0.15, n_nest + 1))
+        p[1:] = np.where(ct[1:] == 0, nest_p[layout.nest[1:]], 0.04)
+    else:
+        p[1:] = np.where(ct[1:] == 0, float(fraction), 0.04)
+    pos = rng.random(n + 1) < p
+    pos[0] = False
+    level = np.where(pos, rng.lognormal(0.0, 0.45, n + 1), rng.lognormal(np.log(0.04), 0.5, n + 1))
+    level[0] = 0.0
+    return level.astype(np.float32), pos
+
+
+def _autofluorescence(rng, layout: TissueLayout) -> np.ndarray:
+    """Tissue autofluorescence density: a smooth base, fibrous stroma, granules in epithelial cytoplasm."""
+    px = layout.pixel_size_um
+    shape = layout.cells.shape
+    base = 0.12 * np.exp(0.35 * _smooth_noise(rng, shape, 12.0 / px))
+    stroma = (layout.nest_map == 0) & (layout.cells == 0)
+    stroma = ndi.gaussian_filter(stroma.astype(np.float32), 1.5 / px)
+    fibres = np.clip(_smooth_noise(rng, shape, 1.2 / px), 0, None) * np.exp(0.3 * _smooth_noise(rng, shape, 6.0 / px))
+    out = base + 0.25 * stroma * fibres
+    cyto = (layout.cells > 0) & (layout.nuclei == 0) & (layout.cell_type[layout.cells] == 0)
+    ys, xs = np.nonzero(cyto)
+    if ys.size:
+        k = rng.random(ys.size) < (px * px / 25.0)  # about one granule per 25 µm² of cytoplasm
+        dots = np.zeros(shape, np.float32)
+        dots[ys[k], xs[k]] = rng.lognormal(np.log(1.0), 0.4, int(k.sum()))
+        out = out + ndi.gaussian_filter(dots, 0.4 / px) * (2 * np.pi * (0.4 / px) ** 2)
+    return out.astype(np.float32)
+
+
+def _centroid_table(cells: np.ndarray) -> pd.DataFrame:
+    from skimage.measure import regionprops_table
+
+    t = regionprops_table(cells, properties=("label", "centroid", "area"))
+    return pd.DataFrame(
+        {"CellID": t["label"], "Y_centroid": t["centroid-0"], "X_centroid": t["centroid-1"], "Area": t["area"]}
+    )
+
+
+def read_synth_panel(path):
+    """Read a panel for making synthetic slides.
+
+    As :func:`qdplex.panel.read_panel`, except that the panel's
+    ``[autofluorescence] control`` need not exist yet: a synthetic slide's panel
+    usually points at the unstained control that ``qdplex synth --unstained``
+    is about to write.
+    """
+    import tomllib
+
+    from .panel import panel_from_dict, read_panel
+
+    path = Path(path)
+    try:
+        return read_panel(path)
+    except PanelError:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            raise
+        af = raw.get("autofluorescence")
+        if not isinstance(af, dict) or "control" not in af:
+            raise
+        raw = dict(raw)
+        raw["autofluorescence"] = {k: v for k, v in af.items() if k != "control"}
+        return panel_from_dict(raw, path=path)
+
+
+def _synth_options(panel) -> dict:
+    """The panel's ``[synth]`` table, validated (errors name the file and key)."""
+    opts = dict(getattr(panel, "synth", None) or {})
+    where = getattr(panel, "path", None)
+    known = {"positive_fraction", "brightness", "nuclear_brightness", "control_shape"}
+    for key in opts:
+        if key not in known:
+            raise PanelError(f"key 'synth.{key}': expected one of {sorted(known)}, found {key!r}", path=where)
+    names = set(panel.marker_names)
+    for key, lo, hi in (("positive_fraction", 0.0, 1.0), ("brightness", 0.0, np.inf)):
+        table = opts.get(key, {})
+        if not isinstance(table, dict):
+            raise PanelError(f"key 'synth.{key}': expected a table marker = number, found {table!r}", path=where)
+        for m, v in table.items():
+            if m not in names:
+                raise PanelError(f"key 'synth.{key}.{m}': expected a marker of the panel {sorted(names)}, found {m!r}", path=where)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise PanelError(f"key 'synth.{key}.{m}': expected a number in [{lo}, {hi}], found {v!r}", path=where)
+        opts[key] = table
+    nb = opts.get("nuclear_brightness", 1.5)
+    if isinstance(nb, bool) or not isinstance(nb, (int, float)) or nb <= 0:
+        raise PanelError(f"key 'synth.nuclear_brightness': expected a positive number, found {nb!r}", path=where)
+    cs = opts.get("control_shape")
+    if cs is not None and not (
+        isinstance(cs, list) and len(cs) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in cs)
+    ):
+        raise PanelError(f"key 'synth.control_shape': expected [Y, X] integers ≥ 16, found {cs!r}", path=where)
+    return opts
+
+
+def _mix_and_expose(rng, abundances, mixing, read_noise) -> np.ndarray:
+    """Camera counts (uint16) of noise-free abundances K×Y×X through a C×K mixing matrix."""
+    k, h, w = abundances.shape
+    expected = (mixing.astype(np.float32) @ abundances.reshape(k, -1)).reshape(mixing.shape[0], h, w)
+    counts = _camera(rng, expected, read_noise) + CAMERA_OFFSET
+    return np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def make_slide(
+    panel,
+    *,
+    shape=(512, 512),
+    pixel_size_um=0.5,
+    mode="lambda",
+    wavelengths=(420.0, 720.0, 10.0),
+    channels=None,
+    crowded=False,
+    uneven=False,
+    autofluorescence=1.0,
+    photons=200.0,
+    read_noise=3.0,
+    psf_sigma_um=0.35,
+    unstained=False,
+    control_shape=None,
+    library=None,
+    seed=0,
+    name="synthetic",
+) -> SynthSlide:
+    """A synthetic multiplexed QD slide of ``panel`` with its ground truth.
+
+    Parameters
+    ----------
+    panel : Panel
+        Markers (fluor, compartment) and nuclear stain. The panel's ``[synth]``
+        table may set ``positive_fraction`` (marker → fraction of positive
+        epithelial cells; default: clonal, nest by nest), ``brightness`` (marker →
+        relative brightness, default 1), ``nuclear_brightness`` (default 1.5) and
+        ``control_shape`` ([Y, X] of the unstained control).
+    shape : tuple of int
+        Image size (Y, X) in pixels.
+    pixel_size_um : float
+        Pixel size in µm.
+    mode : {"lambda", "filter"}
+        A λ-stack (``wavelengths``) or one filter per fluor (:func:`filter_channels`).
+    wavelengths : (first, last, step)
+        λ-stack band centres in nm (bands ``step`` wide).
+    channels : list of Channel, optional
+        Explicit channels (with emission bands); overrides ``mode``.
+    crowded, uneven : bool
+        Dense touching nuclei; dim and bright nuclei plus a nuclear-channel
+        background gradient (see :func:`nuclear_field`).
+    autofluorescence : float
+        Scale of the tissue autofluorescence (0 = none).
+    photons : float
+        Expected photo-electrons in the brightest 10 nm band of a fluor at
+        expression 1 (a typical positive cell).
+    read_noise : float
+        Gaussian read noise in electrons (gain 1 count per electron).
+    psf_sigma_um : float
+        Gaussian PSF standard deviation in µm.
+    unstained : bool
+        Also make an unstained control (autofluorescence only, another field).
+    control_shape : tuple of int, optional
+        Size of the unstained control (default: the panel's ``[synth]
+        control_shape``, else ``shape``).
+    library : SpectralLibrary, optional
+        Emission spectra (default: :meth:`SpectralLibrary.builtin`; must hold
+        every fluor of the panel and ``"AF"``).
+    seed : int
+        Random seed: equal arguments and seed give identical slides.
+    name : str
+        Slide name.
+
+    Returns
+    -------
+    SynthSlide
+    """
+    lib = _library(library, panel)
+    px = float(pixel_size_um)
+    shape = tuple(int(s) for s in shape)
+    fluors = list(panel.fluors)
+    use_af = float(autofluorescence) > 0
+    endmembers = fluors + (["AF"] if use_af else [])
+    if channels is None:
+        if mode == "lambda":
+            channels = lambda_channels(*wavelengths)
+        elif mode == "filter":
+            channels = filter_channels(fluors, library=lib, af_channel=use_af)
+        else:
+            raise InputError(f"expected mode 'lambda' or 'filter', found {mode!r}")
+    channels = [c if isinstance(c, Channel) else Channel(str(c)) for c in channels]
+    mixing = _matrix(lib, endmembers, channels)
+    peaks = _reference_peaks(lib, endmembers)
+    unit = float(photons) / np.maximum(peaks, 1e-12)  # abundance per unit expression, per endmember
+
+    ss = np.random.SeedSequence(int(seed)).spawn(6)
+    layout = tissue_layout(shape, pixel_size_um=px, crowded=crowded, seed=np.random.default_rng(ss[0]))
+    comps = _compartments(layout)
+    rng = np.random.default_rng(ss[1])
+    opts = _synth_options(panel)
+    fractions = opts.get("positive_fraction", {})
+    brightness = opts.get("brightness", {})
+
+    planes = np.zeros((len(endmembers),) + shape, np.float32)
+    dapi = _nuclear_stain(rng, layout, uneven=uneven) * float(opts.get("nuclear_brightness", 1.5))
+    if uneven:
+        _, bg = _illumination(rng, shape, True)
+        dapi = dapi + bg
+    planes[0] = dapi * unit[0]
+    truth = _centroid_table(layout.cells)
+    ids = truth["CellID"].to_numpy()
+    pheno = {}
+    texture_rng = np.random.default_rng(ss[2])
+    for m in panel.markers:
+        k = endmembers.index(m.fluor)
+        level, pos = _expression(rng, layout, fractions.get(m.name))
+        level = level * float(brightness.get(m.name, 1.0))
+        lab = comps[m.compartment]
+        texture = np.exp(0.2 * _smooth_noise(texture_rng, shape, 0.8 / px) - 0.02)
+        dens = np.where(lab > 0, level[lab] * texture, 0.0).astype(np.float32)
+        planes[k] += dens * unit[k]
+        present = np.bincount(lab.ravel(), minlength=layout.n + 1)[ids] > 0
+        mean = ndi.mean(dens, lab, ids) * unit[k]
+        truth[m.name] = np.where(present, mean, np.nan).astype(np.float64)
+        pheno[f"{m.name}_positive"] = pos[ids]
+    if use_af:
+        planes[-1] = _autofluorescence(np.random.default_rng(ss[3]), layout) * float(autofluorescence) * unit[-1]
+
+    blurred = _psf(planes, psf_sigma_um / px)
+    counts = _mix_and_expose(np.random.default_rng(ss[4]), blurred, mixing, float(read_noise))
+    meta = {"camera_offset": CAMERA_OFFSET, "synthetic": True, "seed": int(seed)}
+    image = MultiplexImage(counts, channels, pixel_size_um=px, name=name, source=None, metadata=dict(meta))
+    ab_channels = [Channel(e, fluor=e) for e in endmembers]
+    abundances = MultiplexImage(blurred, ab_channels, pixel_size_um=px, name=f"{name}_abundances")
+
+    truth = truth[["CellID"] + [m.name for m in panel.markers] + ["X_centroid", "Y_centroid", "Area"]]
+    truth["cell_type"] = np.array(CELL_TYPES)[layout.cell_type[ids]]
+    truth["nest"] = layout.nest[ids]
+    for k, v in pheno.items():
+        truth[k] = v
+
+    control = None
+    if unstained:
+        crng = np.random.default_rng(ss[5])
+        cshape = tuple(int(v) for v in (control_shape or opts.get("control_shape") or shape))
+        clay = tissue_layout(cshape, pixel_size_um=px, crowded=crowded, seed=crng)
+        cpl = np.zeros((len(endmembers),) + cshape, np.float32)
+        if use_af:
+            cpl[-1] = _autofluorescence(crng, clay) * float(autofluorescence) * unit[-1]
+        ccounts = _mix_and_expose(crng, _psf(cpl, psf_sigma_um / px), mixing, float(read_noise))
+        control = MultiplexImage(ccounts, channels, pixel_size_um=px, name=f"{name}_unstained", metadata=dict(meta))
+
+    settings = {
+        "shape": list(shape), "pixel_size_um": px, "mode": mode if channels is None else "channels",
+        "crowded": bool(crowded), "uneven": bool(uneven), "autofluorescence": float(autofluorescence),
+        "photons": float(photons), "read_noise": float(read_noise), "psf_sigma_um": float(psf_sigma_um),
+        "camera_offset": CAMERA_OFFSET, "seed": int(seed), "endmembers": endmembers,
+    }
+    return SynthSlide(image, layout.nuclei, layout.cells, truth, abundances, mixing, control, panel, settings)
+
+
+def write_slide(slide: SynthSlide, out_dir, *, compression="zlib") -> dict:
+    """Write a synthetic slide and its ground truth (layout in docs/architecture.md).
+
+    ``OUT/slides/N.ome.tif``, ``OUT/truth/N/{nuclei.tif, cells.tif,
+    abundances.ome.tif, cells_truth.csv}`` and, with a control,
+    ``OUT/controls/N_unstained.ome.tif``. Every file is written atomically.
+
+    Returns
+    -------
+    dict
+        ``{"slide", "nuclei", "cells", "abundances", "truth"[, "unstained"]}`` → Path.
+    """
+    from .io import atomic_path, write_labels, write_ome_tiff
+
+    out = Path(out_dir)
+    n = slide.name
+    paths = {
+        "slide": out / "slides" / f"{n}.ome.tif",
+        "nuclei": out / "truth" / n / "nuclei.tif",
+        "cells": out / "truth" / n / "cells.tif",
+        "abundances": out / "truth" / n / "abundances.ome.tif",
+        "truth": out / "truth" / n / "cells_truth.csv",
+    }
+    if slide.unstained is not None:
+        paths["unstained"] = out / "controls" / f"{n}_unstained.ome.tif"
+    for p in paths.values():
+        os.makedirs(p.parent, exist_ok=True)
+    px = slide.image.pixel_size_um
+    write_ome_tiff(paths["slide"], slide.image, compression=compression)
+    write_labels(paths["nuclei"], slide.nuclei, pixel_size_um=px, name="nuclei")
+    write_labels(paths["cells"], slide.cells, pixel_size_um=px, name="cells")
+    write_ome_tiff(paths["abundances"], slide.abundances, compression=compression)
+    with atomic_path(paths["truth"]) as tmp:
+        slide.truth.to_csv(tmp, index=False, float_format="%.6g")
+    if slide.unstained is not None:
+        write_ome_tiff(paths["unstained"], slide.unstained, compression=compression)
+    return paths
