@@ -70,7 +70,7 @@ def _synthetic_result(shape=(160, 200), seed=1):
     residual = rng.random(shape).astype(np.float32)
     channels = lambda_grid(420, 720, 10)
     library = SpectralLibrary.builtin(["DAPI"] + [m.fluor for m in panel.markers] + ["AF"])
-    return dict(name="synthetic", panel=panel, abundances=ab, segmentation=seg, table=table,
+    return dict(name="synthetic", panel=panel, abundances=ab, nuclei=seg.nuclei, cells=seg.cells, table=table,
                 thresholds=thresholds, summary=summary, residual=residual, library=library, channels=channels)
 
 
@@ -116,8 +116,8 @@ def test_slide_report_content(tmp_path):
     _no_network(page)
     assert "not drawn" not in page, re.findall(r"<div class=err>(.*?)</div>", page)
     imgs = _images(page)
-    # composite, segmentation, residual, histograms, spectra (+ crosstalk when that module exists)
-    assert len(imgs) >= 5
+    # composite, segmentation, residual, histograms, spectra, crosstalk
+    assert len(imgs) == 6
     for im in imgs:
         assert im.ndim == 3 and float(im[..., :3].std()) > 0.02  # real pictures, not blank canvases
     # every marker is named with its fluor, compartment, threshold and score
@@ -138,7 +138,7 @@ def test_write_slide_report_is_atomic_and_self_contained(tmp_path):
                                name="slideA", source="/data/slideA.ome.tif")
         panel = r["panel"]
         library = r["library"]
-        segmentation = r["segmentation"]
+        segmentation = Segmentation(r["nuclei"], r["cells"])
         table = r["table"]
         summary = r["summary"]
         thresholds = r["thresholds"]

@@ -21,6 +21,8 @@ import numpy as np
 
 __all__ = [
     "PALETTE",
+    "NUCLEAR_RGB",
+    "AF_RGB",
     "preview",
     "stretch",
     "composite_rgb",
@@ -45,7 +47,8 @@ PALETTE = (
     (0.6, 0.6, 1.0),  # lavender
     (1.0, 1.0, 1.0),  # white
 )
-_NUCLEAR_RGB = (0.15, 0.35, 1.0)
+NUCLEAR_RGB = (0.15, 0.35, 1.0)
+AF_RGB = (0.6, 0.6, 0.6)
 
 
 def _figure(width_in: float, height_in: float, dpi: int = 100):
@@ -143,7 +146,7 @@ def composite_figure(planes: Mapping[str, np.ndarray], nuclear: np.ndarray | Non
     arrays = [planes[n] for n in names]
     if nuclear is not None:
         arrays.append(nuclear)
-        colors.append(tuple(0.6 * c for c in _NUCLEAR_RGB))
+        colors.append(tuple(0.6 * c for c in NUCLEAR_RGB))
         names.append(nuclear_name)
     rgb = composite_rgb(arrays, colors)
     h, w = rgb.shape[:2]
@@ -237,7 +240,8 @@ def histogram_figure(values: Mapping[str, np.ndarray], thresholds: Mapping[str, 
 
 def spectra_figure(wavelengths: np.ndarray, spectra: Mapping[str, np.ndarray], *,
                    bands: Sequence[tuple[float, float]] | None = None,
-                   labels: Mapping[str, str] | None = None, title: str = "Reference emission spectra"):
+                   labels: Mapping[str, str] | None = None, colors: Mapping[str, Sequence[float]] | None = None,
+                   title: str = "Reference emission spectra"):
     """Reference spectra (each scaled to a maximum of 1) with the image's channel bands shaded.
 
     Parameters
@@ -250,8 +254,11 @@ def spectra_figure(wavelengths: np.ndarray, spectra: Mapping[str, np.ndarray], *
         The image's channel bands, shaded grey.
     labels : mapping name → str, optional
         Legend labels (e.g. ``"QD655 (HER2)"``).
+    colors : mapping name → RGB, optional
+        Line colours (default: the palette in order).
     """
     labels = labels or {}
+    colors = colors or {}
     fig = _figure(8.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     for low, high in bands or ():
@@ -261,7 +268,11 @@ def spectra_figure(wavelengths: np.ndarray, spectra: Mapping[str, np.ndarray], *
         s = np.asarray(s, dtype=float)
         peak = np.nanmax(s) if s.size and np.isfinite(s).any() else 0.0
         ax.plot(wl, s / peak if peak > 0 else s, lw=1.6, label=labels.get(name, name),
-                color=PALETTE[i % len(PALETTE)] if name not in ("DAPI", "Hoechst") else _NUCLEAR_RGB)
+                color=colors.get(name, PALETTE[i % len(PALETTE)]))
+    if bands:
+        lo = min(b[0] for b in bands)
+        hi = max(b[1] for b in bands)
+        ax.set_xlim(lo - 60.0, hi + 60.0)
     ax.set_xlabel("wavelength (nm)")
     ax.set_ylabel("relative emission")
     ax.set_title(title, fontsize=11)
@@ -283,7 +294,7 @@ def crosstalk_figure(matrix, *, title: str = "Expected crosstalk (fraction of si
 
     df = pd.DataFrame(matrix).astype(float)
     n_r, n_c = df.shape
-    fig = _figure(1.2 + 0.75 * n_c, 1.0 + 0.55 * n_r)
+    fig = _figure(min(1.6 + 0.7 * n_c, 8.0), min(1.2 + 0.45 * n_r, 6.0))
     ax = fig.add_subplot(1, 1, 1)
     data = df.to_numpy()
     vmax = float(np.nanmax(np.abs(data))) if data.size else 1.0
@@ -294,7 +305,7 @@ def crosstalk_figure(matrix, *, title: str = "Expected crosstalk (fraction of si
         for j in range(n_c):
             v = data[i, j]
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{v:.1f}" if abs(v) >= 0.05 else "0", ha="center", va="center", fontsize=7,
                         color="black" if vmax and v > 0.6 * vmax else "white")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)

@@ -191,28 +191,29 @@ def _library_curves(library, names: Sequence[str], step_nm: float = 1.0):
     return wl, {s.name: s.sample(wl) for s in spectra}
 
 
-def _crosstalk(panel, channels, library):
-    """The unmixing helper's crosstalk check of this panel on these channels, or None when unavailable."""
+def _crosstalk_html(library, channels) -> str:
+    """The spectral pre-flight check (:func:`qdplex.crosstalk.check_panel`) as HTML: warnings,
+    per-endmember table and the expected crosstalk heat map."""
+    from .crosstalk import check_panel
+
+    if not channels:
+        return "<div class=warn>the raw image's channels are unknown: no crosstalk check</div>"
     try:
-        from .crosstalk import check_panel
-    except ImportError:
-        return None
-    return check_panel(panel, channels, library=library)
-
-
-def _crosstalk_parts(check) -> tuple[pd.DataFrame | None, list[str]]:
-    """The crosstalk matrix and warning lines of a :func:`qdplex.crosstalk.check_panel` result."""
-    if check is None:
-        return None, []
-    if isinstance(check, pd.DataFrame):
-        return check, []
-    matrix = getattr(check, "matrix", None)
-    if matrix is None and isinstance(check, Mapping):
-        matrix = check.get("matrix")
-    warnings = getattr(check, "warnings", None)
-    if warnings is None and isinstance(check, Mapping):
-        warnings = check.get("warnings")
-    return (None if matrix is None else pd.DataFrame(matrix)), [str(w) for w in (warnings or [])]
+        check = check_panel(library, channels)
+    except Exception as e:  # a singular library is itself the finding to report
+        return f"<div class=err>spectral check failed: {_e(type(e).__name__)}: {_e(e)}</div>"
+    parts = [f"<p>condition number of the column-normalised mixing matrix: "
+             f"<b>{check.condition_number:.3g}</b> (1 = orthogonal spectra)</p>"]
+    parts += [f"<div class=warn>{_e(w)}</div>" for w in check.warnings]
+    per = pd.DataFrame({"peak channel": check.peak_channel, "coverage %": 100 * check.coverage,
+                        "noise amplification": check.noise_amplification})
+    per.index.name = "endmember"
+    parts.append(_table(per, left=["peak channel"], index=True))
+    ct = 100 * check.crosstalk
+    parts.append(_figure_html(lambda: figures.crosstalk_figure(ct, title="Expected crosstalk without unmixing (%)"),
+                              "Signal of each fluor (rows) in the peak channel of each other fluor (columns), "
+                              "as % of its own peak-channel signal: what reading channels without unmixing would give"))
+    return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- slide report
@@ -221,7 +222,8 @@ def slide_report_html(
     name: str,
     panel,
     abundances,
-    segmentation,
+    nuclei,
+    cells,
     table: pd.DataFrame,
     thresholds: Mapping[str, float] | None = None,
     summary: Mapping[str, Any] | None = None,
@@ -243,8 +245,8 @@ def slide_report_html(
         The panel the slide was run with.
     abundances : qdplex.model.MultiplexImage
         Unmixed planes named by marker (plus the nuclear stain, ``AF``...).
-    segmentation : qdplex.model.Segmentation
-        Nuclei and cells.
+    nuclei, cells : Y×X label arrays (numpy or dask)
+        The segmentation (only subsampled previews are computed).
     table : pandas.DataFrame
         The cell table (one column per marker, MCQuant order).
     thresholds : mapping marker → float, optional
@@ -313,12 +315,11 @@ def slide_report_html(
 
     def overlay():
         nuc = figures.preview(abundances.plane(nuclear_name), max_side)
-        return figures.segmentation_figure(nuc, figures.preview(segmentation.nuclei, max_side),
-                                           figures.preview(segmentation.cells, max_side))
+        return figures.segmentation_figure(nuc, figures.preview(nuclei, max_side), figures.preview(cells, max_side))
 
     parts.append(_figure_html(composite, "Composite of the unmixed marker planes (each stretched to its "
                                          "1st–99.5th percentile) over the nuclear stain"))
-    parts.append(_figure_html(overlay, f"Segmentation: {segmentation.n_cells} cells on the {nuclear_name} plane"))
+    parts.append(_figure_html(overlay, f"Segmentation: {n_cells} cells (outlines) on the {nuclear_name} plane"))
     if residual is not None:
         res = figures.preview(residual, max_side).astype(np.float32)
         sat = None if saturated is None else figures.preview(saturated, max_side)
@@ -347,22 +348,17 @@ def slide_report_html(
         endmembers = [panel.nuclear_stain] + [m.fluor for m in panel.markers]
         endmembers += [n for n in getattr(library, "names", []) if str(n).upper().startswith("AF")]
         labels = {m.fluor: f"{m.fluor} ({m.name})" for m in panel.markers}
+        colors = {m.fluor: figures.PALETTE[i % len(figures.PALETTE)] for i, m in enumerate(panel.markers)}
+        colors[panel.nuclear_stain] = figures.NUCLEAR_RGB
+        colors.update({n: figures.AF_RGB for n in endmembers if str(n).upper().startswith("AF")})
         bands = [c.band for c in (channels or []) if getattr(c, "band", None)]
 
         def spectra():
             wl, curves = _library_curves(library, endmembers)
-            return figures.spectra_figure(wl, curves, bands=bands, labels=labels)
+            return figures.spectra_figure(wl, curves, bands=bands, labels=labels, colors=colors)
 
         parts.append(_figure_html(spectra, "Reference spectra of the library used for unmixing; grey: the image's channel bands"))
-        try:
-            matrix, warns = _crosstalk_parts(_crosstalk(panel, channels, library))
-        except Exception as e:
-            matrix, warns = None, [f"crosstalk check failed: {type(e).__name__}: {e}"]
-        for w in warns:
-            parts.append(f"<div class=warn>{_e(w)}</div>")
-        if matrix is not None and matrix.size:
-            parts.append(_figure_html(lambda: figures.crosstalk_figure(matrix),
-                                      "Expected crosstalk between the panel's fluors on these channels"))
+        parts.append(_crosstalk_html(library, channels))
     else:
         parts.append("<div class=warn>no spectral library recorded for this slide</div>")
 
@@ -389,7 +385,8 @@ def write_slide_report(result, out_dir, *, max_side: int = 1024) -> Path:
         name=result.image.name,
         panel=result.panel,
         abundances=unm.abundances,
-        segmentation=result.segmentation,
+        nuclei=result.segmentation.nuclei,
+        cells=result.segmentation.cells,
         table=result.table,
         thresholds=result.thresholds,
         summary=result.summary,
@@ -444,7 +441,6 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
         The written report.
     """
     from .io import read_image
-    from .model import Segmentation
 
     slide_dir = Path(slide_dir)
     unmixed_path = _first(slide_dir, ["unmixed.ome.tif", "unmixed.ome.zarr"])
@@ -463,9 +459,8 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
     panel = _panel_from_record(rec, slide_dir / "run.json")
 
     abundances = read_image(unmixed_path)
-    nuclei = np.asarray(read_image(nuclei_path).data[0].compute())
-    cells = np.asarray(read_image(cells_path).data[0].compute())
-    seg = Segmentation(nuclei, cells)
+    nuclei = read_image(nuclei_path).data[0]  # lazy: only previews are computed
+    cells = read_image(cells_path).data[0]
     table = pd.read_parquet(table_path) if table_path.suffix == ".parquet" else pd.read_csv(table_path)
     residual = abundances.plane("residual") if "residual" in abundances.channel_names else None
 
@@ -486,7 +481,7 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
             library = channels = None
 
     text = slide_report_html(
-        name=slide_dir.name, panel=panel, abundances=abundances, segmentation=seg, table=table,
+        name=slide_dir.name, panel=panel, abundances=abundances, nuclei=nuclei, cells=cells, table=table,
         thresholds={k: float(v) for k, v in thresholds.items() if v is not None},
         summary=summary, residual=residual, library=library, channels=channels, timings=timings,
         source=source, max_side=max_side,
