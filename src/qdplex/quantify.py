@@ -1,0 +1,961 @@
+"""Per-cell statistics by label-indexed accumulation.
+
+One pass over each image block adds, for every cell and compartment, the pixel
+count and each channel's sum, sum of squares (and, on request, minimum and
+maximum) into an :class:`Accumulator`; the same pass adds the cell's raw shape
+moments, bounding box, perimeter contributions and the row extents whose convex
+hull gives the convex area. Every one of these combines exactly across blocks, so
+a whole slide can be quantified tile by tile (:func:`accumulate_block` per tile,
+then :func:`finalize`) and gives the same table as one call on the whole image.
+
+Layering: :func:`accumulate_block` / :func:`finalize` (arrays) → :func:`quantify`
+(``MultiplexImage`` / ``UnmixResult`` / plain arrays) → tables and scores.
+
+The morphology columns follow MCQuant (which calls
+``skimage.measure.regionprops``) and equal regionprops' values: ``Area``,
+``MajorAxisLength``, ``MinorAxisLength``, ``Eccentricity``, ``Solidity``,
+``Extent``, ``Orientation`` (radians), ``Perimeter`` (regionprops' 4-neighbourhood
+estimator), plus ``NucleusArea`` and ``NucleusCellAreaRatio``; centroids
+``X_centroid, Y_centroid`` in pixels (column, row) and ``X_centroid_um,
+Y_centroid_um`` in µm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import sqrt
+from typing import Sequence
+
+import numba
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, SegmentationError
+from .model import COMPARTMENTS, MultiplexImage, Segmentation
+
+__all__ = [
+    "quantify",
+    "Accumulator",
+    "accumulate_block",
+    "finalize",
+    "morphology",
+    "MORPHOLOGY_COLUMNS",
+    "QC_COLUMNS",
+    "DEFAULT_STATS",
+]
+
+DEFAULT_STATS = ("mean", "std", "sum")
+_ADDITIVE_STATS = {"mean", "std", "var", "sum", "count", "min", "max"}
+_ORDER_STATS = {"median"}
+
+#: Morphology columns in MCQuant order, then qdplex's additions.
+MORPHOLOGY_COLUMNS = (
+    "X_centroid",
+    "Y_centroid",
+    "Area",
+    "MajorAxisLength",
+    "MinorAxisLength",
+    "Eccentricity",
+    "Solidity",
+    "Extent",
+    "Orientation",
+    "Perimeter",
+    "NucleusArea",
+    "NucleusCellAreaRatio",
+    "X_centroid_um",
+    "Y_centroid_um",
+)
+
+#: Per-cell quality columns written when quantifying an ``UnmixResult``.
+QC_COLUMNS = ("residual_mean", "af_fraction", "saturated_fraction")
+
+# compartment slots in the accumulator arrays (fixed order = model.COMPARTMENTS)
+_NUC, _CYT, _MEM, _CELL = range(4)
+
+_PERIM_W = np.zeros(50, dtype=np.float64)
+_PERIM_W[[5, 7, 15, 17, 25, 27]] = 1.0
+_PERIM_W[[21, 33]] = sqrt(2.0)
+_PERIM_W[[13, 23]] = (1.0 + sqrt(2.0)) / 2.0
+
+
+# --------------------------------------------------------------------------- kernels
+@numba.njit(cache=True, nogil=True)
+def _mark_present(a, flags):
+    for y in range(a.shape[0]):
+        for x in range(a.shape[1]):
+            v = a[y, x]
+            if v != 0:
+                flags[v] = 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, y0, x0, H, W,
+                do_minmax, cnt, s1, s2, mn, mx, geo, bbox, perim, perim_w):
+    """Add one block to the accumulators.
+
+    ``img`` is C×h×w; ``cells``/``nuclei``/``membrane`` carry ``hy``/``hx`` rows and
+    columns of label context before the block (and any after it); (y0, x0) is the
+    block's origin in the whole image of H×W pixels.
+    """
+    C = img.shape[0]
+    h = img.shape[1]
+    w = img.shape[2]
+    lh = cells.shape[0]
+    lw = cells.shape[1]
+    for y in range(h):
+        ly = y + hy
+        gy = y0 + y
+        for x in range(w):
+            lx = x + hx
+            gx = x0 + x
+            c = cells[ly, lx]
+            n = nuclei[ly, lx] if has_nuc else 0
+            m = membrane[ly, lx] if has_mem else 0
+            if c == 0 and n == 0 and m == 0:
+                continue
+            ic = lut[c] if c != 0 else -1
+            inn = lut[n] if n != 0 else -1
+            im = lut[m] if m != 0 else -1
+            # intensities
+            for k in range(C):
+                v = np.float64(img[k, y, x])
+                vv = v * v
+                if ic >= 0:
+                    s1[_CELL, ic, k] += v
+                    s2[_CELL, ic, k] += vv
+                    if n == 0:
+                        s1[_CYT, ic, k] += v
+                        s2[_CYT, ic, k] += vv
+                if inn >= 0:
+                    s1[_NUC, inn, k] += v
+                    s2[_NUC, inn, k] += vv
+                if im >= 0:
+                    s1[_MEM, im, k] += v
+                    s2[_MEM, im, k] += vv
+                if do_minmax:
+                    if ic >= 0:
+                        if v < mn[_CELL, ic, k]:
+                            mn[_CELL, ic, k] = v
+                        if v > mx[_CELL, ic, k]:
+                            mx[_CELL, ic, k] = v
+                        if n == 0:
+                            if v < mn[_CYT, ic, k]:
+                                mn[_CYT, ic, k] = v
+                            if v > mx[_CYT, ic, k]:
+                                mx[_CYT, ic, k] = v
+                    if inn >= 0:
+                        if v < mn[_NUC, inn, k]:
+                            mn[_NUC, inn, k] = v
+                        if v > mx[_NUC, inn, k]:
+                            mx[_NUC, inn, k] = v
+                    if im >= 0:
+                        if v < mn[_MEM, im, k]:
+                            mn[_MEM, im, k] = v
+                        if v > mx[_MEM, im, k]:
+                            mx[_MEM, im, k] = v
+            if inn >= 0:
+                cnt[_NUC, inn] += 1
+            if im >= 0:
+                cnt[_MEM, im] += 1
+            if ic < 0:
+                continue
+            cnt[_CELL, ic] += 1
+            if n == 0:
+                cnt[_CYT, ic] += 1
+            # shape: raw moments (row r = gy, column = gx), bounding box
+            fy = np.float64(gy)
+            fx = np.float64(gx)
+            geo[ic, 0] += fy
+            geo[ic, 1] += fx
+            geo[ic, 2] += fy * fy
+            geo[ic, 3] += fx * fx
+            geo[ic, 4] += fy * fx
+            if gy < bbox[ic, 0]:
+                bbox[ic, 0] = gy
+            if gy > bbox[ic, 1]:
+                bbox[ic, 1] = gy
+            if gx < bbox[ic, 2]:
+                bbox[ic, 2] = gx
+            if gx > bbox[ic, 3]:
+                bbox[ic, 3] = gx
+            # perimeter (skimage.measure.perimeter, 4-neighbourhood, per object)
+            if _is_border(cells, ly, lx, c, hy, hx, y0, x0, H, W):
+                v = 1
+                for dy in range(-1, 2):
+                    for dx in range(-1, 2):
+                        if dy == 0 and dx == 0:
+                            continue
+                        qy = ly + dy
+                        qx = lx + dx
+                        if gy + dy < 0 or gy + dy >= H or gx + dx < 0 or gx + dx >= W:
+                            continue
+                        if qy < 0 or qy >= lh or qx < 0 or qx >= lw:
+                            continue
+                        if cells[qy, qx] != c:
+                            continue
+                        if _is_border(cells, qy, qx, c, hy, hx, y0, x0, H, W):
+                            v += 2 if (dy == 0 or dx == 0) else 10
+                perim[ic] += perim_w[v]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _is_border(cells, ly, lx, c, hy, hx, y0, x0, H, W):
+    gy = y0 + ly - hy
+    gx = x0 + lx - hx
+    lh = cells.shape[0]
+    lw = cells.shape[1]
+    if gy == 0 or gy == H - 1 or gx == 0 or gx == W - 1:
+        return True
+    # outside the label context is treated as "not this cell" (callers give ≥ 2 px context)
+    if ly == 0 or ly == lh - 1 or lx == 0 or lx == lw - 1:
+        return True
+    return (cells[ly - 1, lx] != c or cells[ly + 1, lx] != c or cells[ly, lx - 1] != c or cells[ly, lx + 1] != c)
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_extents(cells, lut, hy, hx, h, w, y0, x0):
+    """(dense index, row, first col, last col) of every run of a cell in the core block."""
+    n = 0
+    for y in range(h):
+        prev = 0
+        for x in range(w):
+            c = cells[y + hy, x + hx]
+            if c != 0 and c != prev:
+                n += 1
+            prev = c
+    out = np.empty((n, 4), dtype=np.int64)
+    i = 0
+    for y in range(h):
+        prev = 0
+        for x in range(w):
+            c = cells[y + hy, x + hx]
+            if c != prev:
+                if prev != 0:
+                    out[i - 1, 3] = x0 + x - 1
+                if c != 0:
+                    out[i, 0] = lut[c]
+                    out[i, 1] = y0 + y
+                    out[i, 2] = x0 + x
+                    i += 1
+            prev = c
+        if prev != 0:
+            out[i - 1, 3] = x0 + w - 1
+    return out
+
+
+@numba.njit(cache=True)
+def _cross(ox, oy, ax, ay, bx, by):
+    return (ax - ox) * (by - oy) - (ay - oy) * (bx - ox)
+
+
+@numba.njit(cache=True)
+def _diamond_points(ext):
+    """Candidate hull points of runs (label index, row, c0, c1): the edge midpoints
+    ("diamond" offsets, as skimage.morphology.convex_hull_image) of each run's end pixels."""
+    m = ext.shape[0]
+    lab = np.empty(6 * m, dtype=np.int64)
+    py = np.empty(6 * m, dtype=np.float64)
+    px = np.empty(6 * m, dtype=np.float64)
+    j = 0
+    for r in range(m):
+        row = np.float64(ext[r, 1])
+        for c, d in ((np.float64(ext[r, 2]), -0.5), (np.float64(ext[r, 3]), 0.5)):
+            lab[j] = ext[r, 0]; py[j] = row; px[j] = c + d; j += 1
+            lab[j] = ext[r, 0]; py[j] = row - 0.5; px[j] = c; j += 1
+            lab[j] = ext[r, 0]; py[j] = row + 0.5; px[j] = c; j += 1
+    return lab, py, px
+
+
+@numba.njit(cache=True)
+def _hulls(lab, py, px, n_labels):
+    """Convex hull of each label's points; ``lab`` sorted ascending (values < n_labels).
+
+    Point coordinates are multiples of 0.5. Returns (start, vertices): label i's hull
+    vertices (row, col) are ``vertices[start[i]:start[i+1]]``, counter-clockwise.
+    """
+    m = lab.shape[0]
+    start = np.zeros(n_labels + 1, dtype=np.int64)
+    verts = np.empty((m + 8, 2), dtype=np.float64)
+    nv = 0
+    a = 0
+    for L in range(n_labels):
+        start[L] = nv
+        b = a
+        while b < m and lab[b] == L:
+            b += 1
+        k = b - a
+        if k == 0:
+            continue
+        qy = py[a:b]
+        qx = px[a:b]
+        ymin = qy.min()
+        xmin = qx.min()
+        span = np.int64(2 * (qy.max() - ymin) + 0.5) + 1
+        key = np.empty(k, dtype=np.int64)
+        for t in range(k):
+            key[t] = np.int64(2 * (qx[t] - xmin) + 0.5) * span + np.int64(2 * (qy[t] - ymin) + 0.5)
+        order = np.argsort(key)
+        hx_ = np.empty(2 * k + 1, dtype=np.float64)
+        hy_ = np.empty(2 * k + 1, dtype=np.float64)
+        h = 0
+        last = np.int64(-1)
+        for t in range(k):  # lower chain (Andrew's monotone chain)
+            o = order[t]
+            if key[o] == last:
+                continue
+            last = key[o]
+            while h >= 2 and _cross(hx_[h - 2], hy_[h - 2], hx_[h - 1], hy_[h - 1], qx[o], qy[o]) <= 0:
+                h -= 1
+            hx_[h] = qx[o]; hy_[h] = qy[o]; h += 1
+        lower = h + 1
+        last = np.int64(-1)
+        for t in range(k - 1, -1, -1):  # upper chain
+            o = order[t]
+            if key[o] == last:
+                continue
+            last = key[o]
+            while h >= lower and _cross(hx_[h - 2], hy_[h - 2], hx_[h - 1], hy_[h - 1], qx[o], qy[o]) <= 0:
+                h -= 1
+            hx_[h] = qx[o]; hy_[h] = qy[o]; h += 1
+        if h > 1:
+            h -= 1  # the last point repeats the first
+        if nv + h > verts.shape[0]:
+            grown = np.empty((2 * (nv + h), 2), dtype=np.float64)
+            grown[:nv] = verts[:nv]
+            verts = grown
+        for t in range(h):
+            verts[nv, 0] = hy_[t]
+            verts[nv, 1] = hx_[t]
+            nv += 1
+        a = b
+    start[n_labels] = nv
+    return start, verts[:nv].copy()
+
+
+@numba.njit(cache=True)
+def _hull_pixel_counts(start, verts):
+    """Pixel centres inside or on each hull (skimage ``area_convex``)."""
+    n = start.shape[0] - 1
+    out = np.zeros(n, dtype=np.float64)
+    eps = 1e-9
+    for i in range(n):
+        a = start[i]
+        b = start[i + 1]
+        if b - a < 3:
+            continue
+        r0 = np.int64(np.ceil(verts[a:b, 0].min() - eps))
+        r1 = np.int64(np.floor(verts[a:b, 0].max() + eps))
+        total = 0
+        for r in range(r0, r1 + 1):
+            fr = np.float64(r)
+            lo = np.inf
+            hi = -np.inf
+            for e in range(a, b):
+                f = e + 1 if e + 1 < b else a
+                ya = verts[e, 0]; xa = verts[e, 1]
+                yb = verts[f, 0]; xb = verts[f, 1]
+                if (ya - fr) * (yb - fr) > 0:
+                    continue
+                if ya == yb:
+                    xs0 = min(xa, xb)
+                    xs1 = max(xa, xb)
+                else:
+                    t = (fr - ya) / (yb - ya)
+                    xs0 = xa + t * (xb - xa)
+                    xs1 = xs0
+                if xs0 < lo:
+                    lo = xs0
+                if xs1 > hi:
+                    hi = xs1
+            if hi >= lo:
+                c0 = np.int64(np.ceil(lo - eps))
+                c1 = np.int64(np.floor(hi + eps))
+                if c1 >= c0:
+                    total += c1 - c0 + 1
+        out[i] = total
+    return out
+
+
+# --------------------------------------------------------------------------- accumulator
+@dataclass
+class Accumulator:
+    """Exactly combinable per-label sums for one image (see :func:`accumulate_block`).
+
+    Attributes
+    ----------
+    labels : ndarray of uint64
+        Sorted label IDs seen so far (cells and nuclei); row ``i`` of every array is ``labels[i]``.
+    channel_names : list of str
+    count : ndarray, shape (4, n)
+        Pixels per compartment (order of :data:`qdplex.model.COMPARTMENTS`).
+    sum, sumsq : ndarray, shape (4, n, C)
+    min, max : ndarray, shape (4, n, C) or None
+        Only when ``minmax=True``.
+    geo : ndarray, shape (n, 5)
+        Σrow, Σcol, Σrow², Σcol², Σrow·col over the cell's pixels.
+    bbox : ndarray, shape (n, 4)
+        min row, max row, min col, max col.
+    perimeter : ndarray, shape (n,)
+    hull_start, hull_vertices : ndarray
+        Convex hull vertices (row, col) of each label so far.
+    shape : (int, int)
+        Y×X size of the whole image.
+    """
+
+    channel_names: list[str]
+    shape: tuple[int, int]
+    minmax: bool = False
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    count: np.ndarray | None = None
+    sum: np.ndarray | None = None
+    sumsq: np.ndarray | None = None
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
+    geo: np.ndarray | None = None
+    bbox: np.ndarray | None = None
+    perimeter: np.ndarray | None = None
+    hull_start: np.ndarray | None = None
+    hull_vertices: np.ndarray | None = None
+    has_membrane: bool = False
+
+    def __post_init__(self):
+        if self.count is None:
+            self._alloc(0)
+
+    def _alloc(self, n):
+        C = len(self.channel_names)
+        self.count = np.zeros((4, n), np.int64)
+        self.sum = np.zeros((4, n, C), np.float64)
+        self.sumsq = np.zeros((4, n, C), np.float64)
+        if self.minmax:
+            self.min = np.full((4, n, C), np.inf)
+            self.max = np.full((4, n, C), -np.inf)
+        self.geo = np.zeros((n, 5), np.float64)
+        self.bbox = np.empty((n, 4), np.int64)
+        self.bbox[:, 0::2] = np.iinfo(np.int64).max
+        self.bbox[:, 1::2] = np.iinfo(np.int64).min
+        self.perimeter = np.zeros(n, np.float64)
+        self.hull_start = np.zeros(n + 1, np.int64)
+        self.hull_vertices = np.zeros((0, 2), np.float64)
+
+    def merge(self, other: "Accumulator") -> "Accumulator":
+        """Add ``other`` (a block of the same image) into this accumulator, in place."""
+        if list(other.channel_names) != list(self.channel_names):
+            raise InputError(
+                f"expected blocks with channels {self.channel_names}, found {other.channel_names}"
+            )
+        if len(self.labels) == 0:
+            self.__dict__.update({k: v for k, v in other.__dict__.items()})
+            return self
+        labels = np.union1d(self.labels, other.labels)
+        ia = np.searchsorted(labels, self.labels)
+        ib = np.searchsorted(labels, other.labels)
+        new = Accumulator(self.channel_names, self.shape, self.minmax)
+        new._alloc(len(labels))
+        new.labels = labels
+        new.has_membrane = self.has_membrane or other.has_membrane
+        for name in ("count", "sum", "sumsq"):
+            arr = getattr(new, name)
+            arr[:, ia] += getattr(self, name)
+            arr[:, ib] += getattr(other, name)
+        if self.minmax:
+            new.min[:, ia] = self.min
+            new.min[:, ib] = np.minimum(new.min[:, ib], other.min)
+            new.max[:, ia] = self.max
+            new.max[:, ib] = np.maximum(new.max[:, ib], other.max)
+        new.geo[ia] += self.geo
+        new.geo[ib] += other.geo
+        new.perimeter[ia] += self.perimeter
+        new.perimeter[ib] += other.perimeter
+        new.bbox[ia] = self.bbox
+        new.bbox[ib, 0::2] = np.minimum(new.bbox[ib, 0::2], other.bbox[:, 0::2])
+        new.bbox[ib, 1::2] = np.maximum(new.bbox[ib, 1::2], other.bbox[:, 1::2])
+        # hulls: the hull of the union is the hull of both hulls' vertices
+        lab = np.concatenate([np.repeat(ia, np.diff(self.hull_start)), np.repeat(ib, np.diff(other.hull_start))])
+        verts = np.concatenate([self.hull_vertices, other.hull_vertices])
+        order = np.argsort(lab, kind="stable")
+        new.hull_start, new.hull_vertices = _hulls(
+            lab[order].astype(np.int64), verts[order, 0].copy(), verts[order, 1].copy(), len(labels)
+        )
+        self.__dict__.update(new.__dict__)
+        return self
+
+
+def _context(arr, y0, y1, x0, x1, halo=2):
+    """``arr[y0-halo:y1+halo, x0-halo:x1+halo]`` clipped to the array, and the (top, left) halo kept."""
+    H, W = arr.shape
+    a0 = max(0, y0 - halo)
+    b0 = max(0, x0 - halo)
+    out = np.asarray(arr[a0:min(H, y1 + halo), b0:min(W, x1 + halo)])
+    return out, y0 - a0, x0 - b0
+
+
+def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None, *, origin=(0, 0)) -> Accumulator:
+    """Add one image block to ``acc`` (label-indexed sums, one pass over the block).
+
+    Parameters
+    ----------
+    acc : Accumulator
+        Made with ``Accumulator(channel_names, shape=(H, W), minmax=...)``; updated in place.
+    block : ndarray, shape (C, h, w)
+        The block's pixels (any real dtype; sums are taken in float64).
+    cells, nuclei, membrane : array-like, shape (H, W)
+        The WHOLE image's label images (numpy, memory-mapped or zarr arrays: only
+        the block and a 2-pixel border around it are read). ``nuclei`` and
+        ``membrane`` are optional; a cell's cytoplasm is its pixels outside any nucleus.
+    origin : (int, int)
+        Row and column of the block's first pixel in the whole image.
+
+    Returns
+    -------
+    Accumulator
+        ``acc``, for chaining.
+    """
+    block = np.asarray(block)
+    if block.ndim == 2:
+        block = block[None]
+    if block.ndim != 3 or block.shape[0] != len(acc.channel_names):
+        raise InputError(
+            f"expected a C×h×w block with C={len(acc.channel_names)}, found shape {block.shape}"
+        )
+    if not np.issubdtype(block.dtype, np.number) or np.iscomplexobj(block):
+        raise InputError(f"expected a real-valued image block, found dtype {block.dtype}")
+    H, W = acc.shape
+    y0, x0 = int(origin[0]), int(origin[1])
+    h, w = block.shape[1:]
+    if y0 < 0 or x0 < 0 or y0 + h > H or x0 + w > W:
+        raise InputError(f"expected a block inside the {H}×{W} image, found origin {origin} and size {h}×{w}")
+    cl, hy, hx = _context(cells, y0, y0 + h, x0, x0 + w)
+    core = (slice(hy, hy + h), slice(hx, hx + w))
+    nu = _context(nuclei, y0, y0 + h, x0, x0 + w)[0] if nuclei is not None else None
+    me = _context(membrane, y0, y0 + h, x0, x0 + w)[0] if membrane is not None else None
+    cl = _as_labels(cl, "cells")
+    nu = _as_labels(nu, "nuclei") if nu is not None else None
+    me = _as_labels(me, "membrane") if me is not None else None
+
+    # dense indices for the labels of this block
+    nu_core = nu[core] if nu is not None else None
+    me_core = me[core] if me is not None else None
+    maxlab = int(cl[core].max(initial=0))
+    for a in (nu_core, me_core):
+        if a is not None:
+            maxlab = max(maxlab, int(a.max(initial=0)))
+    if maxlab < max(1 << 22, 4 * h * w):
+        flags = np.zeros(maxlab + 1, np.uint8)
+        for a in (cl[core], nu_core, me_core):
+            if a is not None:
+                _mark_present(a, flags)
+        flags[0] = 0
+        labels = np.flatnonzero(flags).astype(np.uint64)
+        lut = np.full(maxlab + 1, -1, np.int64)
+        lut[labels.astype(np.int64)] = np.arange(len(labels))
+        lut_labels = None
+    else:  # huge, sparse IDs: relabel the block densely first
+        # (the halo's labels too, so that neighbour comparisons stay exact)
+        parts = [cl, nu, me]
+        labels = np.unique(np.concatenate([np.unique(p) for p in parts if p is not None]))
+        labels = labels[labels != 0].astype(np.uint64)
+        lut_labels = labels
+        cl = _dense(cl, labels)
+        nu = _dense(nu, labels) if nu is not None else None
+        me = _dense(me, labels) if me is not None else None
+        lut = np.concatenate([[-1], np.arange(len(labels))]).astype(np.int64)
+
+    part = Accumulator(acc.channel_names, acc.shape, acc.minmax)
+    part._alloc(len(labels))
+    part.labels = labels
+    part.has_membrane = me is not None
+    dummy = np.zeros((1, 1), cl.dtype)
+    _accumulate(
+        block, cl, nu if nu is not None else dummy, me if me is not None else dummy,
+        nu is not None, me is not None, lut, hy, hx, y0, x0, H, W, acc.minmax,
+        part.count, part.sum, part.sumsq,
+        part.min if acc.minmax else np.zeros((4, 1, 1)), part.max if acc.minmax else np.zeros((4, 1, 1)),
+        part.geo, part.bbox, part.perimeter, _PERIM_W,
+    )
+    ext = _row_extents(cl, lut, hy, hx, h, w, y0, x0)
+    lab, py, px = _diamond_points(ext)
+    order = np.argsort(lab, kind="stable")
+    part.hull_start, part.hull_vertices = _hulls(lab[order], py[order], px[order], len(labels))
+    del lut_labels
+    return acc.merge(part)
+
+
+def _dense(a, labels):
+    idx = np.searchsorted(labels, a.astype(np.uint64))
+    out = (idx + 1).astype(np.uint32)
+    out[a == 0] = 0
+    return out
+
+
+def _as_labels(a, what):
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise SegmentationError(f"expected a Y×X {what} label image, found shape {a.shape}")
+    if a.dtype.kind == "b":
+        return a.astype(np.uint8)
+    if a.dtype.kind == "i":
+        if a.size and a.min() < 0:
+            raise SegmentationError(f"expected non-negative {what} labels, found {a.min()}")
+        return a.astype(np.uint64 if a.dtype.itemsize > 4 else np.uint32, copy=False)
+    if a.dtype.kind != "u":
+        raise SegmentationError(f"expected an integer {what} label image, found dtype {a.dtype}")
+    return a
+
+
+# --------------------------------------------------------------------------- finalize
+def _stat_name(q: float) -> str:
+    pct = 100.0 * float(q)
+    return f"q{pct:g}".replace(".", "_")
+
+
+def finalize(acc: Accumulator, *, stats=DEFAULT_STATS, compartments=COMPARTMENTS, pixel_size_um=None,
+             cell_ids=None, names=None) -> pd.DataFrame:
+    """Turn accumulated sums into the per-cell table (index ``CellID``).
+
+    Columns: ``<name>_<compartment>_<stat>`` for each channel, compartment and
+    additive statistic (``mean``, ``std`` (population, as scipy.ndimage), ``var``,
+    ``sum``, ``count``, ``min``, ``max``), then :data:`MORPHOLOGY_COLUMNS`.
+    Rows are the labels of ``cells`` (or ``cell_ids`` when given), ascending.
+    """
+    names = list(names or acc.channel_names)
+    bad = [s for s in stats if s not in _ADDITIVE_STATS]
+    if bad:
+        raise InputError(f"expected statistics from {sorted(_ADDITIVE_STATS)} when combining blocks, found {bad}")
+    if ("min" in stats or "max" in stats) and not acc.minmax:
+        raise InputError("expected an Accumulator made with minmax=True for 'min'/'max', found minmax=False")
+    comp_idx = []
+    for comp in compartments:
+        if comp not in COMPARTMENTS:
+            raise SegmentationError(f"expected compartments from {COMPARTMENTS}, found {comp!r}")
+        comp_idx.append(COMPARTMENTS.index(comp))
+    cell_count = acc.count[_CELL]
+    rows = np.flatnonzero(cell_count > 0) if cell_ids is None else np.searchsorted(acc.labels, np.asarray(cell_ids, np.uint64))
+    ids = acc.labels[rows]
+    cols: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for comp, k in zip(compartments, comp_idx):
+            n = acc.count[k, rows].astype(np.float64)[:, None]
+            s = acc.sum[k, rows]
+            mean = np.where(n > 0, s / n, np.nan)
+            var = None
+            if "std" in stats or "var" in stats:
+                var = np.where(n > 0, acc.sumsq[k, rows] / n - mean * mean, np.nan)
+                var = np.maximum(var, 0.0)
+            for ci, name in enumerate(names):
+                for st in stats:
+                    col = f"{name}_{comp}_{st}"
+                    if st == "mean":
+                        cols[col] = mean[:, ci]
+                    elif st == "sum":
+                        cols[col] = s[:, ci].copy()
+                    elif st == "std":
+                        cols[col] = np.sqrt(var[:, ci])
+                    elif st == "var":
+                        cols[col] = var[:, ci]
+                    elif st == "count":
+                        cols[col] = n[:, 0].copy()
+                    elif st == "min":
+                        cols[col] = np.where(n[:, 0] > 0, acc.min[k, rows, ci], np.nan)
+                    elif st == "max":
+                        cols[col] = np.where(n[:, 0] > 0, acc.max[k, rows, ci], np.nan)
+    out = pd.DataFrame(cols, index=pd.Index(ids.astype(np.int64), name="CellID"))
+    morph = _morphology_from_acc(acc, rows, pixel_size_um)
+    morph.index = out.index
+    return pd.concat([out, morph], axis=1)
+
+
+def _morphology_from_acc(acc: Accumulator, rows, pixel_size_um) -> pd.DataFrame:
+    area = acc.count[_CELL, rows].astype(np.float64)
+    g = acc.geo[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cr = g[:, 0] / area
+        cc = g[:, 1] / area
+        mu_rr = g[:, 2] / area - cr * cr
+        mu_cc = g[:, 3] / area - cc * cc
+        mu_rc = g[:, 4] / area - cr * cc
+        # skimage inertia tensor [[a, b], [b, c]] = [[mu_cc, -mu_rc], [-mu_rc, mu_rr]] / area
+        a = mu_cc
+        b = -mu_rc
+        c = mu_rr
+        half = np.sqrt(((a - c) / 2.0) ** 2 + b * b)
+        l1 = np.maximum((a + c) / 2.0 + half, 0.0)
+        l2 = np.maximum((a + c) / 2.0 - half, 0.0)
+        major = 4.0 * np.sqrt(l1)
+        minor = 4.0 * np.sqrt(l2)
+        ecc = np.where(l1 > 0, np.sqrt(np.clip(1.0 - l2 / l1, 0.0, 1.0)), 0.0)
+        orient = np.where(
+            a - c == 0, np.where(b < 0, np.pi / 4.0, -np.pi / 4.0), 0.5 * np.arctan2(-2.0 * b, c - a)
+        )
+        bb = acc.bbox[rows]
+        bbox_area = (bb[:, 1] - bb[:, 0] + 1) * (bb[:, 3] - bb[:, 2] + 1)
+        extent = area / bbox_area
+        conv = _hull_pixel_counts(acc.hull_start, acc.hull_vertices)[rows]
+        solidity = area / conv
+        nuc_area = acc.count[_NUC, rows].astype(np.float64)
+        ratio = nuc_area / area
+    px = float(pixel_size_um) if pixel_size_um else np.nan
+    return pd.DataFrame(
+        {
+            "X_centroid": cc,
+            "Y_centroid": cr,
+            "Area": area,
+            "MajorAxisLength": major,
+            "MinorAxisLength": minor,
+            "Eccentricity": ecc,
+            "Solidity": solidity,
+            "Extent": extent,
+            "Orientation": orient,
+            "Perimeter": acc.perimeter[rows].copy(),
+            "NucleusArea": nuc_area,
+            "NucleusCellAreaRatio": ratio,
+            "X_centroid_um": cc * px,
+            "Y_centroid_um": cr * px,
+        }
+    )
+
+
+def morphology(cells, nuclei=None, *, pixel_size_um=None) -> pd.DataFrame:
+    """MCQuant morphology (+ perimeter, nucleus/cell area ratio, µm centroids) of a label image.
+
+    Equal to ``skimage.measure.regionprops`` (area, centroid, axis lengths,
+    eccentricity, solidity, extent, orientation, perimeter) but one compiled pass.
+    """
+    cells = _as_labels(cells, "cells")
+    acc = Accumulator([], cells.shape)
+    accumulate_block(acc, np.zeros((0,) + cells.shape, np.float32), cells, nuclei)
+    return finalize(acc, stats=(), compartments=(), pixel_size_um=pixel_size_um)
+
+
+# --------------------------------------------------------------------------- order statistics
+def _order_stats(planes, labels, ids, names, comp, stats, quantiles) -> dict:
+    """Median and quantiles per label: one stable sort of the labelled pixels, then per channel."""
+    lab = np.asarray(labels).ravel()
+    sel = np.flatnonzero(lab)
+    order = sel[np.argsort(lab[sel], kind="stable")]
+    sorted_lab = lab[order]
+    bounds = np.searchsorted(sorted_lab, np.asarray(ids, dtype=sorted_lab.dtype), side="left")
+    ends = np.searchsorted(sorted_lab, np.asarray(ids, dtype=sorted_lab.dtype), side="right")
+    qs = []
+    if "median" in stats:
+        qs.append(("median", 0.5))
+    qs += [(_stat_name(q), float(q)) for q in quantiles]
+    out = {}
+    for ci, name in enumerate(names):
+        vals = np.asarray(planes[ci]).ravel()[order].astype(np.float64)
+        res = _segment_quantiles(vals, bounds, ends, np.array([q for _, q in qs], np.float64))
+        for j, (qname, _) in enumerate(qs):
+            out[f"{name}_{comp}_{qname}"] = res[:, j]
+    return out
+
+
+@numba.njit(cache=True)
+def _segment_quantiles(vals, starts, ends, qs):
+    out = np.full((starts.shape[0], qs.shape[0]), np.nan)
+    for i in range(starts.shape[0]):
+        a = starts[i]
+        b = ends[i]
+        if b <= a:
+            continue
+        seg = np.sort(vals[a:b])
+        n = b - a
+        for j in range(qs.shape[0]):
+            pos = qs[j] * (n - 1)  # numpy's default "linear" method
+            lo = int(np.floor(pos))
+            hi = min(lo + 1, n - 1)
+            out[i, j] = seg[lo] + (pos - lo) * (seg[hi] - seg[lo])
+    return out
+
+
+# --------------------------------------------------------------------------- public entry
+def quantify(image, segmentation, panel=None, *, channel_names=None, stats=DEFAULT_STATS, quantiles=(),
+             compartments=None, pixel_size_um=None) -> pd.DataFrame:
+    """Per-cell intensity statistics, morphology and quality columns.
+
+    Parameters
+    ----------
+    image : ndarray (C×Y×X), MultiplexImage or qdplex.unmix.UnmixResult
+        A plain array needs ``channel_names`` (and then ``segmentation`` may be a
+        plain cell label image: the result is steinbock-like, one column per
+        channel holding the cell mean). A ``MultiplexImage`` is processed block by
+        block along its dask chunks. An ``UnmixResult`` adds the quality columns
+        ``residual_mean`` (mean per-pixel RMS misfit over the cell),
+        ``af_fraction`` (autofluorescence planes ``AF``, ``AF2``… over all
+        abundance planes, summed over the cell) and ``saturated_fraction``.
+    segmentation : Segmentation or ndarray (Y×X cell labels)
+    panel : Panel, optional
+        Renames fluor planes to marker names (``Panel.fluor_to_marker``).
+    channel_names : sequence of str, optional
+        Names of the planes of a plain array (required then).
+    stats : sequence of str
+        Any of ``mean, std, var, sum, count, min, max, median`` (std is the
+        population standard deviation, as ``scipy.ndimage.standard_deviation``).
+    quantiles : sequence of float
+        Extra per-cell quantiles in [0, 1] (columns ``…_q25``, ``…_q97_5``).
+    compartments : sequence of str, optional
+        Default: all of ``nucleus, cytoplasm, membrane, cell`` for a
+        ``Segmentation``; ``cell`` for a plain label image.
+    pixel_size_um : float, optional
+        For the µm centroids (default: the image's pixel size).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by ``CellID`` (ascending; IDs need not be contiguous).
+        Columns ``<plane>_<compartment>_<stat>``, then :data:`MORPHOLOGY_COLUMNS`,
+        then the quality columns (for an ``UnmixResult``). For a plain array with a
+        plain label image: one column per channel (the cell mean), index ``CellID``.
+    """
+    stats = tuple(stats)
+    quantiles = tuple(float(q) for q in quantiles)
+    for q in quantiles:
+        if not 0.0 <= q <= 1.0:
+            raise InputError(f"expected quantiles in [0, 1], found {q}")
+    unknown = [s for s in stats if s not in _ADDITIVE_STATS | _ORDER_STATS]
+    if unknown:
+        raise InputError(f"expected statistics from {sorted(_ADDITIVE_STATS | _ORDER_STATS)}, found {unknown}")
+
+    residual = saturated = None
+    steinbock_like = False
+    if hasattr(image, "abundances") and hasattr(image, "residual"):
+        residual = image.residual
+        saturated = getattr(image, "saturated", None)
+        image = image.abundances
+    if isinstance(image, MultiplexImage):
+        data = image.data
+        names = image.channel_names
+        if pixel_size_um is None:
+            pixel_size_um = image.pixel_size_um
+        where = image.source or image.name
+    else:
+        data = np.asarray(image)
+        if data.ndim == 2:
+            data = data[None]
+        if channel_names is None:
+            raise InputError(
+                f"expected channel_names for a plain {data.ndim}-D array of shape {data.shape}, found none"
+            )
+        names = [str(c) for c in channel_names]
+        if data.ndim != 3 or data.shape[0] != len(names):
+            raise InputError(
+                f"expected a C×Y×X array with C={len(names)} channels {names}, found shape {data.shape}"
+            )
+        where = "image"
+    if panel is not None:
+        mapping = panel.fluor_to_marker()
+        names = [mapping.get(n, n) for n in names]
+
+    if isinstance(segmentation, Segmentation):
+        seg = segmentation
+        comps = tuple(compartments) if compartments is not None else COMPARTMENTS
+    else:
+        cells = np.asarray(segmentation)
+        seg = None
+        comps = tuple(compartments) if compartments is not None else ("cell",)
+        steinbock_like = compartments is None and stats == DEFAULT_STATS and not quantiles
+    cells = seg.cells if seg is not None else cells
+    if cells.shape != tuple(data.shape[1:]):
+        raise SegmentationError(
+            f"expected a label image of the image's Y×X shape {tuple(data.shape[1:])}, found {cells.shape}",
+            path=where if where != "image" else None,
+        )
+    nuclei = seg.nuclei if seg is not None and "nucleus" in comps or (seg is not None and "cytoplasm" in comps) else None
+    membrane = seg.membrane if seg is not None and "membrane" in comps else None
+    if seg is None and any(c != "cell" for c in comps):
+        raise SegmentationError(f"expected a Segmentation for compartments {comps}, found a plain label image")
+
+    extra_names = []
+    extra = []
+    if residual is not None:
+        extra_names.append("__residual")
+        extra.append(residual)
+    if saturated is not None:
+        extra_names.append("__saturated")
+        extra.append(saturated)
+
+    additive = tuple(s for s in stats if s in _ADDITIVE_STATS)
+    acc = Accumulator(list(names) + extra_names, cells.shape, minmax=("min" in stats or "max" in stats))
+    for (y0, y1, x0, x1), block in _blocks(data, extra):
+        accumulate_block(acc, block, cells, nuclei, membrane, origin=(y0, x0))
+
+    table = finalize(acc, stats=additive if not steinbock_like else ("mean",), compartments=comps,
+                     pixel_size_um=pixel_size_um)
+    drop = [c for c in table.columns if c.startswith("__")]
+    table = table.drop(columns=drop)
+
+    order_needed = ("median" in stats) or bool(quantiles)
+    if order_needed:
+        planes = [data[i] for i in range(len(names))]
+        ids = table.index.to_numpy()
+        extra_cols = {}
+        for comp in comps:
+            lab = cells if seg is None else seg.compartment(comp)
+            planes_np = [np.asarray(p) for p in planes]
+            extra_cols.update(_order_stats(planes_np, lab, ids, names, comp, stats, quantiles))
+        table = pd.concat([table, pd.DataFrame(extra_cols, index=table.index)], axis=1)
+        # put order statistics beside their peers
+        wanted = [f"{n}_{c}_{s}" for n in names for c in comps for s in stats if s != "median" or True]
+        wanted = [w for w in wanted if w in table.columns]
+        qcols = [f"{n}_{c}_{_stat_name(q)}" for n in names for c in comps for q in quantiles]
+        rest = [c for c in table.columns if c not in wanted and c not in qcols]
+        table = table[wanted + qcols + rest]
+
+    if residual is not None or saturated is not None:
+        table = _add_qc(table, acc, names, extra_names)
+
+    if steinbock_like:
+        table = table[[f"{n}_cell_mean" for n in names]]
+        table.columns = names
+    return table
+
+
+def _add_qc(table, acc, names, extra_names) -> pd.DataFrame:
+    rows = np.searchsorted(acc.labels, table.index.to_numpy().astype(np.uint64))
+    n = acc.count[_CELL, rows].astype(np.float64)
+    all_names = list(names) + extra_names
+    qc = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if "__residual" in extra_names:
+            k = all_names.index("__residual")
+            qc["residual_mean"] = acc.sum[_CELL, rows, k] / n
+        af = [i for i, nm in enumerate(names) if _is_af(nm)]
+        abund = [i for i, nm in enumerate(names) if nm != "residual"]
+        if af:
+            tot = acc.sum[_CELL][np.ix_(rows, abund)].sum(axis=1)
+            afs = acc.sum[_CELL][np.ix_(rows, af)].sum(axis=1)
+            qc["af_fraction"] = np.where(tot > 0, afs / tot, np.nan)
+        else:
+            qc["af_fraction"] = np.full(len(rows), np.nan)
+        if "__saturated" in extra_names:
+            k = all_names.index("__saturated")
+            qc["saturated_fraction"] = acc.sum[_CELL, rows, k] / n
+    return pd.concat([table, pd.DataFrame(qc, index=table.index)], axis=1)
+
+
+def _is_af(name: str) -> bool:
+    return name == "AF" or (name.startswith("AF") and name[2:].isdigit())
+
+
+def _blocks(data, extra):
+    """Yield ((y0, y1, x0, x1), C×h×w numpy block) along the image's spatial chunks."""
+    import dask.array as da
+
+    if isinstance(data, da.Array):
+        ychunks, xchunks = data.chunks[1], data.chunks[2]
+    else:
+        Y, X = data.shape[1:]
+        ychunks, xchunks = (Y,), (X,)
+    ys = np.concatenate([[0], np.cumsum(ychunks)]).astype(int)
+    xs = np.concatenate([[0], np.cumsum(xchunks)]).astype(int)
+    for i in range(len(ychunks)):
+        for j in range(len(xchunks)):
+            y0, y1, x0, x1 = ys[i], ys[i + 1], xs[j], xs[j + 1]
+            block = data[:, y0:y1, x0:x1]
+            if isinstance(block, da.Array):
+                block = block.compute()
+            if extra:
+                ex = [np.asarray(e[y0:y1, x0:x1]) for e in extra]
+                ex = [e.compute() if hasattr(e, "compute") else e for e in ex]
+                block = np.concatenate([np.asarray(block, dtype=np.float32) if block.dtype != np.float64 else block,
+                                        np.stack(ex).astype(block.dtype if block.dtype.kind == "f" else np.float32)])
+            yield (y0, y1, x0, x1), block

@@ -1,0 +1,222 @@
+"""Per-cell quantification: equality with peers (skimage, steinbock, numpy) and exact tiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage as ndi
+from skimage.measure import regionprops_table
+
+from qdplex.errors import InputError, SegmentationError
+from qdplex.model import COMPARTMENTS, Channel, MultiplexImage, Segmentation
+from qdplex.quantify import Accumulator, accumulate_block, finalize, morphology, quantify
+
+PANCREAS = ("E34", "G01", "J02")
+MCQUANT = {
+    "centroid-1": "X_centroid",
+    "centroid-0": "Y_centroid",
+    "area": "Area",
+    "major_axis_length": "MajorAxisLength",
+    "minor_axis_length": "MinorAxisLength",
+    "eccentricity": "Eccentricity",
+    "solidity": "Solidity",
+    "extent": "Extent",
+    "orientation": "Orientation",
+    "perimeter": "Perimeter",
+}
+
+
+def _pancreas(shared_data, crop):
+    import tifffile
+
+    d = shared_data / "multiplex" / "cytomapper_imc_pancreas"
+    names = pd.read_csv(d / "markers.csv")["marker_name"].tolist()
+    return tifffile.imread(d / f"{crop}_imc.tiff"), tifffile.imread(d / f"{crop}_mask.tiff"), names
+
+
+def _ring(cells, width=2):
+    """Inner boundary ring of each cell (pixels within ``width`` of another label or background)."""
+    cells = np.asarray(cells)
+    eroded = np.zeros_like(cells)
+    for lab in np.unique(cells[cells > 0]):
+        m = ndi.binary_erosion(cells == lab, iterations=width, border_value=0)
+        eroded[m] = lab
+    ring = cells.copy()
+    ring[eroded > 0] = 0
+    return ring
+
+
+def _synthetic_seg(shape=(96, 128), n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    from skimage.segmentation import expand_labels
+
+    nuclei = np.zeros(shape, np.uint32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    ids = rng.choice(np.arange(1, 10_000), size=n, replace=False)  # non-contiguous IDs
+    for lab in ids:
+        cy, cx = rng.uniform(4, shape[0] - 4), rng.uniform(4, shape[1] - 4)
+        a, b, t = rng.uniform(2, 5), rng.uniform(1.5, 4), rng.uniform(0, np.pi)
+        u = (yy - cy) * np.cos(t) + (xx - cx) * np.sin(t)
+        v = -(yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)
+        nuclei[((u / a) ** 2 + (v / b) ** 2 <= 1) & (nuclei == 0)] = lab
+    cells = expand_labels(nuclei, 4).astype(np.uint32)
+    # some nuclei without a surviving pixel would break ID equality; keep only present ones
+    seg = Segmentation(nuclei, cells, membrane_width_px=2)
+    seg.__dict__["membrane"] = _ring(cells, 2)
+    return seg
+
+
+# --------------------------------------------------------------------------- peers
+@pytest.mark.parametrize("crop", PANCREAS)
+def test_means_equal_steinbock_and_regionprops(shared_data, crop):
+    from steinbock.measurement.intensities import IntensityAggregation, measure_intensites
+
+    img, mask, names = _pancreas(shared_data, crop)
+    ours = quantify(img, mask, channel_names=names)
+    ref = measure_intensites(img, mask, names, IntensityAggregation.MEAN)
+    assert list(ours.columns) == names
+    np.testing.assert_array_equal(ours.index.to_numpy(), ref.index.to_numpy())
+    assert np.abs(ours.to_numpy() - ref.to_numpy()).max() < 1e-5
+    rp = regionprops_table(mask.astype(np.int32), np.moveaxis(img, 0, -1), properties=("label", "intensity_mean"))
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(ours[name].to_numpy(), rp[f"intensity_mean-{i}"], atol=1e-5, rtol=0)
+    # std / sum against steinbock's other aggregations
+    full = quantify(img, Segmentation(mask, mask), channel_names=names, compartments=("cell",))
+    for agg, st in ((IntensityAggregation.STD, "std"), (IntensityAggregation.SUM, "sum")):
+        r = measure_intensites(img, mask, names, agg)
+        for n in names:
+            np.testing.assert_allclose(full[f"{n}_cell_{st}"].to_numpy(), r[n].to_numpy(), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("crop", PANCREAS)
+def test_morphology_equals_regionprops(shared_data, crop):
+    _, mask, _ = _pancreas(shared_data, crop)
+    ours = morphology(mask, pixel_size_um=0.5)
+    rp = pd.DataFrame(regionprops_table(mask.astype(np.int32), properties=("label",) + tuple(
+        p for p in ("centroid", "area", "major_axis_length", "minor_axis_length", "eccentricity",
+                    "solidity", "extent", "orientation", "perimeter"))))
+    np.testing.assert_array_equal(ours.index.to_numpy(), rp["label"].to_numpy())
+    for k, v in MCQUANT.items():
+        np.testing.assert_allclose(ours[v].to_numpy(), rp[k].to_numpy(), atol=1e-9, rtol=1e-9, err_msg=v)
+    np.testing.assert_allclose(ours["X_centroid_um"], ours["X_centroid"] * 0.5)
+
+
+def test_morphology_equals_regionprops_random_shapes():
+    seg = _synthetic_seg((120, 150), n=60, seed=3)
+    ours = morphology(seg.cells)
+    rp = pd.DataFrame(regionprops_table(seg.cells.astype(np.int64), properties=(
+        "label", "centroid", "area", "major_axis_length", "minor_axis_length", "eccentricity",
+        "solidity", "extent", "orientation", "perimeter")))
+    np.testing.assert_array_equal(ours.index.to_numpy(), rp["label"].to_numpy())
+    for k, v in MCQUANT.items():
+        np.testing.assert_allclose(ours[v].to_numpy(), rp[k].to_numpy(), atol=1e-9, rtol=1e-9, err_msg=v)
+
+
+# --------------------------------------------------------------------------- compartments
+def _brute(img, labels, ids):
+    out = {}
+    for i, lab in enumerate(ids):
+        m = labels == lab
+        vals = img[:, m].astype(np.float64)
+        out[lab] = (m.sum(), vals.mean(axis=1) if m.any() else np.full(img.shape[0], np.nan),
+                    vals.std(axis=1) if m.any() else np.full(img.shape[0], np.nan), vals.sum(axis=1))
+    return out
+
+
+def test_compartment_stats_equal_numpy():
+    seg = _synthetic_seg()
+    rng = np.random.default_rng(1)
+    img = rng.gamma(2.0, 50.0, size=(3,) + seg.cells.shape).astype(np.float32)
+    names = ["A", "B", "C"]
+    df = quantify(MultiplexImage(img, [Channel(n) for n in names], pixel_size_um=0.65), seg,
+                  stats=("mean", "std", "sum", "min", "max", "median"), quantiles=(0.1, 0.975))
+    ids = df.index.to_numpy()
+    assert np.all(np.diff(ids) > 0) and set(ids) == set(np.unique(seg.cells[seg.cells > 0]))
+    for comp in COMPARTMENTS:
+        lab = seg.compartment(comp)
+        for lab_id in ids[::7]:
+            m = lab == lab_id
+            for ci, n in enumerate(names):
+                vals = img[ci][m].astype(np.float64)
+                if vals.size == 0:
+                    assert np.isnan(df.at[lab_id, f"{n}_{comp}_mean"])
+                    assert df.at[lab_id, f"{n}_{comp}_sum"] == 0
+                    continue
+                assert df.at[lab_id, f"{n}_{comp}_mean"] == pytest.approx(vals.mean(), rel=1e-12)
+                assert df.at[lab_id, f"{n}_{comp}_std"] == pytest.approx(vals.std(), rel=1e-7)
+                assert df.at[lab_id, f"{n}_{comp}_sum"] == pytest.approx(vals.sum(), rel=1e-12)
+                assert df.at[lab_id, f"{n}_{comp}_min"] == vals.min()
+                assert df.at[lab_id, f"{n}_{comp}_max"] == vals.max()
+                assert df.at[lab_id, f"{n}_{comp}_median"] == pytest.approx(np.median(vals))
+                assert df.at[lab_id, f"{n}_{comp}_q10"] == pytest.approx(np.quantile(vals, 0.1))
+                assert df.at[lab_id, f"{n}_{comp}_q97_5"] == pytest.approx(np.quantile(vals, 0.975))
+    area_n = np.array([(seg.nuclei == i).sum() for i in ids])
+    np.testing.assert_array_equal(df["NucleusArea"].to_numpy(), area_n)
+    np.testing.assert_allclose(df["NucleusCellAreaRatio"], area_n / df["Area"])
+    np.testing.assert_allclose(df["Y_centroid_um"], df["Y_centroid"] * 0.65)
+
+
+# --------------------------------------------------------------------------- tiling
+def test_blocks_combine_exactly():
+    seg = _synthetic_seg((100, 130), n=50, seed=5)
+    rng = np.random.default_rng(2)
+    img = rng.normal(100, 20, size=(2,) + seg.cells.shape)
+    names = ["A", "B"]
+    whole = quantify(img, seg, channel_names=names, stats=("mean", "std", "sum", "min", "max"))
+    # the same image as a dask array with odd chunks (quantify walks the chunks)
+    mi = MultiplexImage(img, [Channel(n) for n in names])
+    mi.data = mi.data.rechunk((2, 23, 37))
+    tiled = quantify(mi, seg, stats=("mean", "std", "sum", "min", "max"))
+    pd.testing.assert_index_equal(whole.index, tiled.index)
+    np.testing.assert_allclose(tiled.to_numpy(), whole.to_numpy(), rtol=1e-9, atol=1e-9)
+    # and by hand with accumulate_block / finalize, blocks in a scrambled order
+    acc = Accumulator(names, seg.cells.shape, minmax=True)
+    blocks = [(y, x) for y in range(0, 100, 30) for x in range(0, 130, 45)]
+    for y, x in blocks[::-1]:
+        accumulate_block(acc, img[:, y:y + 30, x:x + 45], seg.cells, seg.nuclei, seg.membrane, origin=(y, x))
+    manual = finalize(acc, stats=("mean", "std", "sum", "min", "max"))
+    np.testing.assert_allclose(manual.to_numpy(), whole.to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- unmix results
+class _Unmixed:
+    def __init__(self, abundances, residual, saturated):
+        self.abundances, self.residual, self.saturated = abundances, residual, saturated
+
+
+def test_unmix_result_qc_columns_and_panel_names():
+    from qdplex.panel import Marker, Panel
+
+    seg = _synthetic_seg(seed=7)
+    rng = np.random.default_rng(3)
+    shape = seg.cells.shape
+    planes = {"DAPI": 5.0, "QD655": 2.0, "QD605": 1.0, "AF": 0.5}
+    data = np.stack([rng.exponential(v, size=shape) for v in planes.values()]).astype(np.float32)
+    resid = rng.exponential(0.1, size=shape).astype(np.float32)
+    sat = rng.random(shape) < 0.05
+    ab = MultiplexImage(data, [Channel(n, fluor=n) for n in planes], pixel_size_um=0.5)
+    panel = Panel("p", [Marker("HER2", "QD655", "membrane"), Marker("ER", "QD605", "nucleus")])
+    df = quantify(_Unmixed(ab, resid, sat), seg, panel)
+    assert "HER2_membrane_mean" in df.columns and "ER_nucleus_mean" in df.columns
+    assert not any(c.startswith("QD") for c in df.columns)
+    for lab in df.index[::9]:
+        m = seg.cells == lab
+        assert df.at[lab, "residual_mean"] == pytest.approx(resid[m].mean(), rel=1e-6)
+        assert df.at[lab, "saturated_fraction"] == pytest.approx(sat[m].mean())
+        tot = data[:, m].astype(np.float64).sum()
+        assert df.at[lab, "af_fraction"] == pytest.approx(data[3][m].sum() / tot, rel=1e-6)
+
+
+def test_errors_name_what_was_expected():
+    img = np.zeros((2, 10, 10), np.float32)
+    with pytest.raises(InputError, match="channel_names"):
+        quantify(img, np.zeros((10, 10), np.uint32))
+    with pytest.raises(InputError, match="C=3"):
+        quantify(img, np.zeros((10, 10), np.uint32), channel_names=["a", "b", "c"])
+    with pytest.raises(SegmentationError, match=r"\(10, 10\)"):
+        quantify(img, np.zeros((9, 10), np.uint32), channel_names=["a", "b"])
+    with pytest.raises(InputError, match="statistics"):
+        quantify(img, np.zeros((10, 10), np.uint32), channel_names=["a", "b"], stats=("mode",))
+    with pytest.raises(SegmentationError, match="integer"):
+        quantify(img, np.zeros((10, 10), np.float32), channel_names=["a", "b"])
