@@ -1,0 +1,175 @@
+"""npe2 reader: QD slides (OME-TIFF / TIFF) and qdplex output folders (``OUT/<slide>/``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ._layers import abundance_layers, label_layers, slide_layer
+
+__all__ = ["napari_get_reader", "read_slide", "read_output_folder", "is_output_folder"]
+
+_TIFF = (".tif", ".tiff")
+#: files that make a folder a qdplex slide output folder
+_UNMIXED = "unmixed.ome.tif"
+_CELLS = "cells.ome.tif"
+
+
+def is_output_folder(path) -> bool:
+    """True when ``path`` is a qdplex slide output folder (holds unmixed.ome.tif or cells.ome.tif)."""
+    p = Path(path)
+    return p.is_dir() and ((p / _UNMIXED).is_file() or (p / _CELLS).is_file())
+
+
+def napari_get_reader(path):
+    """Return a reader for ``path`` when qdplex can read it, else None (npe2 ``get_reader``)."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if p.is_dir():
+        return read_output_folder if is_output_folder(p) else None
+    if p.suffix.lower() in _TIFF and p.is_file():
+        return read_slide
+    return None
+
+
+def _one(path):
+    return path[0] if isinstance(path, (list, tuple)) else path
+
+
+def read_slide(path) -> list[tuple]:
+    """Read one image file with :func:`qdplex.io.read_image`.
+
+    A single-plane integer image is a label image (a labels layer); an image with
+    fluor-named planes (an unmixed ``unmixed.ome.tif``) gives one coloured layer per
+    plane; anything else is a raw slide: one grey layer with a channel slider.
+    """
+    from qdplex.io import read_image
+
+    path = Path(_one(path))
+    img = read_image(path)
+    if img.shape[0] == 1 and np.issubdtype(img.data.dtype, np.integer) and img.data.dtype.itemsize >= 2 and _looks_like_labels(img):
+        return [(np.asarray(img.data[0]), {"name": img.name, "metadata": {"qdplex": {"kind": "labels", "slide": img.name}}}, "labels")]
+    unmixed = "residual" in img.channel_names or (
+        any(c.fluor for c in img.channels) and all(c.bandwidth_nm in (None, 0) for c in img.channels)
+    )
+    if unmixed:
+        return abundance_layers(img, library=_builtin_library(), slide=img.name)
+    return [slide_layer(img)]
+
+
+def _looks_like_labels(img) -> bool:
+    name = (img.name or "").lower()
+    return name in ("nuclei", "cells") or img.data.dtype in (np.uint32, np.int32, np.uint64, np.int64)
+
+
+def _builtin_library():
+    try:
+        from qdplex.spectra import SpectralLibrary
+
+        return SpectralLibrary.builtin()
+    except Exception:  # the library only refines colours: the reader works without it
+        return None
+
+
+def _fit_library(panel, image):
+    """The library the slide was unmixed with (rebuilt from its panel), else the built-ins."""
+    if panel is not None:
+        try:
+            from qdplex.spectra import library_for_panel
+
+            return library_for_panel(panel, None if image is None else image.channels)
+        except Exception:  # e.g. a moved control image: fall back to the built-ins
+            pass
+    return _builtin_library()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _panel_from_run(run: dict):
+    """The panel recorded in run.json (by its file when it still exists, else from the dict)."""
+    from qdplex.panel import panel_from_dict, read_panel
+
+    raw = run.get("panel")
+    if not isinstance(raw, dict):
+        return None
+    p = raw.get("path")
+    try:
+        if p and Path(p).is_file():
+            return read_panel(p)
+        raw = {k: v for k, v in raw.items() if k not in ("path", "spectra_files", "autofluorescence_control", "autofluorescence_components")}
+        raw = {k: v for k, v in raw.items() if v not in (None, {}, [])}
+        return panel_from_dict(raw)
+    except Exception:  # an unreadable panel only disables scoring widgets
+        return None
+
+
+def _input_image(run: dict):
+    """The raw slide recorded in run.json, read lazily, or None when it is gone."""
+    from qdplex.io import read_image
+
+    for key in ("input", "source", "slide_path"):
+        v = run.get(key)
+        if isinstance(v, dict):
+            v = v.get("path")
+        if isinstance(v, str) and Path(v).is_file():
+            try:
+                return read_image(v)
+            except Exception:  # provenance points at a file we cannot read any more
+                return None
+    return None
+
+
+def read_output_folder(path) -> list[tuple]:
+    """Read a qdplex slide output folder ``OUT/<slide>/`` (see docs/architecture.md).
+
+    Gives the unmixed planes (coloured by emission, named by marker), nuclei and
+    cells labels, and cells.csv as the cells layer's features; the panel,
+    thresholds and summary come from run.json and summary.json.
+    """
+    import pandas as pd
+    import tifffile
+
+    from qdplex.io import read_image
+
+    folder = Path(_one(path))
+    slide = folder.name
+    run = _read_json(folder / "run.json")
+    summary = _read_json(folder / "summary.json")
+    layers: list[tuple] = []
+    image = _input_image(run)
+    if image is not None:
+        layers.append(slide_layer(image))
+    panel = _panel_from_run(run)
+    library = _fit_library(panel, image)
+    pixel_size = image.pixel_size_um if image is not None else None
+    if (folder / _UNMIXED).is_file():
+        ab = read_image(folder / _UNMIXED)
+        ab.name = slide
+        pixel_size = pixel_size or ab.pixel_size_um
+        layers += abundance_layers(ab, library=library, slide=slide)
+    if (folder / _CELLS).is_file():
+        cells = tifffile.imread(folder / _CELLS)
+        nuc_path = folder / "nuclei.ome.tif"
+        nuclei = tifffile.imread(nuc_path) if nuc_path.is_file() else np.zeros_like(cells)
+        table = pd.read_csv(folder / "cells.csv") if (folder / "cells.csv").is_file() else None
+        thresholds = summary.get("thresholds") or run.get("thresholds") or {}
+        state = {
+            "panel": panel,
+            "thresholds": {k: float(v) for k, v in thresholds.items() if v is not None},
+            "summary": summary,
+            "library": library,
+            "image": image,
+            "folder": str(folder),
+        }
+        layers += label_layers(nuclei, cells, table=table, state=state, pixel_size_um=pixel_size, slide=slide)
+    return layers
