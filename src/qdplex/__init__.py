@@ -31,6 +31,8 @@ _EXPORTS = {
     "write_ome_tiff": "io",
     "write_labels": "io",
     "SpectralLibrary": "spectra",
+    "library_for_panel": "spectra",
+    "check_panel": "crosstalk",
     "unmix": "unmix",
     "UnmixResult": "unmix",
     "segment": "segment",

@@ -1,0 +1,611 @@
+"""Reference emission spectra and the mixing matrix they give for a channel list.
+
+A :class:`SpectralLibrary` holds named emission spectra (wavelength → relative
+intensity, peak-normalised to 1), each with a note of where it came from. For any
+list of :class:`~qdplex.model.Channel` it gives the C×K mixing matrix by
+integrating each spectrum over each channel's emission band (λ-stack bands of a
+few nm or filter channels of tens of nm alike); unmixing inverts that matrix.
+
+Units: column ``k`` of :meth:`SpectralLibrary.matrix` is ``∫_band s_k(λ) dλ`` of
+the peak-normalised spectrum, so an abundance is "signal per nm at the emission
+peak". It does not change when the same sample is imaged with different band
+widths.
+
+Spectra come from
+
+* :meth:`SpectralLibrary.builtin` — Qdot 525…800, DAPI and Hoechst (DNA-bound) and
+  a generic broad tissue autofluorescence ``"AF"``, modelled as two-sided Gaussians
+  from published peak and width figures;
+* :meth:`SpectralLibrary.from_csv` — ``wavelength_nm`` then one column per fluor;
+* control images — :func:`estimate_spectrum` (single-stain control) and
+  :func:`estimate_autofluorescence` (unstained control, one or more components);
+* :meth:`SpectralLibrary.load` — a library saved with :meth:`SpectralLibrary.save`.
+
+:func:`library_for_panel` assembles the library a panel needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, SpectraError
+from .model import Channel, MultiplexImage
+from .panel import AUTOFLUORESCENCE, canonical_fluor
+
+__all__ = [
+    "Spectrum",
+    "SpectralLibrary",
+    "BUILTIN_NAMES",
+    "estimate_spectrum",
+    "estimate_autofluorescence",
+    "library_for_panel",
+    "lambda_grid",
+]
+
+#: File format tag and version written by :meth:`SpectralLibrary.save`.
+LIBRARY_FORMAT = "qdplex-spectral-library"
+LIBRARY_VERSION = 1
+
+#: A spectrum may stop short of a channel band only where it has tailed off to at
+#: most this fraction of its peak; beyond its ends it is then taken as zero.
+EDGE_TOLERANCE = 0.1
+
+# name: (peak nm, FWHM nm, red/blue asymmetry = right HWHM / left HWHM, provenance)
+_QD_NOTE = (
+    "Thermo Fisher / Invitrogen Qdot nanocrystal product data (Molecular Probes Handbook, "
+    "section 6.6): nominal emission peak and FWHM; mild red-tail asymmetry of CdSe/ZnS emission"
+)
+_BUILTIN_MODELS: dict[str, tuple[float, float, float, str]] = {
+    "QD525": (525.0, 28.0, 1.1, _QD_NOTE),
+    "QD565": (565.0, 30.0, 1.1, _QD_NOTE),
+    "QD585": (585.0, 28.0, 1.3, _QD_NOTE),
+    "QD605": (605.0, 26.0, 1.15, _QD_NOTE),
+    "QD625": (625.0, 28.0, 1.2, _QD_NOTE),
+    "QD655": (655.0, 28.0, 1.3, _QD_NOTE),
+    "QD705": (705.0, 62.0, 1.3, _QD_NOTE + "; broad CdSeTe core"),
+    "QD800": (792.0, 75.0, 0.75, _QD_NOTE + "; broad CdSeTe core with a blue shoulder"),
+    "DAPI": (461.0, 95.0, 1.3, "DAPI bound to dsDNA: emission maximum 461 nm, FWHM ~95 nm, red tail "
+             "(Kapuscinski 1995, Biotech. Histochem. 70:220)"),
+    "Hoechst": (457.0, 90.0, 1.4, "Hoechst 33342/33258 bound to dsDNA: emission maximum 455-461 nm, "
+                "FWHM ~90 nm, red tail (Thermo Fisher product data)"),
+    AUTOFLUORESCENCE: (510.0, 160.0, 1.6, "generic broad tissue autofluorescence (flavin/collagen-like, "
+                       "peak ~510 nm, FWHM ~160 nm, long red tail; Croce & Bottiroli 2014, "
+                       "Eur. J. Histochem. 58:2461); estimate it from an unstained control for real work"),
+}
+#: Names of the built-in spectra, in library order.
+BUILTIN_NAMES = tuple(_BUILTIN_MODELS)
+_BUILTIN_GRID = np.arange(300.0, 1000.0 + 0.25, 0.5)
+
+
+def _two_sided_gaussian(wl: np.ndarray, peak: float, fwhm: float, asym: float) -> np.ndarray:
+    left = fwhm / (1.0 + asym)
+    right = fwhm - left
+    sigma = np.where(wl < peak, left, right) / math.sqrt(2.0 * math.log(2.0))
+    out = np.exp(-0.5 * ((wl - peak) / sigma) ** 2)
+    out[out < 1e-6] = 0.0  # no emission far from the band (not 1e-30 "signal")
+    return out
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One emission spectrum, peak-normalised, sampled at increasing wavelengths.
+
+    Consecutive equal wavelengths are allowed (a step, as in spectra measured on
+    a λ-stack's bands); the spectrum is piecewise linear between samples and
+    undefined outside ``[wavelength_nm[0], wavelength_nm[-1]]``.
+    """
+
+    name: str
+    wavelength_nm: np.ndarray
+    intensity: np.ndarray
+    source: str = ""
+
+    @property
+    def peak_nm(self) -> float:
+        return float(self.wavelength_nm[int(np.argmax(self.intensity))])
+
+    @property
+    def range_nm(self) -> tuple[float, float]:
+        return float(self.wavelength_nm[0]), float(self.wavelength_nm[-1])
+
+    def cumulative(self, x: np.ndarray) -> np.ndarray:
+        """``∫ s(λ) dλ`` from the first sample to each ``x`` (clipped to the defined range)."""
+        w, v = self.wavelength_nm, self.intensity
+        cum = np.concatenate([[0.0], np.cumsum(np.diff(w) * (v[1:] + v[:-1]) / 2.0)])
+        x = np.clip(np.asarray(x, dtype=float), w[0], w[-1])
+        i = np.clip(np.searchsorted(w, x, side="right") - 1, 0, len(w) - 2)
+        dw = w[i + 1] - w[i]
+        frac = np.divide(x - w[i], dw, out=np.zeros_like(x), where=dw > 0)
+        vx = v[i] + frac * (v[i + 1] - v[i])
+        return cum[i] + (x - w[i]) * (v[i] + vx) / 2.0
+
+    def sample(self, x) -> np.ndarray:
+        """Intensity at wavelengths ``x`` (zero outside the defined range)."""
+        return np.interp(np.asarray(x, dtype=float), self.wavelength_nm, self.intensity, left=0.0, right=0.0)
+
+
+def _make_spectrum(name, wavelengths, values, source, *, where=None) -> Spectrum:
+    w = np.asarray(wavelengths, dtype=float).ravel()
+    v = np.asarray(values, dtype=float).ravel()
+    where = where or f"spectrum {name!r}"
+    if w.shape != v.shape:
+        raise SpectraError(f"{where}: expected as many intensities as wavelengths, found {v.size} and {w.size}")
+    keep = np.isfinite(w) & np.isfinite(v)
+    w, v = w[keep], v[keep]
+    if w.size < 2:
+        raise SpectraError(f"{where}: expected at least 2 finite (wavelength, intensity) samples, found {w.size}")
+    order = np.argsort(w, kind="stable")
+    w, v = w[order], v[order]
+    if np.any(v < 0):
+        v = np.clip(v, 0.0, None)
+    peak = v.max()
+    if not peak > 0:
+        raise SpectraError(f"{where}: expected a spectrum with positive intensities, found all zero")
+    return Spectrum(str(name), w, v / peak, str(source))
+
+
+def _channel_band(ch: Channel) -> tuple[float, float]:
+    if ch.emission_nm is None or not np.isfinite(ch.emission_nm):
+        raise SpectraError(
+            f"channel {ch.name!r}: expected an emission wavelength (emission_nm, bandwidth_nm) to "
+            f"sample spectra on, found none; give it in the OME metadata or a channel sidecar CSV"
+        )
+    return ch.band  # type: ignore[return-value]
+
+
+def lambda_grid(start_nm: float = 420.0, stop_nm: float = 720.0, step_nm: float = 10.0) -> list[Channel]:
+    """Channels of a λ-stack: bands of ``step_nm`` centred on ``start_nm … stop_nm``."""
+    n = int(round((stop_nm - start_nm) / step_nm)) + 1
+    return [Channel(f"{c:g}nm", emission_nm=float(c), bandwidth_nm=float(step_nm))
+            for c in start_nm + step_nm * np.arange(n)]
+
+
+class SpectralLibrary:
+    """Named emission spectra with provenance; gives mixing matrices for channel lists.
+
+    Parameters
+    ----------
+    spectra : iterable of Spectrum, optional
+        Initial spectra (names must be unique).
+
+    Examples
+    --------
+    >>> lib = SpectralLibrary.builtin(["DAPI", "QD605", "QD655", "AF"])
+    >>> lib.names
+    ['DAPI', 'QD605', 'QD655', 'AF']
+    >>> M = lib.matrix(lambda_grid(420, 720, 10))   # 31 × 4
+    """
+
+    def __init__(self, spectra: Iterable[Spectrum] = ()):
+        self._spectra: dict[str, Spectrum] = {}
+        for s in spectra:
+            if s.name in self._spectra:
+                raise SpectraError(f"expected unique spectrum names, found {s.name!r} twice")
+            self._spectra[s.name] = s
+
+    # --- construction ------------------------------------------------------
+    @classmethod
+    def builtin(cls, names: Sequence[str] | None = None) -> "SpectralLibrary":
+        """The built-in spectra (all of :data:`BUILTIN_NAMES`, or ``names`` in that order).
+
+        Each is a two-sided Gaussian with the published emission peak and full width
+        at half maximum of the dye (see each spectrum's ``source``); Qdot names may
+        be given in any usual spelling (``"Qdot 655"``).
+        """
+        wanted = list(BUILTIN_NAMES) if names is None else [_builtin_key(n) for n in names]
+        out = cls()
+        for n in wanted:
+            peak, fwhm, asym, note = _BUILTIN_MODELS[n]
+            src = f"builtin: two-sided Gaussian, peak {peak:g} nm, FWHM {fwhm:g} nm, asymmetry {asym:g}; {note}"
+            out.add(n, _BUILTIN_GRID, _two_sided_gaussian(_BUILTIN_GRID, peak, fwhm, asym), source=src)
+        return out
+
+    @classmethod
+    def from_csv(cls, path) -> "SpectralLibrary":
+        """Read spectra from a CSV: ``wavelength_nm``, then one column per fluor.
+
+        Column names are canonicalised (``"Qdot 655"`` → ``"QD655"``). Empty cells are
+        allowed (spectra measured over different ranges); each spectrum is peak-normalised.
+        """
+        path = Path(path)
+        try:
+            df = pd.read_csv(path)
+        except FileNotFoundError:
+            raise SpectraError("expected a spectra CSV file, found no such file", path=path) from None
+        except (OSError, ValueError, pd.errors.ParserError) as e:
+            raise SpectraError(f"expected a readable CSV, found {type(e).__name__}: {e}", path=path) from None
+        cols = [str(c).strip() for c in df.columns]
+        df.columns = cols
+        if not cols or cols[0].lower() not in ("wavelength_nm", "wavelength", "nm", "lambda_nm"):
+            raise SpectraError(
+                f"expected a first column 'wavelength_nm', found {cols[:1] or 'no columns'}", path=path)
+        if len(cols) < 2:
+            raise SpectraError("expected one column per fluor after 'wavelength_nm', found none", path=path)
+        try:
+            wl = pd.to_numeric(df[cols[0]], errors="raise").to_numpy(float)
+        except (ValueError, TypeError):
+            raise SpectraError(f"column {cols[0]!r}: expected numbers, found non-numeric values", path=path) from None
+        out = cls()
+        for c in cols[1:]:
+            vals = pd.to_numeric(df[c], errors="coerce").to_numpy(float)
+            bad = df[c].notna().to_numpy() & ~np.isfinite(vals)
+            if bad.any():
+                raise SpectraError(
+                    f"column {c!r}: expected numbers, found {df[c][bad].iloc[0]!r} "
+                    f"at row {int(np.argmax(bad)) + 2}", path=path)
+            out.add(c, wl, vals, source=f"csv: {path.resolve()} column {c!r}",
+                    where=f"{path}: column {c!r}")
+        return out
+
+    @classmethod
+    def load(cls, path) -> "SpectralLibrary":
+        """Load a library written by :meth:`save` (checks the format tag and version)."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SpectraError("expected a saved spectral library, found no such file", path=path) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SpectraError(f"expected a JSON spectral library, found {type(e).__name__}: {e}", path=path) from None
+        if not isinstance(raw, dict) or raw.get("format") != LIBRARY_FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise SpectraError(f"expected format {LIBRARY_FORMAT!r}, found {found!r}", path=path)
+        if raw.get("version") != LIBRARY_VERSION:
+            raise SpectraError(f"expected library version {LIBRARY_VERSION}, found {raw.get('version')!r}", path=path)
+        out = cls()
+        for i, s in enumerate(raw.get("spectra", [])):
+            try:
+                out.add(s["name"], s["wavelength_nm"], s["intensity"], source=s.get("source", ""),
+                        where=f"{path}: spectra[{i}]")
+            except (KeyError, TypeError):
+                raise SpectraError(f"spectra[{i}]: expected name, wavelength_nm, intensity, found {s!r:.80}",
+                                   path=path) from None
+        return out
+
+    def save(self, path) -> Path:
+        """Write the library as versioned JSON recording each spectrum's source (atomically)."""
+        from .io.atomic import atomic_path
+
+        from . import __version__
+
+        path = Path(path)
+        doc = {
+            "format": LIBRARY_FORMAT,
+            "version": LIBRARY_VERSION,
+            "qdplex_version": __version__,
+            "spectra": [
+                {"name": s.name, "source": s.source, "peak_nm": s.peak_nm,
+                 "wavelength_nm": s.wavelength_nm.tolist(), "intensity": s.intensity.tolist()}
+                for s in self._spectra.values()
+            ],
+        }
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        return path
+
+    # --- editing -----------------------------------------------------------
+    def add(self, name: str, wavelengths, values, *, source: str = "", where: str | None = None) -> "SpectralLibrary":
+        """Add (or replace) the spectrum ``name``; returns ``self``."""
+        name = canonical_fluor(name)
+        self._spectra[name] = _make_spectrum(name, wavelengths, values, source, where=where)
+        return self
+
+    def merge(self, other: "SpectralLibrary") -> "SpectralLibrary":
+        """A new library: this one's spectra, with ``other``'s added or overriding (same order)."""
+        out = SpectralLibrary(self._spectra.values())
+        for s in other._spectra.values():
+            out._spectra[s.name] = s
+        return out
+
+    def subset(self, names: Sequence[str]) -> "SpectralLibrary":
+        """A new library holding ``names`` in the order given; SpectraError lists missing ones."""
+        keys = [self._key(n) for n in names]
+        missing = [n for n, k in zip(names, keys) if k is None]
+        if missing:
+            raise SpectraError(f"expected spectra for {missing} in the library, found only {self.names}")
+        return SpectralLibrary(self._spectra[k] for k in keys)
+
+    # --- access ------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._spectra)
+
+    def __len__(self) -> int:
+        return len(self._spectra)
+
+    def __iter__(self):
+        return iter(self._spectra.values())
+
+    def __contains__(self, name) -> bool:
+        return self._key(name) is not None
+
+    def __getitem__(self, name) -> Spectrum:
+        k = self._key(name)
+        if k is None:
+            raise SpectraError(f"expected a spectrum named {name!r}, found only {self.names}")
+        return self._spectra[k]
+
+    def __repr__(self) -> str:
+        return f"SpectralLibrary({self.names})"
+
+    def _key(self, name) -> str | None:
+        n = canonical_fluor(str(name))
+        if n in self._spectra:
+            return n
+        low = n.lower()
+        for k in self._spectra:
+            if k.lower() == low:
+                return k
+        return None
+
+    def peak_nm(self, name: str) -> float:
+        """Wavelength of the spectrum's maximum."""
+        return self[name].peak_nm
+
+    def sources(self) -> dict[str, str]:
+        """Provenance of each spectrum."""
+        return {n: s.source for n, s in self._spectra.items()}
+
+    # --- sampling ----------------------------------------------------------
+    def matrix(self, channels) -> np.ndarray:
+        """Mixing matrix C×K: spectrum ``k`` integrated over the band of channel ``c``.
+
+        Parameters
+        ----------
+        channels : sequence of Channel, or MultiplexImage
+            Each channel needs ``emission_nm``; ``bandwidth_nm`` gives the band width
+            (a channel without a width samples the spectrum at its centre).
+
+        Raises
+        ------
+        SpectraError
+            When a channel has no emission wavelength, when a spectrum does not
+            cover the channels' range (and has not tailed off below
+            :data:`EDGE_TOLERANCE` of its peak at its end), or when a spectrum has no
+            emission at all in these channels; the message names the fluor and ranges.
+        """
+        if isinstance(channels, MultiplexImage):
+            channels = channels.channels
+        channels = list(channels)
+        if not channels:
+            raise SpectraError("expected at least one channel to sample spectra on, found none")
+        if not self._spectra:
+            raise SpectraError("expected at least one spectrum in the library, found an empty library")
+        bands = np.array([_channel_band(c) for c in channels], dtype=float)
+        lo, hi = bands[:, 0], bands[:, 1]
+        ch_range = (float(lo.min()), float(hi.max()))
+        out = np.empty((len(channels), len(self._spectra)), dtype=float)
+        for k, s in enumerate(self._spectra.values()):
+            w0, w1 = s.range_nm
+            for end, beyond, value in (("short", ch_range[0] < w0, s.intensity[0]),
+                                       ("long", ch_range[1] > w1, s.intensity[-1])):
+                if beyond and value > EDGE_TOLERANCE:
+                    raise SpectraError(
+                        f"spectrum {s.name!r} covers {w0:g}–{w1:g} nm but the channels span "
+                        f"{ch_range[0]:g}–{ch_range[1]:g} nm, and at its {end}-wavelength end it is still "
+                        f"{100 * value:.0f}% of its peak (expected a spectrum that covers the channels or "
+                        f"has tailed off below {100 * EDGE_TOLERANCE:.0f}%); source: {s.source}"
+                    )
+            width = hi - lo
+            col = np.where(width > 0, s.cumulative(hi) - s.cumulative(lo), s.sample((lo + hi) / 2.0))
+            if not np.any(col > 0):
+                raise SpectraError(
+                    f"spectrum {s.name!r} (defined {w0:g}–{w1:g} nm, peak {s.peak_nm:g} nm) has no emission in "
+                    f"the channels spanning {ch_range[0]:g}–{ch_range[1]:g} nm; expected some overlap"
+                )
+            out[:, k] = col
+        return out
+
+
+def _builtin_key(name: str) -> str:
+    n = canonical_fluor(name)
+    for k in BUILTIN_NAMES:
+        if k.lower() == n.lower():
+            return k
+    raise SpectraError(f"expected a built-in spectrum name in {list(BUILTIN_NAMES)}, found {name!r}")
+
+
+# --- spectra from control images ---------------------------------------------
+
+
+def _pixel_spectra(image: MultiplexImage, max_pixels: int, offset) -> np.ndarray:
+    """A strided subsample of the image's pixel spectra, N×C float64, offset subtracted."""
+    c, y, x = image.shape
+    stride = max(1, int(math.ceil(math.sqrt(y * x / max_pixels))))
+    arr = np.asarray(image.data[:, ::stride, ::stride].compute(), dtype=np.float64)
+    arr = arr.reshape(c, -1).T
+    if offset is not None:
+        arr = arr - np.broadcast_to(np.asarray(offset, dtype=float), (c,))
+    finite = np.all(np.isfinite(arr), axis=1)
+    if not finite.any():
+        raise InputError("expected finite pixel values in the control image, found none",
+                         path=image.source or image.name)
+    return arr[finite]
+
+
+def _saturation_level(image: MultiplexImage, saturation):
+    if saturation is not None:
+        return float(saturation)
+    dt = np.dtype(image.data.dtype)
+    return float(np.iinfo(dt).max) if dt.kind in "ui" else np.inf
+
+
+def _step_spectrum(channels: Sequence[Channel], per_channel: np.ndarray):
+    """Per-nm spectrum from per-channel signals: a step over each band (a point without a band)."""
+    bands = np.array([_channel_band(c) for c in channels], dtype=float)
+    order = np.argsort(bands.mean(axis=1))
+    bands, vals = bands[order], np.asarray(per_channel, float)[order]
+    width = bands[:, 1] - bands[:, 0]
+    overlapping = np.any(bands[1:, 0] < bands[:-1, 1] - 1e-9)
+    if overlapping or np.any(width <= 0):
+        return bands.mean(axis=1), vals / np.where(width > 0, width, 1.0)
+    dens = vals / width
+    wl = np.repeat(bands, 1, axis=0).ravel()  # lo0, hi0, lo1, hi1, ...
+    return wl, np.repeat(dens, 2)
+
+
+def estimate_spectrum(image: MultiplexImage, *, name: str | None = None, offset=None,
+                      saturation=None, foreground_fraction: float = 0.05,
+                      max_pixels: int = 1_000_000) -> SpectralLibrary:
+    """Estimate a fluor's emission spectrum from a single-stain control image.
+
+    The brightest ``foreground_fraction`` of pixels (by total signal, unsaturated)
+    carry the stain; the median spectrum of the dimmest half is the background
+    (autofluorescence, offset, stray light) and is subtracted. The spectrum is the
+    sum of the background-subtracted stained-pixel spectra, per nm of each band.
+
+    Parameters
+    ----------
+    image : MultiplexImage
+        The control: one fluor only, channels with emission bands.
+    name : str, optional
+        Name of the fluor (default: the image's name).
+    offset : float or sequence of float, optional
+        Camera offset (per channel or one value) subtracted first.
+    saturation : float, optional
+        Raw level at or above which a pixel is saturated (default: the integer
+        dtype's maximum); saturated pixels are left out.
+    foreground_fraction : float
+        Fraction of the brightest pixels taken as stained.
+
+    Returns
+    -------
+    SpectralLibrary
+        One spectrum, sampled as a step over each channel band, with its source.
+    """
+    name = canonical_fluor(name or image.name)
+    where = image.source or image.name
+    sat = _saturation_level(image, saturation)
+    raw = _pixel_spectra(image, max_pixels, None)
+    ok = np.all(raw < sat, axis=1)
+    pix = raw[ok] - (0.0 if offset is None else np.broadcast_to(np.asarray(offset, float), (raw.shape[1],)))
+    if pix.shape[0] < 20:
+        raise InputError(f"expected at least 20 unsaturated pixels in the single-stain control, found {pix.shape[0]}",
+                         path=where)
+    total = pix.sum(axis=1)
+    bg = np.median(pix[total <= np.quantile(total, 0.5)], axis=0)
+    fg = pix[total >= np.quantile(total, 1.0 - foreground_fraction)]
+    signal = np.clip((fg - bg).sum(axis=0), 0.0, None)
+    if not signal.max() > 0:
+        raise InputError("expected stained pixels brighter than the background in the single-stain control, "
+                         "found none", path=where)
+    wl, dens = _step_spectrum(image.channels, signal)
+    lib = SpectralLibrary()
+    lib.add(name, wl, dens, source=f"estimated: single-stain control {where} ({fg.shape[0]} stained pixels, "
+                                    f"background-subtracted)")
+    return lib
+
+
+def estimate_autofluorescence(image: MultiplexImage, n_components: int = 1, *, offset=None,
+                              saturation=None, max_pixels: int = 200_000,
+                              random_state: int = 0) -> SpectralLibrary:
+    """Estimate autofluorescence spectra from an unstained control image.
+
+    Pixel spectra (offset subtracted, unsaturated) are factorised by non-negative
+    matrix factorisation (:class:`sklearn.decomposition.NMF`) into
+    ``n_components`` spectra — e.g. a broad flavin/collagen-like and a red-shifted
+    lipofuscin-like component. With one component the result is the mean pixel
+    spectrum. Components are ordered by their total signal and named ``"AF"``,
+    ``"AF2"``, ….
+
+    Parameters
+    ----------
+    image : MultiplexImage
+        The unstained control, channels with emission bands.
+    n_components : int
+        Number of autofluorescence spectra (≥ 1).
+    offset, saturation
+        As in :func:`estimate_spectrum`.
+    max_pixels : int
+        Pixels used (a regular subsample of the image).
+
+    Returns
+    -------
+    SpectralLibrary
+    """
+    where = image.source or image.name
+    if int(n_components) < 1:
+        raise SpectraError(f"expected n_components ≥ 1, found {n_components!r}")
+    n_components = int(n_components)
+    sat = _saturation_level(image, saturation)
+    raw = _pixel_spectra(image, max_pixels, None)
+    pix = raw[np.all(raw < sat, axis=1)]
+    if offset is not None:
+        pix = pix - np.broadcast_to(np.asarray(offset, float), (pix.shape[1],))
+    pix = np.clip(pix, 0.0, None)
+    if pix.shape[0] < 10 * n_components or not pix.sum() > 0:
+        raise InputError(f"expected an unstained control with signal in at least {10 * n_components} unsaturated "
+                         f"pixels, found {pix.shape[0]} pixels and total signal {pix.sum():g}", path=where)
+    if n_components == 1:
+        comps, weights = pix.mean(axis=0)[None, :], np.ones(1)
+    else:
+        from sklearn.decomposition import NMF
+
+        model = NMF(n_components=n_components, init="nndsvda", max_iter=1000, tol=1e-5,
+                    random_state=random_state)
+        w = model.fit_transform(pix)
+        comps = model.components_
+        scale = comps.max(axis=1, keepdims=True)
+        scale[scale == 0] = 1.0
+        comps = comps / scale
+        weights = (w * scale.T).sum(axis=0)
+    lib = SpectralLibrary()
+    for rank, k in enumerate(np.argsort(-weights)):
+        nm = AUTOFLUORESCENCE if rank == 0 else f"{AUTOFLUORESCENCE}{rank + 1}"
+        if not comps[k].max() > 0:
+            raise InputError(f"autofluorescence component {rank + 1} of {n_components} is empty; "
+                             f"expected fewer components", path=where)
+        wl, dens = _step_spectrum(image.channels, comps[k])
+        lib.add(nm, wl, dens, source=f"estimated: unstained control {where}, "
+                                     f"{'mean pixel spectrum' if n_components == 1 else 'NMF'} component "
+                                     f"{rank + 1} of {n_components} ({pix.shape[0]} pixels)")
+    return lib
+
+
+def library_for_panel(panel, channels=None) -> SpectralLibrary:
+    """The library a panel needs: built-ins, the panel's spectra files, autofluorescence.
+
+    Built-in spectra are overridden by the panel's ``[spectra] files`` (in order).
+    Autofluorescence comes from the panel's unstained control
+    (``[autofluorescence] control``, ``components`` spectra) or else the built-in
+    generic ``"AF"``. The result holds ``panel.fluors`` then the AF names, in order.
+
+    Parameters
+    ----------
+    panel : qdplex.panel.Panel
+    channels : sequence of Channel or MultiplexImage, optional
+        When given, the library is checked to cover them (:meth:`SpectralLibrary.matrix`).
+
+    Raises
+    ------
+    SpectraError
+        When a panel fluor has no spectrum (names the fluor and the panel file).
+    """
+    lib = SpectralLibrary.builtin()
+    for f in panel.spectra_files:
+        lib = lib.merge(SpectralLibrary.from_csv(f))
+    if panel.autofluorescence_control is not None:
+        from .io import read_image
+
+        control = read_image(panel.autofluorescence_control)
+        af = estimate_autofluorescence(control, panel.autofluorescence_components,
+                                       offset=(panel.unmixing or {}).get("offset"))
+    else:
+        af = SpectralLibrary.builtin([AUTOFLUORESCENCE])
+    lib = lib.merge(af)
+    missing = [f for f in panel.fluors if f not in lib]
+    if missing:
+        raise SpectraError(
+            f"expected a spectrum for each panel fluor, found none for {missing}; add them to a "
+            f"[spectra] files CSV (built-ins: {list(BUILTIN_NAMES)})", path=panel.path)
+    out = lib.subset(list(panel.fluors) + [n for n in af.names if n not in panel.fluors])
+    if channels is not None:
+        out.matrix(channels)
+    return out

@@ -1,0 +1,539 @@
+"""Linear spectral unmixing: ordinary, non-negative and Poisson-weighted least squares.
+
+Each pixel spectrum ``y`` (C channels, camera offset removed) is modelled as
+``y ≈ M a`` with the C×K mixing matrix ``M`` of a :class:`~qdplex.spectra.SpectralLibrary`
+and K abundances ``a``. Methods:
+
+``"ols"``
+    ``a = M⁺ y`` (unconstrained least squares).
+``"nnls"``
+    exact non-negative least squares, ``min ‖y − M a‖`` subject to ``a ≥ 0``.
+    All pixels of a block are solved together: one matrix product gives the
+    unconstrained solutions; only pixels with a negative component go on to a
+    compiled (numba) block-principal-pivoting active-set solver on the K×K normal
+    equations, started from the unconstrained solution's sign pattern and stopped
+    when the KKT conditions hold, so the result equals :func:`scipy.optimize.nnls`.
+``"poisson"``
+    non-negative, weighted by the inverse variance of each channel
+    (``gain · max(M a, 0) + read_noise²``), re-weighted ``poisson_iterations``
+    times from the NNLS solution; at convergence this is the Poisson (shot-noise)
+    maximum-likelihood fit, better than NNLS at low counts.
+
+Bad pixels: a pixel is *saturated* where any channel reaches ``saturation``
+(default: the maximum of an integer dtype); ``exclude_saturated=True`` fits it from
+its unsaturated channels only. Non-finite values (NaN/inf) raise an
+:class:`~qdplex.errors.InputError` naming the image and the block, unless
+``nonfinite="exclude"``, which fits those pixels from their finite channels. A
+pixel left with fewer usable channels than endmembers gets zero abundances and a
+NaN residual. Integer input is converted to float32 before the offset is removed,
+so uint16 never wraps.
+
+For a :class:`~qdplex.model.MultiplexImage` the work is lazy and block-wise
+(:func:`dask.array.map_blocks` over spatial chunks with all channels per block),
+so memory stays bounded by the chunk size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dask.array as da
+import numba
+import numpy as np
+
+from .errors import InputError, SpectraError
+from .model import Channel, MultiplexImage
+
+__all__ = ["unmix", "UnmixResult", "unmix_array", "METHODS"]
+
+METHODS = ("nnls", "ols", "poisson")
+NONFINITE = ("raise", "exclude")
+
+# ---------------------------------------------------------------------------
+# compiled kernels
+# ---------------------------------------------------------------------------
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+@_jit
+def _solve_passive(G, b, F, z, L, idx):
+    """z_F = G_FF⁻¹ b_F (Cholesky), z elsewhere 0. Returns False when G_FF is not positive definite."""
+    K = G.shape[0]
+    m = 0
+    for j in range(K):
+        z[j] = 0.0
+        if F[j]:
+            idx[m] = j
+            m += 1
+    if m == 0:
+        return True
+    for i in range(m):
+        for j in range(i + 1):
+            s = G[idx[i], idx[j]]
+            for p in range(j):
+                s -= L[i, p] * L[j, p]
+            if i == j:
+                if s <= 0.0:
+                    return False
+                L[i, i] = np.sqrt(s)
+            else:
+                L[i, j] = s / L[j, j]
+    # forward then back substitution (t stored in z[idx])
+    for i in range(m):
+        s = b[idx[i]]
+        for p in range(i):
+            s -= L[i, p] * z[idx[p]]
+        z[idx[i]] = s / L[i, i]
+    for i in range(m - 1, -1, -1):
+        s = z[idx[i]]
+        for p in range(i + 1, m):
+            s -= L[p, i] * z[idx[p]]
+        z[idx[i]] = s / L[i, i]
+    return True
+
+
+@_jit
+def _nnls_gram(G, b, z, F, L, idx, yv):
+    """min ½aᵀGa − bᵀa, a ≥ 0, by block principal pivoting (Kim & Park 2011).
+
+    ``F`` (passive set) holds the starting guess on entry. On return ``z`` is the
+    solution. Returns False if G is singular on a passive set.
+    """
+    K = G.shape[0]
+    bscale = 0.0
+    for j in range(K):
+        bscale = max(bscale, abs(b[j]))
+    if bscale == 0.0:
+        for j in range(K):
+            z[j] = 0.0
+        return True
+    tol_y = 1e-11 * bscale
+    alpha = 3
+    beta = K + 1
+    for _ in range(10 * K + 50):
+        if not _solve_passive(G, b, F, z, L, idx):
+            return False
+        zscale = 0.0
+        for j in range(K):
+            zscale = max(zscale, abs(z[j]))
+        tol_z = 1e-11 * zscale
+        nv = 0
+        last = -1
+        for j in range(K):
+            if F[j]:
+                yv[j] = 0.0
+                bad = z[j] < -tol_z
+            else:
+                s = -b[j]
+                for p in range(K):
+                    if F[p]:
+                        s += G[j, p] * z[p]
+                yv[j] = s
+                bad = s < -tol_y
+            if bad:
+                nv += 1
+                last = j
+        if nv == 0:
+            break
+        if nv < beta:
+            beta = nv
+            alpha = 3
+            full = True
+        elif alpha >= 1:
+            alpha -= 1
+            full = True
+        else:
+            full = False
+        if full:
+            for j in range(K):
+                if (F[j] and z[j] < -tol_z) or ((not F[j]) and yv[j] < -tol_y):
+                    F[j] = not F[j]
+        else:
+            F[last] = not F[last]
+    for j in range(K):
+        if z[j] < 0.0:
+            z[j] = 0.0
+    return True
+
+
+@_jit
+def _nnls_fix(X, G):
+    """Turn unconstrained solutions X (K×N) into NNLS solutions in place.
+
+    Uses bᵀ = G x_ols (exact: Mᵀy = MᵀM x_ols); pixels with no negative (or a NaN)
+    component are already optimal and are skipped.
+    """
+    K, N = X.shape
+    b = np.empty(K)
+    z = np.empty(K)
+    yv = np.empty(K)
+    F = np.empty(K, dtype=np.bool_)
+    L = np.empty((K, K))
+    idx = np.empty(K, dtype=np.int64)
+    for n in range(N):
+        neg = False
+        for k in range(K):
+            if X[k, n] < 0.0:
+                neg = True
+        if not neg:
+            continue
+        for k in range(K):
+            s = 0.0
+            for p in range(K):
+                s += G[k, p] * X[p, n]
+            b[k] = s
+            F[k] = X[k, n] > 0.0
+        _nnls_gram(G, b, z, F, L, idx, yv)
+        for k in range(K):
+            X[k, n] = z[k]
+
+
+@_jit
+def _residual_flags(Y, off, M, X, sat, T=256):
+    """One pass over Y (C×N): RMS misfit, saturated and non-finite flags per pixel."""
+    C, N = Y.shape
+    K = M.shape[1]
+    rms = np.empty(N, dtype=np.float32)
+    satd = np.zeros(N, dtype=np.bool_)
+    bad = np.zeros(N, dtype=np.bool_)
+    acc = np.empty(T)
+    pred = np.empty(T)
+    for n0 in range(0, N, T):
+        n1 = min(n0 + T, N)
+        m = n1 - n0
+        acc[:m] = 0.0
+        for c in range(C):
+            pred[:m] = off[c]
+            for k in range(K):
+                mck = M[c, k]
+                for i in range(m):
+                    pred[i] += mck * X[k, n0 + i]
+            for i in range(m):
+                y = np.float64(Y[c, n0 + i])
+                if y >= sat:
+                    satd[n0 + i] = True
+                if not np.isfinite(y):
+                    bad[n0 + i] = True
+                d = y - pred[i]
+                acc[i] += d * d
+        for i in range(m):
+            rms[n0 + i] = np.sqrt(acc[i] / C)
+    return rms, satd, bad
+
+
+@_jit
+def _pixel_fit(Y, off, M, X, rms, pix, sat, exclude_saturated, nonneg, reweight, gain, read_var):
+    """Per-pixel (weighted) fits for the pixels ``pix``: channel exclusion and Poisson weights.
+
+    Usable channels: finite, and below ``sat`` when ``exclude_saturated``. The first
+    pass is unweighted; each of ``reweight`` further passes uses weights
+    1 / (gain · max(M a, 0) + read_var). Writes X[:, n] and rms[n].
+    """
+    C, N = Y.shape
+    K = M.shape[1]
+    G = np.empty((K, K))
+    b = np.empty(K)
+    z = np.empty(K)
+    yv = np.empty(K)
+    F = np.empty(K, dtype=np.bool_)
+    L = np.empty((K, K))
+    idx = np.empty(K, dtype=np.int64)
+    w = np.empty(C)
+    yc = np.empty(C)
+    for q in range(pix.shape[0]):
+        n = pix[q]
+        nvalid = 0
+        for c in range(C):
+            y = np.float64(Y[c, n])
+            ok = np.isfinite(y) and not (exclude_saturated and y >= sat)
+            w[c] = 1.0 if ok else 0.0
+            yc[c] = y - off[c] if ok else 0.0
+            if ok:
+                nvalid += 1
+        good = nvalid >= K
+        for it in range(reweight + 1):
+            if not good:
+                break
+            if it > 0:
+                for c in range(C):
+                    if w[c] > 0.0:
+                        mu = 0.0
+                        for k in range(K):
+                            mu += M[c, k] * z[k]
+                        w[c] = 1.0 / (gain * max(mu, 0.0) + read_var)
+            for i in range(K):
+                s = 0.0
+                for c in range(C):
+                    s += w[c] * M[c, i] * yc[c]
+                b[i] = s
+                for j in range(i + 1):
+                    s = 0.0
+                    for c in range(C):
+                        s += w[c] * M[c, i] * M[c, j]
+                    G[i, j] = s
+                    G[j, i] = s
+                F[i] = True
+            if not _solve_passive(G, b, F, z, L, idx):
+                good = False
+                break
+            if nonneg:
+                for k in range(K):
+                    F[k] = z[k] > 0.0
+                if not _nnls_gram(G, b, z, F, L, idx, yv):
+                    good = False
+                    break
+        if not good:
+            for k in range(K):
+                X[k, n] = 0.0
+            rms[n] = np.nan
+            continue
+        acc = 0.0
+        for c in range(C):
+            if w[c] > 0.0:
+                pr = 0.0
+                for k in range(K):
+                    pr += M[c, k] * z[k]
+                acc += (yc[c] - pr) ** 2
+        for k in range(K):
+            X[k, n] = z[k]
+        rms[n] = np.sqrt(acc / nvalid)
+
+
+# ---------------------------------------------------------------------------
+# block function
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    M: np.ndarray          # C×K float64
+    P: np.ndarray          # K×C float32 pseudo-inverse
+    G: np.ndarray          # K×K float64 Gram matrix
+    offset: np.ndarray     # C float64
+    saturation: float
+    method: str
+    exclude_saturated: bool
+    nonfinite: str
+    poisson_iterations: int
+    gain: float
+    read_var: float
+    where: str
+
+
+def _fit_pixels(Y: np.ndarray, plan: _Plan, origin=None):
+    """Fit C×N pixel spectra; returns (X K×N float32, rms N float32, saturated N bool)."""
+    Yf = Y if Y.dtype == np.float32 else Y.astype(np.float32)
+    X = plan.P @ Yf
+    X -= (plan.P.astype(np.float64) @ plan.offset).astype(np.float32)[:, None]
+    if plan.method != "ols":
+        _nnls_fix(X, plan.G)
+    rms, satd, bad = _residual_flags(Y, plan.offset, plan.M, X, plan.saturation)
+    if bad.any() and plan.nonfinite == "raise":
+        loc = "" if origin is None else f" in the block at y {origin[0]}, x {origin[1]}"
+        raise InputError(
+            f"expected finite pixel values, found {int(bad.sum())} pixels with NaN/inf{loc}; "
+            f"pass nonfinite='exclude' to fit them from their finite channels", path=plan.where)
+    redo = bad | satd if plan.exclude_saturated else bad
+    if plan.method == "poisson":
+        pix = np.arange(Y.shape[1], dtype=np.int64)
+    else:
+        pix = np.flatnonzero(redo).astype(np.int64)
+    if pix.size:
+        _pixel_fit(Y, plan.offset, plan.M, X, rms, pix, plan.saturation, plan.exclude_saturated,
+                   plan.method != "ols", plan.poisson_iterations if plan.method == "poisson" else 0,
+                   plan.gain, plan.read_var)
+    return X, rms, satd
+
+
+def _unmix_block(block, plan: _Plan, block_info=None):
+    C, h, w = block.shape
+    origin = None
+    if block_info is not None and 0 in block_info:
+        loc = block_info[0]["array-location"]
+        origin = (loc[1][0], loc[2][0])
+    X, rms, satd = _fit_pixels(np.ascontiguousarray(block).reshape(C, h * w), plan, origin)
+    K = X.shape[0]
+    out = np.empty((K + 2, h * w), dtype=np.float32)
+    out[:K] = X
+    out[K] = rms
+    out[K + 1] = satd
+    return out.reshape(K + 2, h, w)
+
+
+def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, poisson_iterations,
+               gain, read_noise, dtype, names, where) -> _Plan:
+    if method not in METHODS:
+        raise SpectraError(f"expected method one of {METHODS}, found {method!r}")
+    if nonfinite not in NONFINITE:
+        raise SpectraError(f"expected nonfinite one of {NONFINITE}, found {nonfinite!r}")
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2 or M.shape[0] < 1 or M.shape[1] < 1:
+        raise SpectraError(f"expected a C×K mixing matrix, found shape {M.shape}")
+    C, K = M.shape
+    if not np.all(np.isfinite(M)):
+        raise SpectraError("expected a finite mixing matrix, found NaN/inf entries")
+    from .crosstalk import require_unmixable
+
+    require_unmixable(M, names)
+    if offset is None:
+        off = np.zeros(C)
+    else:
+        off = np.asarray(offset, dtype=np.float64).ravel()
+        if off.size == 1:
+            off = np.full(C, float(off[0]))
+        if off.size != C:
+            raise SpectraError(f"expected one camera offset or one per channel ({C}), found {off.size}", path=where)
+    if saturation is None:
+        dt = np.dtype(dtype)
+        saturation = float(np.iinfo(dt).max) if dt.kind in "ui" else np.inf
+    return _Plan(M=M, P=np.linalg.pinv(M).astype(np.float32), G=M.T @ M, offset=off,
+                 saturation=float(saturation), method=method, exclude_saturated=bool(exclude_saturated),
+                 nonfinite=nonfinite, poisson_iterations=int(poisson_iterations), gain=float(gain),
+                 read_var=float(read_noise) ** 2 if read_noise else 1e-6, where=where)
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class UnmixResult:
+    """Output of :func:`unmix` on a :class:`MultiplexImage`.
+
+    Attributes
+    ----------
+    abundances : MultiplexImage
+        float32, one lazy plane per library endmember, ``Channel(name=fluor,
+        fluor=fluor, emission_nm=peak)``.
+    residual : dask.array.Array
+        Y×X float32 RMS misfit per pixel (over the channels used in the fit).
+    saturated : dask.array.Array
+        Y×X bool, True where any channel reached the saturation level.
+    library : SpectralLibrary
+    method : str
+    matrix : numpy.ndarray
+        The C×K mixing matrix used.
+    """
+
+    abundances: MultiplexImage
+    residual: da.Array
+    saturated: da.Array
+    library: object
+    method: str
+    matrix: np.ndarray | None = None
+
+    def to_image(self) -> MultiplexImage:
+        """Abundances plus a ``"residual"`` plane, as one image for writing (one compute)."""
+        a = self.abundances
+        data = da.concatenate([a.data, self.residual[None].astype(np.float32)], axis=0)
+        return MultiplexImage(data=data, channels=list(a.channels) + [Channel("residual")],
+                              pixel_size_um=a.pixel_size_um, name=a.name, source=a.source,
+                              metadata=dict(a.metadata))
+
+
+def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, chunk: int = 1024,
+                **options) -> np.ndarray:
+    """Unmix a plain C×Y×X (or C×N) numpy array with a C×K matrix; returns K×Y×X float32.
+
+    Runs block-wise on dask's threaded scheduler. Options as in :func:`unmix`.
+    """
+    arr = np.asarray(data)
+    flat = arr.ndim == 2
+    if flat:
+        arr = arr[:, None, :]
+    if arr.ndim != 3:
+        raise InputError(f"expected a C×Y×X array, found shape {arr.shape}")
+    M = np.asarray(matrix, dtype=np.float64)
+    if M.ndim != 2 or M.shape[0] != arr.shape[0]:
+        raise SpectraError(f"expected a mixing matrix with {arr.shape[0]} rows (one per channel), "
+                           f"found shape {M.shape}")
+    plan = _make_plan(M, method=method, dtype=arr.dtype, names=None, where="array",
+                      **_plan_options(options))
+    K = M.shape[1]
+    dk = da.from_array(arr, chunks=(arr.shape[0], chunk, chunk))
+    out = da.map_blocks(_unmix_block, dk, plan=plan, dtype=np.float32,
+                        chunks=((K + 2,),) + dk.chunks[1:])
+    res = out[:K].compute(scheduler="threads")
+    return res[:, 0, :] if flat else res
+
+
+def _plan_options(options: dict) -> dict:
+    allowed = {"offset": None, "saturation": None, "exclude_saturated": False, "nonfinite": "raise",
+               "poisson_iterations": 3, "gain": 1.0, "read_noise": 1.0}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unmix() got unexpected options {unknown}; expected some of {sorted(allowed)}")
+    return {k: options.get(k, v) for k, v in allowed.items()}
+
+
+def unmix(image, library, method: str = "nnls", *, offset=None, saturation=None,
+          exclude_saturated: bool = False, nonfinite: str = "raise", poisson_iterations: int = 3,
+          gain: float = 1.0, read_noise: float = 1.0, chunk: int | None = 1024):
+    """Unmix an image into one abundance plane per library endmember.
+
+    Parameters
+    ----------
+    image : MultiplexImage or numpy.ndarray
+        A multichannel image whose channels carry emission bands; or a plain
+        C×Y×X array (then ``library`` is a C×K mixing matrix).
+    library : SpectralLibrary or numpy.ndarray
+        Endmember spectra (sampled on ``image.channels`` with
+        :meth:`~qdplex.spectra.SpectralLibrary.matrix`), or a C×K matrix for arrays.
+    method : {"nnls", "ols", "poisson"}
+        See the module docstring.
+    offset : float or sequence of float, optional
+        Camera offset (dark level) subtracted from every channel (or per channel).
+    saturation : float, optional
+        Raw level at or above which a channel value is saturated; default the
+        maximum of an integer dtype, none for floats.
+    exclude_saturated : bool
+        Fit saturated pixels from their unsaturated channels only.
+    nonfinite : {"raise", "exclude"}
+        NaN/inf pixel values: raise an InputError, or fit from finite channels.
+    poisson_iterations : int
+        Re-weighting passes of ``method="poisson"``.
+    gain, read_noise : float
+        Camera gain (ADU per photo-electron) and read noise (ADU RMS) for the
+        Poisson weights.
+    chunk : int, optional
+        Spatial block size in pixels (all channels per block); None keeps the
+        image's chunks.
+
+    Returns
+    -------
+    UnmixResult or numpy.ndarray
+        For a MultiplexImage an :class:`UnmixResult` with lazy dask planes; for an
+        array a K×Y×X float32 numpy array.
+
+    Raises
+    ------
+    SpectraError
+        Library not covering the channels, singular library (names the pair), bad options.
+    InputError
+        Non-finite pixels with ``nonfinite="raise"`` (at compute time).
+    """
+    opts = dict(offset=offset, saturation=saturation, exclude_saturated=exclude_saturated,
+                nonfinite=nonfinite, poisson_iterations=poisson_iterations, gain=gain, read_noise=read_noise)
+    if not isinstance(image, MultiplexImage):
+        if hasattr(library, "matrix") and not isinstance(library, np.ndarray):
+            raise SpectraError("expected a C×K mixing matrix with a plain array (no channel metadata to sample "
+                               "a SpectralLibrary on); wrap the array in a MultiplexImage with channels instead")
+        return unmix_array(np.asarray(image), library, method, chunk=chunk or 1024, **opts)
+    if not hasattr(library, "matrix") or isinstance(library, np.ndarray):
+        raise SpectraError(f"expected a SpectralLibrary for a MultiplexImage, found {type(library).__name__}")
+    where = image.source or image.name
+    M = library.matrix(image.channels)
+    names = list(library.names)
+    plan = _make_plan(M, method=method, dtype=image.data.dtype, names=names, where=where, **opts)
+    data = image.data
+    data = data.rechunk({0: -1} if chunk is None else (-1, chunk, chunk))
+    K = len(names)
+    out = da.map_blocks(_unmix_block, data, plan=plan, dtype=np.float32,
+                        chunks=((K + 2,),) + data.chunks[1:], token=f"qdplex-unmix-{method}")
+    chans = [Channel(n, emission_nm=library.peak_nm(n), fluor=n) for n in names]
+    abund = MultiplexImage(data=out[:K], channels=chans, pixel_size_um=image.pixel_size_um,
+                           name=image.name, source=image.source, metadata=dict(image.metadata))
+    return UnmixResult(abundances=abund, residual=out[K], saturated=out[K + 1] > 0.5,
+                       library=library, method=method, matrix=M)

@@ -1,0 +1,221 @@
+"""Unmixing: exactness against scipy, accuracy on measured-spectra mixtures, bad input, dask blocks."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import nnls
+
+from qdplex.errors import InputError, SpectraError
+from qdplex.model import Channel, MultiplexImage
+from qdplex.spectra import SpectralLibrary, estimate_autofluorescence, lambda_grid
+from qdplex.unmix import UnmixResult, unmix
+
+QDS = {
+    "QD525": "qdot525_em_pubspectra.csv",
+    "QD565": "qdot565_em_pubspectra.csv",
+    "QD585": "qdot585_em_pubspectra.csv",
+    "QD605": "qdot605_em_pubspectra.csv",
+    "QD655": "qdot655_em_pubspectra.csv",
+    "QD705": "qdot705_em_thermo.csv",
+    "QD800": "qdot800_em_thermo.csv",
+}
+
+
+@pytest.fixture(scope="module")
+def measured(shared_data) -> SpectralLibrary:
+    """Measured QD + DNA-bound DAPI spectra from ../shared/data/spectra."""
+    lib = SpectralLibrary()
+    for name, f in {"DAPI": "dapi_em_pubspectra.csv", **QDS}.items():
+        d = pd.read_csv(shared_data / "spectra" / f)
+        lib.add(name, d["wavelength_nm"], d["intensity"], source=f"measured: {f}")
+    return lib
+
+
+def _sparse_abundances(K, shape, rng, scale=50.0, p=0.5):
+    return rng.gamma(0.7, scale, size=(K,) + shape) * (rng.random((K,) + shape) < p)
+
+
+def _rel_err(a, b):
+    return float(np.abs(a - b).max())
+
+
+def test_nnls_equals_scipy_per_pixel():
+    rng = np.random.default_rng(0)
+    lib = SpectralLibrary.builtin(["DAPI", "QD525", "QD565", "QD605", "QD655", "QD705", "AF"])
+    M = lib.matrix(lambda_grid())
+    A = _sparse_abundances(7, (60, 60), rng)
+    Y = rng.poisson(np.einsum("ck,kyx->cyx", M, A) + 20.0).astype(np.uint16)
+    X = unmix(Y, M, "nnls", offset=20.0)
+    assert X.shape == (7, 60, 60) and X.dtype == np.float32
+    Yf = Y.reshape(31, -1).astype(float) - 20.0
+    Xf = X.reshape(7, -1)
+    neg = 0
+    worst = 0.0
+    for n in range(Yf.shape[1]):
+        ref = nnls(M, Yf[:, n])[0]
+        worst = max(worst, np.abs(Xf[:, n] - ref).max() / max(ref.max(), 1e-12))
+        neg += np.any(np.linalg.lstsq(M, Yf[:, n], rcond=None)[0] < 0)
+    assert neg > 1000  # most pixels really needed the constrained solver
+    assert worst <= 1e-4, worst
+
+
+def test_noise_free_mixtures_recovered_exactly(measured):
+    rng = np.random.default_rng(1)
+    chans = lambda_grid(420, 720, 10)
+    M = measured.matrix(chans)
+    A = _sparse_abundances(len(measured), (40, 40), rng)
+    Y = np.einsum("ck,kyx->cyx", M, A).astype(np.float32)
+    for method in ("ols", "nnls", "poisson"):
+        X = unmix(MultiplexImage(Y, chans), measured, method, chunk=16).abundances.data.compute()
+        assert _rel_err(X, A) <= 1e-4 * A.max(), method
+
+
+def test_nnls_beats_ols_and_crosstalk_below_one_percent(measured):
+    rng = np.random.default_rng(2)
+    chans = lambda_grid(420, 720, 10)
+    qds = measured.subset(list(QDS))
+    M = qds.matrix(chans)
+    K = len(qds)
+    A = _sparse_abundances(K, (50, 50), rng, scale=200.0, p=0.4)
+    Y = rng.poisson(np.einsum("ck,kyx->cyx", M, A) + 100.0).astype(np.uint16)
+    img = MultiplexImage(Y, chans)
+    err = {m: np.sqrt(np.mean((unmix(img, qds, m, offset=100).abundances.data.compute() - A) ** 2))
+           for m in ("ols", "nnls")}
+    assert err["nnls"] <= err["ols"], err
+    # crosstalk: each QD alone (bright), its leakage into the other planes
+    single = np.zeros((K, K, 30, 30))
+    for k in range(K):
+        single[k, k] = 2000.0
+    Ys = rng.poisson(np.einsum("ck,jkyx->jcyx", M, single) + 100.0)
+    xt = np.zeros((K, K))
+    for k in range(K):
+        X = unmix(MultiplexImage(Ys[k].astype(np.uint16), chans), qds, "ols", offset=100)
+        means = X.abundances.data.mean(axis=(1, 2)).compute()
+        xt[k] = np.abs(means) / means[k]
+    np.fill_diagonal(xt, 0)
+    assert xt.max() <= 0.01, pd.DataFrame(xt, index=qds.names, columns=qds.names)
+
+
+def test_poisson_beats_nnls_at_low_counts(measured):
+    rng = np.random.default_rng(3)
+    chans = lambda_grid(420, 720, 10)
+    lib = measured.subset(["DAPI", "QD525", "QD605", "QD655"])
+    M = lib.matrix(chans)
+    A = _sparse_abundances(4, (60, 60), rng, scale=0.6, p=0.6)
+    Y = rng.poisson(np.einsum("ck,kyx->cyx", M, A)).astype(np.uint16)
+    img = MultiplexImage(Y, chans)
+    err = {m: np.sqrt(np.mean((unmix(img, lib, m).abundances.data.compute() - A) ** 2))
+           for m in ("nnls", "poisson")}
+    assert err["poisson"] < err["nnls"], err
+
+
+def test_autofluorescence_from_unstained_control_improves_unmixing(measured):
+    """Tissue autofluorescence (two components, unknown to the built-ins) estimated from an
+    unstained control: unmixing with it beats unmixing without it."""
+    rng = np.random.default_rng(4)
+    chans = lambda_grid(420, 720, 10)
+    wl = np.arange(380, 760, 1.0)
+    af_true = SpectralLibrary()
+    af_true.add("flavin", wl, np.exp(-0.5 * ((wl - 530) / 40) ** 2), source="t")
+    af_true.add("lipo", wl, np.exp(-0.5 * ((wl - 620) / 60) ** 2), source="t")
+    Maf = af_true.matrix(chans)
+    shape = (64, 64)
+    af_ab = np.stack([rng.gamma(4.0, 8.0, shape), rng.gamma(2.0, 6.0, shape)])
+    control = rng.poisson(np.einsum("ck,kyx->cyx", Maf, af_ab) + 100.0).astype(np.uint16)
+    stain = measured.subset(["DAPI", "QD565", "QD605", "QD655", "QD705"])
+    A = _sparse_abundances(5, shape, rng, scale=40.0, p=0.5)
+    af_slide = np.stack([rng.gamma(4.0, 8.0, shape), rng.gamma(2.0, 6.0, shape)])
+    Y = rng.poisson(np.einsum("ck,kyx->cyx", stain.matrix(chans), A)
+                    + np.einsum("ck,kyx->cyx", Maf, af_slide) + 100.0).astype(np.uint16)
+    img = MultiplexImage(Y, chans)
+    af_est = estimate_autofluorescence(MultiplexImage(control, chans, name="unstained"), 2, offset=100)
+    errs = {}
+    for label, lib in {"none": stain, "generic": stain.merge(SpectralLibrary.builtin(["AF"])),
+                       "estimated": stain.merge(af_est)}.items():
+        X = unmix(img, lib, "nnls", offset=100).abundances.data.compute()[:5]
+        errs[label] = np.sqrt(np.mean((X - A) ** 2))
+    assert errs["estimated"] < 0.5 * errs["none"], errs
+    assert errs["estimated"] < errs["generic"], errs
+
+
+def test_multiplex_result_structure_and_dask_blocks():
+    rng = np.random.default_rng(5)
+    lib = SpectralLibrary.builtin(["DAPI", "QD605", "QD655", "AF"])
+    chans = lambda_grid()
+    A = _sparse_abundances(4, (70, 90), rng)
+    Y = rng.poisson(np.einsum("ck,kyx->cyx", lib.matrix(chans), A) + 10).astype(np.uint16)
+    img = MultiplexImage(da.from_array(Y, chunks=(5, 33, 41)), chans, pixel_size_um=0.5, name="s")
+    res = unmix(img, lib, offset=10, chunk=32)
+    assert isinstance(res, UnmixResult) and res.method == "nnls"
+    ab = res.abundances
+    assert ab.channel_names == ["DAPI", "QD605", "QD655", "AF"]
+    assert ab.channels[1] == Channel("QD605", emission_nm=lib.peak_nm("QD605"), fluor="QD605")
+    assert isinstance(ab.data, da.Array) and ab.data.dtype == np.float32
+    assert ab.data.chunks[0] == (4,) and max(ab.data.chunks[1]) == 32
+    assert ab.pixel_size_um == 0.5 and res.residual.shape == (70, 90) and res.saturated.dtype == bool
+    whole = unmix(Y, lib.matrix(chans), offset=10)
+    np.testing.assert_allclose(ab.data.compute(), whole, atol=1e-4 * whole.max())
+    out = res.to_image()
+    assert out.channel_names[-1] == "residual" and out.shape == (5, 70, 90)
+    rms = res.residual.compute()
+    pred = np.einsum("ck,kyx->cyx", lib.matrix(chans), whole) + 10
+    np.testing.assert_allclose(rms, np.sqrt(np.mean((Y - pred) ** 2, axis=0)), rtol=1e-3)
+
+
+def test_uint16_offset_does_not_wrap_and_saturation():
+    lib = SpectralLibrary.builtin(["QD605", "QD655"])
+    chans = lambda_grid(560, 700, 10)
+    M = lib.matrix(chans)
+    Y = np.full((len(chans), 4, 4), 3, dtype=np.uint16)  # below the offset: noise around zero
+    X = unmix(Y, M, "ols", offset=5)
+    assert X.max() < 0 < 1  # -2 counts, not 65534
+    # saturation: flagged; fitting the unsaturated channels recovers the truth
+    a = np.array([3000.0, 2000.0])
+    y = (M @ a).astype(np.float64)
+    Ys = np.repeat(y[:, None, None], 4, axis=1).repeat(4, axis=2)
+    Ys = np.minimum(Ys, 20000).astype(np.uint16)
+    Ys[:, 0, 0] = (M @ np.array([100.0, 100.0])).astype(np.uint16)
+    img = MultiplexImage(Ys, chans)
+    assert (Ys >= 20000).any()
+    res = unmix(img, lib, saturation=20000)
+    sat = res.saturated.compute()
+    assert sat.sum() == 15 and not sat[0, 0]
+    clipped = res.abundances.data.compute()[:, 1, 1]
+    fixed = unmix(img, lib, saturation=20000, exclude_saturated=True).abundances.data.compute()[:, 1, 1]
+    assert np.abs(fixed - a).max() < 0.01 * a.max() < np.abs(clipped - a).max()
+
+
+def test_nonfinite_pixels():
+    lib = SpectralLibrary.builtin(["QD605", "QD655"])
+    chans = lambda_grid(560, 700, 10)
+    M = lib.matrix(chans)
+    Y = np.repeat((M @ [10.0, 20.0])[:, None, None], 3, axis=1).repeat(3, axis=2).astype(np.float32)
+    Y[2, 1, 1] = np.nan
+    Y[5, 2, 2] = np.inf
+    img = MultiplexImage(Y, chans, name="nan-slide")
+    with pytest.raises(InputError, match="nan-slide.*2 pixels with NaN/inf"):
+        unmix(img, lib).abundances.data.compute()
+    res = unmix(img, lib, nonfinite="exclude")
+    X = res.abundances.data.compute()
+    np.testing.assert_allclose(X[:, 1, 1], [10, 20], rtol=1e-4)
+    np.testing.assert_allclose(X[:, 2, 2], [10, 20], rtol=1e-4)
+    assert np.isfinite(res.residual.compute()).all()
+
+
+def test_bad_library_and_options():
+    lib = SpectralLibrary.builtin(["QD605", "QD800"])
+    with pytest.raises(SpectraError, match="QD800"):
+        unmix(MultiplexImage(np.zeros((7, 4, 4)), lambda_grid(520, 580, 10)), lib)
+    cut = SpectralLibrary().add("QD655", [600, 650, 700], [0.5, 1.0, 0.8], source="cut")
+    with pytest.raises(SpectraError, match="QD655.*600–700 nm"):
+        unmix(MultiplexImage(np.zeros((31, 4, 4)), lambda_grid()), cut)
+    twin = SpectralLibrary.builtin(["QD605"]).merge(
+        SpectralLibrary().add("Copy605", *(lambda s: (s.wavelength_nm, s.intensity))(
+            SpectralLibrary.builtin(["QD605"])["QD605"]), source="copy"))
+    with pytest.raises(SpectraError, match="QD605 and Copy605"):
+        unmix(MultiplexImage(np.zeros((31, 4, 4)), lambda_grid()), twin)
+    with pytest.raises(SpectraError, match="method"):
+        unmix(np.zeros((3, 2, 2)), np.eye(3), "magic")
