@@ -118,8 +118,28 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- report
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="(re)write the QC reports of an output folder",
+        description="Rebuild OUT/<slide>/qc/report.html for every slide that succeeded, from the files "
+        "in its folder, and the cohort report OUT/report.html from OUT/manifest.csv.",
+    )
+    p.add_argument("out", metavar="OUT", type=Path, help="a qdplex output folder (holding manifest.csv)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from .report import report_from_outputs
+
+    for path in report_from_outputs(args.out):
+        print(path)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
-_REGISTRY = [_add_run, _add_synth]
+_REGISTRY = [_add_run, _add_synth, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

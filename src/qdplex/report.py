@@ -427,6 +427,27 @@ def _panel_from_record(rec: Mapping[str, Any], where: Path):
     return panel_from_dict(raw, path=where)
 
 
+def _refresh_recorded_size(slide_dir: Path, written: Path) -> None:
+    """Keep a batch completion record in ``run.json`` true after rewriting one of its outputs.
+
+    :mod:`qdplex.batch` records the size of every output file and treats a slide whose
+    files differ as incomplete; a rebuilt report must not make ``qdplex run`` redo it.
+    """
+    from .batch import RECORD_KEY
+
+    run_json = slide_dir / "run.json"
+    try:
+        doc = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    rec = doc.get(RECORD_KEY) if isinstance(doc, dict) else None
+    rel = written.relative_to(slide_dir).as_posix()
+    if not isinstance(rec, dict) or rel not in (rec.get("outputs") or {}):
+        return
+    rec["outputs"][rel] = written.stat().st_size
+    _atomic_write_text(run_json, json.dumps(doc, indent=2))
+
+
 def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
     """Rebuild ``slide_dir/qc/report.html`` from the files in a slide's output folder.
 
@@ -486,7 +507,9 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
         summary=summary, residual=residual, library=library, channels=channels, timings=timings,
         source=source, max_side=max_side,
     )
-    return _atomic_write_text(slide_dir / "qc" / REPORT_NAME, text)
+    path = _atomic_write_text(slide_dir / "qc" / REPORT_NAME, text)
+    _refresh_recorded_size(slide_dir, path)
+    return path
 
 
 # --------------------------------------------------------------------------- cohort
