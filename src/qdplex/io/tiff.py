@@ -1,0 +1,261 @@
+"""Read TIFF slides lazily: OME-TIFF (incl. pyramidal), ImageJ hyperstacks, plain multi-page TIFF.
+
+Pixels are read through tifffile's Zarr interface (``aszarr``), chunk by chunk, so
+a whole-slide file is never loaded at once. Channel names come from metadata
+(OME-XML, ImageJ slice labels) or from a sidecar CSV, never from the array shape.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import tifffile
+import zarr
+
+from ..errors import InputError
+from ..model import Channel, MultiplexImage
+from .channels import apply_channels, sidecar_for
+from .discover import slide_stem
+from .omexml import parse_ome
+
+__all__ = ["read_tiff", "TiffArray", "open_tiff"]
+
+#: Target pixels per dask chunk in Y×X (all channels are kept in one chunk).
+CHUNK_PIXELS = 1024 * 1024
+
+
+def open_tiff(path) -> tifffile.TiffFile:
+    """Open a TIFF, turning every parse failure into an :class:`InputError`."""
+    path = Path(path)
+    try:
+        tif = tifffile.TiffFile(path)
+        if not tif.series:
+            tif.close()
+            raise InputError("expected at least one image series in the TIFF, found none", path=path)
+        return tif
+    except InputError:
+        raise
+    except FileNotFoundError as err:
+        raise InputError("expected an existing image file, found nothing at this path", path=path) from err
+    except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise InputError(f"expected a readable TIFF file, found {type(err).__name__}: {err}", path=path) from err
+
+
+class TiffArray:
+    """A picklable, lazily opened array view of one series / level of a TIFF.
+
+    Wrapped with :func:`dask.array.from_array`; the file is opened on first
+    access in each process (so dask graphs can be shipped to distributed workers).
+    """
+
+    def __init__(self, path, series: int, level: int, shape, dtype):
+        self.path = str(path)
+        self.series = series
+        self.level = level
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._z = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_z"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _array(self):
+        if self._z is None:
+            with self._lock:
+                if self._z is None:
+                    store = tifffile.imread(self.path, aszarr=True, series=self.series, level=self.level)
+                    self._z = zarr.open_array(store=store, mode="r")
+        return self._z
+
+    def __getitem__(self, key):
+        try:
+            return np.asarray(self._array()[key])
+        except Exception as err:
+            raise InputError(
+                f"expected readable pixel data, found {type(err).__name__}: {err} (truncated or corrupt file?)",
+                path=self.path,
+            ) from err
+
+
+def _imagej_channels(tif, n_channels_axis: int) -> list[Channel] | None:
+    meta = tif.imagej_metadata or {}
+    labels = meta.get("Labels")
+    if labels and len(labels) == n_channels_axis and all(isinstance(s, str) and s.strip() for s in labels):
+        return [Channel(s.strip()) for s in labels]
+    return None
+
+
+def _pixel_size(tif, page, ome: dict | None) -> float | None:
+    if ome is not None and ome.get("pixel_size_um"):
+        return ome["pixel_size_um"]
+    tags = page.tags
+    xres = tags.get("XResolution")
+    if xres is None:
+        return None
+    num, den = xres.value
+    if not num or not den:
+        return None
+    per_unit = num / den  # pixels per unit
+    if tif.is_imagej:
+        unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
+        if unit in ("micron", "um", "µm", "μm", "\\u00b5m"):
+            return 1.0 / per_unit
+        return None
+    unit = tags.get("ResolutionUnit")
+    if unit is not None and int(unit.value) == 3:  # centimetre
+        return 1e4 / per_unit
+    return None
+
+
+def _channel_layout(axes: str, shape, *, path) -> tuple[list[int], str]:
+    """Order (transpose) that puts channel axes first, then Y, X; and the channel axes."""
+    if "Y" not in axes or "X" not in axes:
+        raise InputError(f"expected an image with Y and X axes, found axes {axes!r} with shape {tuple(shape)}", path=path)
+    others = [a for a in axes if a not in "YX"]
+    if len(others) > 1 and sorted(others) != ["C", "S"]:
+        raise InputError(
+            f"expected a single-plane multichannel image (one channel axis besides Y, X), "
+            f"found axes {axes!r} with shape {tuple(shape)}",
+            path=path,
+        )
+    chan_axes = "".join(a for a in "CS" if a in others) if len(others) == 2 else "".join(others)
+    order = [axes.index(a) for a in chan_axes] + [axes.index("Y"), axes.index("X")]
+    return order, chan_axes
+
+
+def _chunks_for(shape_cyx, file_chunks_yx) -> tuple[int, int, int]:
+    c, y, x = shape_cyx
+    fy, fx = file_chunks_yx
+    if fx >= x:  # strips: keep whole rows per chunk, bound the pixel count
+        cy = max(fy, (CHUNK_PIXELS // max(x, 1)) // max(fy, 1) * max(fy, 1))
+        return (c, min(y, cy), x)
+    side = 1024
+    cy = max(fy, side // fy * fy) if fy else side
+    cx = max(fx, side // fx * fx) if fx else side
+    return (c, min(y, cy), min(x, cx))
+
+
+def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexImage:
+    """Read a TIFF slide (OME-TIFF, ImageJ hyperstack or plain multi-page TIFF) lazily.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The TIFF file.
+    channels : None, path to a CSV, or sequence of str / Channel, optional
+        Channel names (or a sidecar CSV) overriding the file's metadata. When
+        None, the names come from the OME-XML, the ImageJ slice labels, a
+        ``<stem>.channels.csv`` beside the file, or a ``channels.csv`` in its
+        folder (in this order; ``<stem>.channels.csv`` wins over the metadata).
+    name : str, optional
+        Slide name; defaults to the file name without ``.ome.tif(f)``.
+    level : int
+        Pyramid level (0 = full resolution).
+
+    Returns
+    -------
+    MultiplexImage
+        Lazy C×Y×X dask data in the file's dtype.
+
+    Raises
+    ------
+    InputError
+        Unreadable, truncated or unsupported file, missing channel metadata, or
+        a channel count that differs from the number of planes.
+    """
+    path = Path(path)
+    with open_tiff(path) as tif:
+        series = tif.series[0]
+        levels = series.levels
+        if level < 0 or level >= len(levels):
+            raise InputError(f"expected a pyramid level in 0..{len(levels) - 1}, found level={level}", path=path)
+        lev = levels[level]
+        axes, shape = lev.axes, tuple(lev.shape)
+        order, chan_axes = _channel_layout(axes, shape, path=path)
+        n_planes = int(np.prod([shape[i] for i in order[:-2]])) if chan_axes else 1
+        what = (
+            f"{n_planes} plane(s) of {shape[order[-2]]}×{shape[order[-1]]} "
+            f"(axes {axes!r}, shape {shape})"
+        )
+        ome = None
+        found = None
+        fmt = "tiff"
+        if tif.is_ome and tif.ome_metadata:
+            ome = parse_ome(tif.ome_metadata, image_index=0, path=path)
+            found = ome["channels"] or None
+            fmt = "ome-tiff"
+        elif tif.is_imagej:
+            found = _imagej_channels(tif, n_planes)
+            fmt = "imagej-tiff"
+        page0 = series.pages[0] if series.pages else tif.pages.first
+        px = _pixel_size(tif, page0, ome)
+        if px is not None and level > 0:
+            px = px * levels[0].shape[levels[0].axes.index("X")] / shape[axes.index("X")]
+        # chunk layout of the file, for efficient dask chunks
+        kp = lev.keyframe
+        file_chunks = (kp.tilelength or kp.rowsperstrip or shape[axes.index("Y")], kp.tilewidth or shape[axes.index("X")])
+        dtype = lev.dtype
+        n_levels = len(levels)
+        image_name = ome.get("name") if ome else None
+
+    given = channels
+    if given is None:
+        side = sidecar_for(path)
+        if side is not None and (side.name != "channels.csv" or found is None):
+            given = side
+    chans = apply_channels(found, given, n_planes, path=path, what=what)
+
+    arr = da.from_array(
+        TiffArray(path, 0, level, shape, dtype),
+        chunks=_file_chunks(shape, axes, order, _chunks_for((n_planes, shape[order[-2]], shape[order[-1]]), file_chunks)),
+        lock=False,
+        asarray=False,
+        name=f"tiff-{tokenize_path(path)}-{level}",
+        meta=np.empty((0,) * len(shape), dtype=dtype),
+    )
+    arr = arr.transpose(order) if order != sorted(order) else arr
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 4:
+        arr = arr.reshape((n_planes,) + arr.shape[2:])
+    return MultiplexImage(
+        data=arr,
+        channels=chans,
+        pixel_size_um=px,
+        name=name or slide_stem(path),
+        source=str(path),
+        metadata={"format": fmt, "axes": axes, "dtype": str(dtype), "levels": n_levels, "level": level,
+                  "ome_name": image_name},
+    )
+
+
+def _file_chunks(shape, axes, order, cyx_chunks):
+    """Translate C×Y×X chunk sizes back to the file's axis order."""
+    chunks = [1] * len(shape)
+    cc, cy, cx = cyx_chunks
+    for i in order[:-2]:
+        chunks[i] = shape[i]
+    chunks[axes.index("Y")] = cy
+    chunks[axes.index("X")] = cx
+    return tuple(chunks)
+
+
+def tokenize_path(path) -> str:
+    """A token for dask names that changes when the file changes (path, size, mtime)."""
+    from dask.base import tokenize
+
+    p = Path(path)
+    st = p.stat()
+    return tokenize(str(p.resolve()), st.st_size, st.st_mtime_ns)
