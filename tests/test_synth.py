@@ -225,3 +225,74 @@ def test_panel_synth_options_are_used_and_validated(library):
     for bad in ({"positive_fraction": {"HER2": 2}}, {"brightness": {"XX": 1}}, {"colour": 1}, {"control_shape": [8]}):
         with pytest.raises(PanelError, match="synth"):
             make_slide(panel_from_dict(dict(BREAST, synth=bad)), shape=(64, 64), library=library)
+
+
+# --------------------------------------------------------------------------- files and CLI
+def test_write_slide_round_trip(tmp_path, slide):
+    from qdplex.io import read_image, read_labels
+    from qdplex.synth import write_slide
+
+    paths = write_slide(slide, tmp_path)
+    assert paths["slide"] == tmp_path / "slides" / "s11.ome.tif"
+    assert paths["unstained"] == tmp_path / "controls" / "s11_unstained.ome.tif"
+    assert sorted(p.name for p in (tmp_path / "truth" / "s11").iterdir()) == [
+        "abundances.ome.tif", "cells.tif", "cells_truth.csv", "nuclei.tif"]
+    img = read_image(paths["slide"])
+    assert img.channel_names == slide.image.channel_names and img.pixel_size_um == 0.5
+    assert [c.emission_nm for c in img.channels] == [c.emission_nm for c in slide.image.channels]
+    assert [c.bandwidth_nm for c in img.channels] == [10.0] * 31
+    np.testing.assert_array_equal(np.asarray(img.data), np.asarray(slide.image.data))
+    ab = read_image(paths["abundances"])
+    assert ab.channel_names == slide.abundances.channel_names
+    np.testing.assert_array_equal(np.asarray(ab.data), np.asarray(slide.abundances.data))
+    np.testing.assert_array_equal(read_labels(paths["nuclei"]), slide.nuclei)
+    np.testing.assert_array_equal(read_labels(paths["cells"]), slide.cells)
+    import pandas as pd
+
+    t = pd.read_csv(paths["truth"])
+    assert list(t.columns) == list(slide.truth.columns)
+    np.testing.assert_allclose(t["HER2"], slide.truth["HER2"], rtol=1e-5)
+
+
+def _readme_command():
+    from conftest import SAMPLE_DATA
+
+    text = (SAMPLE_DATA / "README.md").read_text(encoding="utf-8")
+    line = next(l for l in text.splitlines() if l.startswith("qdplex synth "))
+    return line.split()[1:]  # after "qdplex"
+
+
+def test_sample_data_regenerates(tmp_path):
+    """The README's command, pointed at a fresh folder, remakes the committed sample exactly."""
+    import pandas as pd
+    from conftest import SAMPLE_DATA
+
+    from qdplex.cli import main
+    from qdplex.io import read_image, read_labels
+
+    args = _readme_command()
+    out = args.index("--out")
+    args[out + 1] = str(tmp_path)
+    panel = args.index("--panel")
+    args[panel + 1] = str(SAMPLE_DATA.parent / args[panel + 1])
+    assert main(args) == 0
+    for rel in ("slides/sample.ome.tif", "controls/sample_unstained.ome.tif", "truth/sample/abundances.ome.tif"):
+        new, old = read_image(tmp_path / rel), read_image(SAMPLE_DATA / rel)
+        assert new.channels == old.channels and new.pixel_size_um == old.pixel_size_um
+        np.testing.assert_array_equal(np.asarray(new.data), np.asarray(old.data))
+    for rel in ("truth/sample/nuclei.tif", "truth/sample/cells.tif"):
+        np.testing.assert_array_equal(read_labels(tmp_path / rel), read_labels(SAMPLE_DATA / rel))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "truth/sample/cells_truth.csv"),
+                                  pd.read_csv(SAMPLE_DATA / "truth/sample/cells_truth.csv"))
+
+
+def test_sample_data_panel_and_size():
+    from conftest import SAMPLE_DATA
+
+    from qdplex.panel import read_panel
+
+    panel = read_panel(SAMPLE_DATA / "panel.toml")  # the control it names exists
+    assert panel.marker_names == ["HER2", "ER", "PR", "EGFR", "mTOR"]
+    assert panel.autofluorescence_control == SAMPLE_DATA / "controls" / "sample_unstained.ome.tif"
+    total = sum(p.stat().st_size for p in SAMPLE_DATA.rglob("*") if p.is_file())
+    assert total < 5e6
