@@ -208,6 +208,7 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
         file_chunks = (kp.tilelength or kp.rowsperstrip or shape[axes.index("Y")], kp.tilewidth or shape[axes.index("X")])
         dtype = lev.dtype
         n_levels = len(levels)
+        _check_extent(tif, lev, path)
         image_name = ome.get("name") if ome else None
 
     given = channels
@@ -239,6 +240,22 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
         metadata={"format": fmt, "axes": axes, "dtype": str(dtype), "levels": n_levels, "level": level,
                   "ome_name": image_name},
     )
+
+
+def _check_extent(tif, series, path) -> None:
+    """Raise InputError when pixel data lie beyond the end of the file (a truncated copy)."""
+    size = tif.filehandle.size
+    for page in series.pages:
+        if page is None:
+            continue
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offsets.size and int((offsets + counts).max()) > size:
+            raise InputError(
+                f"expected pixel data up to byte {int((offsets + counts).max())}, "
+                f"found a file of {size} bytes (truncated?)",
+                path=path,
+            )
 
 
 def _file_chunks(shape, axes, order, cyx_chunks):

@@ -202,9 +202,12 @@ def _write_tiff(
                     lev = halve(lev, labels)
                     tw.write(lev, tile=tile, subfiletype=1, **level_opts(k))
             else:
+                # one channel per chunk: taken as cheap to read per channel (e.g. stored tiles);
+                # several: computed once into the spool, else each channel would recompute them all
                 lev = data
                 if n_sub or any(n > 1 for n in data.chunks[0]):
                     spool = _Spool(path.parent, tile)
+                if any(n > 1 for n in data.chunks[0]):
                     lev = spool.store(lev)
                 it = _tiles(lev, tile) if tile else _planes(lev)
                 tw.write(it, shape=lev.shape, dtype=lev.dtype, tile=tile, **desc, **level_opts(0))
