@@ -70,7 +70,7 @@ MORPHOLOGY_COLUMNS = (
 QC_COLUMNS = ("residual_mean", "af_fraction", "saturated_fraction")
 
 # compartment slots in the accumulator arrays (fixed order = model.COMPARTMENTS)
-_NUC, _CYT, _MEM, _CELL = range(4)
+_NUC, _CYT, _MEM, _CELL, _NOUT, _CX = range(6)
 
 _PERIM_W = np.zeros(50, dtype=np.float64)
 _PERIM_W[[5, 7, 15, 17, 25, 27]] = 1.0
@@ -89,113 +89,167 @@ def _mark_present(a, flags):
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, y0, x0, H, W,
-                do_minmax, cnt, s1, s2, mn, mx, geo, bbox, perim, perim_w):
-    """Add one block to the accumulators.
+def _accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_minmax, cnt, s1, s2, mn, mx):
+    """Add the intensities of one C×h×w block to the per-label sums (one pass).
 
-    ``img`` is C×h×w; ``cells``/``nuclei``/``membrane`` carry ``hy``/``hx`` rows and
-    columns of label context before the block (and any after it); (y0, x0) is the
-    block's origin in the whole image of H×W pixels.
+    Each pixel is added once to its nucleus (when in one) or else to its cell's
+    cytoplasm, and once more to its membrane ring; the cell totals are derived
+    afterwards (:func:`_derive_cells`). Two rare cases keep this exact for any
+    label images: nucleus pixels outside their own cell go to slot ``_NOUT`` (to be
+    subtracted from that cell) and cell pixels inside another object's nucleus to
+    slot ``_CX`` (to be added). ``cells``/``nuclei``/``membrane`` carry ``hy``/``hx``
+    rows/columns of context before the block.
     """
     C = img.shape[0]
     h = img.shape[1]
     w = img.shape[2]
-    lh = cells.shape[0]
-    lw = cells.shape[1]
     for y in range(h):
         ly = y + hy
-        gy = y0 + y
         for x in range(w):
             lx = x + hx
-            gx = x0 + x
             c = cells[ly, lx]
             n = nuclei[ly, lx] if has_nuc else 0
             m = membrane[ly, lx] if has_mem else 0
             if c == 0 and n == 0 and m == 0:
                 continue
             ic = lut[c] if c != 0 else -1
-            inn = lut[n] if n != 0 else -1
             im = lut[m] if m != 0 else -1
-            # intensities
-            for k in range(C):
-                v = np.float64(img[k, y, x])
-                vv = v * v
-                if ic >= 0:
-                    s1[_CELL, ic, k] += v
-                    s2[_CELL, ic, k] += vv
-                    if n == 0:
-                        s1[_CYT, ic, k] += v
-                        s2[_CYT, ic, k] += vv
-                if inn >= 0:
-                    s1[_NUC, inn, k] += v
-                    s2[_NUC, inn, k] += vv
-                if im >= 0:
-                    s1[_MEM, im, k] += v
-                    s2[_MEM, im, k] += vv
-                if do_minmax:
-                    if ic >= 0:
-                        if v < mn[_CELL, ic, k]:
-                            mn[_CELL, ic, k] = v
-                        if v > mx[_CELL, ic, k]:
-                            mx[_CELL, ic, k] = v
-                        if n == 0:
-                            if v < mn[_CYT, ic, k]:
-                                mn[_CYT, ic, k] = v
-                            if v > mx[_CYT, ic, k]:
-                                mx[_CYT, ic, k] = v
-                    if inn >= 0:
-                        if v < mn[_NUC, inn, k]:
-                            mn[_NUC, inn, k] = v
-                        if v > mx[_NUC, inn, k]:
-                            mx[_NUC, inn, k] = v
-                    if im >= 0:
-                        if v < mn[_MEM, im, k]:
-                            mn[_MEM, im, k] = v
-                        if v > mx[_MEM, im, k]:
-                            mx[_MEM, im, k] = v
-            if inn >= 0:
-                cnt[_NUC, inn] += 1
+            if n != 0:
+                slot = _NUC
+                row = lut[n]
+            elif ic >= 0:
+                slot = _CYT
+                row = ic
+            else:
+                slot = -1
+                row = -1
+            odd = n != 0 and c != n
+            if row >= 0:
+                cnt[slot, row] += 1
+                for k in range(C):
+                    v = np.float64(img[k, y, x])
+                    s1[slot, row, k] += v
+                    s2[slot, row, k] += v * v
             if im >= 0:
                 cnt[_MEM, im] += 1
-            if ic < 0:
+                for k in range(C):
+                    v = np.float64(img[k, y, x])
+                    s1[_MEM, im, k] += v
+                    s2[_MEM, im, k] += v * v
+            if odd:
+                inn = lut[n]
+                cnt[_NOUT, inn] += 1
+                if ic >= 0:
+                    cnt[_CX, ic] += 1
+                for k in range(C):
+                    v = np.float64(img[k, y, x])
+                    s1[_NOUT, inn, k] += v
+                    s2[_NOUT, inn, k] += v * v
+                    if ic >= 0:
+                        s1[_CX, ic, k] += v
+                        s2[_CX, ic, k] += v * v
+            if do_minmax:
+                for k in range(C):
+                    v = np.float64(img[k, y, x])
+                    if ic >= 0:
+                        _minmax(mn, mx, _CELL, ic, k, v)
+                        if n == 0:
+                            _minmax(mn, mx, _CYT, ic, k, v)
+                    if n != 0:
+                        _minmax(mn, mx, _NUC, lut[n], k, v)
+                    if im >= 0:
+                        _minmax(mn, mx, _MEM, im, k, v)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _minmax(mn, mx, slot, row, k, v):
+    if v < mn[slot, row, k]:
+        mn[slot, row, k] = v
+    if v > mx[slot, row, k]:
+        mx[slot, row, k] = v
+
+
+def _derive_cells(count, s1, s2):
+    """Cell totals = cytoplasm + nucleus − nucleus-outside-own-cell + cell-inside-other-nucleus."""
+    count[_CELL] = count[_CYT] + count[_NUC] - count[_NOUT] + count[_CX]
+    for a in (s1, s2):
+        a[_CELL] = a[_CYT] + a[_NUC] - a[_NOUT] + a[_CX]
+
+
+@numba.njit(cache=True, nogil=True)
+def _shape(cells, lut, hy, hx, h, w, y0, x0, H, W, geo, bbox, perim, perim_w):
+    """Shape sums of the cells in one block from its row runs, plus perimeter contributions.
+
+    Returns the runs (label index, row, first col, last col) for the convex hulls.
+    """
+    n_runs = 0
+    for y in range(h):
+        prev = 0
+        for x in range(w):
+            c = cells[y + hy, x + hx]
+            if c != 0 and c != prev:
+                n_runs += 1
+            prev = c
+    runs = np.empty((n_runs, 4), dtype=np.int64)
+    i = 0
+    for y in range(h):
+        ly = y + hy
+        gy = y0 + y
+        fy = np.float64(gy)
+        x = 0
+        while x < w:
+            c = cells[ly, x + hx]
+            if c == 0:
+                x += 1
                 continue
-            cnt[_CELL, ic] += 1
-            if n == 0:
-                cnt[_CYT, ic] += 1
-            # shape: raw moments (row r = gy, column = gx), bounding box
-            fy = np.float64(gy)
-            fx = np.float64(gx)
-            geo[ic, 0] += fy
-            geo[ic, 1] += fx
-            geo[ic, 2] += fy * fy
-            geo[ic, 3] += fx * fx
-            geo[ic, 4] += fy * fx
+            xs = x
+            while x < w and cells[ly, x + hx] == c:
+                # perimeter (skimage.measure.perimeter, 4-neighbourhood, per object)
+                lx = x + hx
+                if _is_border(cells, ly, lx, c, hy, hx, y0, x0, H, W):
+                    gx = x0 + x
+                    v = 1
+                    for dy in range(-1, 2):
+                        for dx in range(-1, 2):
+                            if dy == 0 and dx == 0:
+                                continue
+                            if gy + dy < 0 or gy + dy >= H or gx + dx < 0 or gx + dx >= W:
+                                continue
+                            qy = ly + dy
+                            qx = lx + dx
+                            if qy < 0 or qy >= cells.shape[0] or qx < 0 or qx >= cells.shape[1]:
+                                continue
+                            if cells[qy, qx] != c:
+                                continue
+                            if _is_border(cells, qy, qx, c, hy, hx, y0, x0, H, W):
+                                v += 2 if (dy == 0 or dx == 0) else 10
+                    perim[lut[c]] += perim_w[v]
+                x += 1
+            ic = lut[c]
+            a = np.float64(x0 + xs)
+            b = np.float64(x0 + x - 1)
+            L = b - a + 1.0
+            sx = L * (a + b) / 2.0
+            sxx = (b * (b + 1.0) * (2.0 * b + 1.0) - (a - 1.0) * a * (2.0 * a - 1.0)) / 6.0
+            geo[ic, 0] += L * fy
+            geo[ic, 1] += sx
+            geo[ic, 2] += L * fy * fy
+            geo[ic, 3] += sxx
+            geo[ic, 4] += fy * sx
             if gy < bbox[ic, 0]:
                 bbox[ic, 0] = gy
             if gy > bbox[ic, 1]:
                 bbox[ic, 1] = gy
-            if gx < bbox[ic, 2]:
-                bbox[ic, 2] = gx
-            if gx > bbox[ic, 3]:
-                bbox[ic, 3] = gx
-            # perimeter (skimage.measure.perimeter, 4-neighbourhood, per object)
-            if _is_border(cells, ly, lx, c, hy, hx, y0, x0, H, W):
-                v = 1
-                for dy in range(-1, 2):
-                    for dx in range(-1, 2):
-                        if dy == 0 and dx == 0:
-                            continue
-                        qy = ly + dy
-                        qx = lx + dx
-                        if gy + dy < 0 or gy + dy >= H or gx + dx < 0 or gx + dx >= W:
-                            continue
-                        if qy < 0 or qy >= lh or qx < 0 or qx >= lw:
-                            continue
-                        if cells[qy, qx] != c:
-                            continue
-                        if _is_border(cells, qy, qx, c, hy, hx, y0, x0, H, W):
-                            v += 2 if (dy == 0 or dx == 0) else 10
-                perim[ic] += perim_w[v]
+            if x0 + xs < bbox[ic, 2]:
+                bbox[ic, 2] = x0 + xs
+            if x0 + x - 1 > bbox[ic, 3]:
+                bbox[ic, 3] = x0 + x - 1
+            runs[i, 0] = ic
+            runs[i, 1] = gy
+            runs[i, 2] = x0 + xs
+            runs[i, 3] = x0 + x - 1
+            i += 1
+    return runs
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -210,37 +264,6 @@ def _is_border(cells, ly, lx, c, hy, hx, y0, x0, H, W):
     if ly == 0 or ly == lh - 1 or lx == 0 or lx == lw - 1:
         return True
     return (cells[ly - 1, lx] != c or cells[ly + 1, lx] != c or cells[ly, lx - 1] != c or cells[ly, lx + 1] != c)
-
-
-@numba.njit(cache=True, nogil=True)
-def _row_extents(cells, lut, hy, hx, h, w, y0, x0):
-    """(dense index, row, first col, last col) of every run of a cell in the core block."""
-    n = 0
-    for y in range(h):
-        prev = 0
-        for x in range(w):
-            c = cells[y + hy, x + hx]
-            if c != 0 and c != prev:
-                n += 1
-            prev = c
-    out = np.empty((n, 4), dtype=np.int64)
-    i = 0
-    for y in range(h):
-        prev = 0
-        for x in range(w):
-            c = cells[y + hy, x + hx]
-            if c != prev:
-                if prev != 0:
-                    out[i - 1, 3] = x0 + x - 1
-                if c != 0:
-                    out[i, 0] = lut[c]
-                    out[i, 1] = y0 + y
-                    out[i, 2] = x0 + x
-                    i += 1
-            prev = c
-        if prev != 0:
-            out[i - 1, 3] = x0 + w - 1
-    return out
 
 
 @numba.njit(cache=True)
@@ -424,12 +447,12 @@ class Accumulator:
 
     def _alloc(self, n):
         C = len(self.channel_names)
-        self.count = np.zeros((4, n), np.int64)
-        self.sum = np.zeros((4, n, C), np.float64)
-        self.sumsq = np.zeros((4, n, C), np.float64)
+        self.count = np.zeros((6, n), np.int64)
+        self.sum = np.zeros((6, n, C), np.float64)
+        self.sumsq = np.zeros((6, n, C), np.float64)
         if self.minmax:
-            self.min = np.full((4, n, C), np.inf)
-            self.max = np.full((4, n, C), -np.inf)
+            self.min = np.full((6, n, C), np.inf)
+            self.max = np.full((6, n, C), -np.inf)
         self.geo = np.zeros((n, 5), np.float64)
         self.bbox = np.empty((n, 4), np.int64)
         self.bbox[:, 0::2] = np.iinfo(np.int64).max
@@ -439,45 +462,60 @@ class Accumulator:
         self.hull_vertices = np.zeros((0, 2), np.float64)
 
     def merge(self, other: "Accumulator") -> "Accumulator":
-        """Add ``other`` (a block of the same image) into this accumulator, in place."""
-        if list(other.channel_names) != list(self.channel_names):
+        """Add ``other`` (another block of the same image) into this accumulator, in place.
+
+        Blocks are kept aside and combined once, when the totals are read
+        (:meth:`consolidate`, called by :func:`finalize`), so adding a block costs
+        no more than the block itself.
+        """
+        if list(other.channel_names) != list(self.channel_names) or tuple(other.shape) != tuple(self.shape):
             raise InputError(
-                f"expected blocks with channels {self.channel_names}, found {other.channel_names}"
+                f"expected blocks of a {self.shape} image with channels {self.channel_names}, "
+                f"found {other.shape} with {other.channel_names}"
             )
-        if len(self.labels) == 0:
-            self.__dict__.update({k: v for k, v in other.__dict__.items()})
+        if other.minmax != self.minmax:
+            raise InputError(f"expected blocks with minmax={self.minmax}, found minmax={other.minmax}")
+        self._pending = getattr(self, "_pending", []) + [other] + getattr(other, "_pending", [])
+        other._pending = []
+        return self
+
+    def consolidate(self) -> "Accumulator":
+        """Combine the pending blocks into the totals (exact: sums add, extremes and hulls combine)."""
+        parts = [p for p in [self] + getattr(self, "_pending", []) if len(p.labels)]
+        self._pending = []
+        if len(parts) <= 1:
+            if parts and parts[0] is not self:
+                self.__dict__.update({k: v for k, v in parts[0].__dict__.items()})
             return self
-        labels = np.union1d(self.labels, other.labels)
-        ia = np.searchsorted(labels, self.labels)
-        ib = np.searchsorted(labels, other.labels)
+        labels = np.unique(np.concatenate([p.labels for p in parts]))
         new = Accumulator(self.channel_names, self.shape, self.minmax)
         new._alloc(len(labels))
         new.labels = labels
-        new.has_membrane = self.has_membrane or other.has_membrane
-        for name in ("count", "sum", "sumsq"):
-            arr = getattr(new, name)
-            arr[:, ia] += getattr(self, name)
-            arr[:, ib] += getattr(other, name)
-        if self.minmax:
-            new.min[:, ia] = self.min
-            new.min[:, ib] = np.minimum(new.min[:, ib], other.min)
-            new.max[:, ia] = self.max
-            new.max[:, ib] = np.maximum(new.max[:, ib], other.max)
-        new.geo[ia] += self.geo
-        new.geo[ib] += other.geo
-        new.perimeter[ia] += self.perimeter
-        new.perimeter[ib] += other.perimeter
-        new.bbox[ia] = self.bbox
-        new.bbox[ib, 0::2] = np.minimum(new.bbox[ib, 0::2], other.bbox[:, 0::2])
-        new.bbox[ib, 1::2] = np.maximum(new.bbox[ib, 1::2], other.bbox[:, 1::2])
-        # hulls: the hull of the union is the hull of both hulls' vertices
-        lab = np.concatenate([np.repeat(ia, np.diff(self.hull_start)), np.repeat(ib, np.diff(other.hull_start))])
-        verts = np.concatenate([self.hull_vertices, other.hull_vertices])
+        new.has_membrane = any(p.has_membrane for p in parts)
+        hull_lab, hull_v = [], []
+        for p in parts:
+            ix = np.searchsorted(labels, p.labels)  # unique within a part: fancy += is exact
+            new.count[:, ix] += p.count
+            new.sum[:, ix] += p.sum
+            new.sumsq[:, ix] += p.sumsq
+            if self.minmax:
+                new.min[:, ix] = np.minimum(new.min[:, ix], p.min)
+                new.max[:, ix] = np.maximum(new.max[:, ix], p.max)
+            new.geo[ix] += p.geo
+            new.perimeter[ix] += p.perimeter
+            new.bbox[ix, 0::2] = np.minimum(new.bbox[ix, 0::2], p.bbox[:, 0::2])
+            new.bbox[ix, 1::2] = np.maximum(new.bbox[ix, 1::2], p.bbox[:, 1::2])
+            hull_lab.append(np.repeat(ix, np.diff(p.hull_start)))
+            hull_v.append(p.hull_vertices)
+        # the hull of a union is the hull of the parts' hull vertices
+        lab = np.concatenate(hull_lab).astype(np.int64)
+        verts = np.concatenate(hull_v)
         order = np.argsort(lab, kind="stable")
         new.hull_start, new.hull_vertices = _hulls(
-            lab[order].astype(np.int64), verts[order, 0].copy(), verts[order, 1].copy(), len(labels)
+            lab[order], np.ascontiguousarray(verts[order, 0]), np.ascontiguousarray(verts[order, 1]), len(labels)
         )
         self.__dict__.update(new.__dict__)
+        self._pending = []
         return self
 
 
@@ -549,13 +587,11 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
         labels = np.flatnonzero(flags).astype(np.uint64)
         lut = np.full(maxlab + 1, -1, np.int64)
         lut[labels.astype(np.int64)] = np.arange(len(labels))
-        lut_labels = None
     else:  # huge, sparse IDs: relabel the block densely first
         # (the halo's labels too, so that neighbour comparisons stay exact)
         parts = [cl, nu, me]
         labels = np.unique(np.concatenate([np.unique(p) for p in parts if p is not None]))
         labels = labels[labels != 0].astype(np.uint64)
-        lut_labels = labels
         cl = _dense(cl, labels)
         nu = _dense(nu, labels) if nu is not None else None
         me = _dense(me, labels) if me is not None else None
@@ -566,18 +602,17 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
     part.labels = labels
     part.has_membrane = me is not None
     dummy = np.zeros((1, 1), cl.dtype)
+    mm = (part.min, part.max) if acc.minmax else (np.zeros((6, 1, 1)), np.zeros((6, 1, 1)))
     _accumulate(
         block, cl, nu if nu is not None else dummy, me if me is not None else dummy,
-        nu is not None, me is not None, lut, hy, hx, y0, x0, H, W, acc.minmax,
-        part.count, part.sum, part.sumsq,
-        part.min if acc.minmax else np.zeros((4, 1, 1)), part.max if acc.minmax else np.zeros((4, 1, 1)),
-        part.geo, part.bbox, part.perimeter, _PERIM_W,
+        nu is not None, me is not None, lut, hy, hx, acc.minmax,
+        part.count, part.sum, part.sumsq, mm[0], mm[1],
     )
-    ext = _row_extents(cl, lut, hy, hx, h, w, y0, x0)
-    lab, py, px = _diamond_points(ext)
+    _derive_cells(part.count, part.sum, part.sumsq)
+    runs = _shape(cl, lut, hy, hx, h, w, y0, x0, H, W, part.geo, part.bbox, part.perimeter, _PERIM_W)
+    lab, py, px = _diamond_points(runs)
     order = np.argsort(lab, kind="stable")
     part.hull_start, part.hull_vertices = _hulls(lab[order], py[order], px[order], len(labels))
-    del lut_labels
     return acc.merge(part)
 
 
@@ -618,6 +653,7 @@ def finalize(acc: Accumulator, *, stats=DEFAULT_STATS, compartments=COMPARTMENTS
     ``sum``, ``count``, ``min``, ``max``), then :data:`MORPHOLOGY_COLUMNS`.
     Rows are the labels of ``cells`` (or ``cell_ids`` when given), ascending.
     """
+    acc.consolidate()
     names = list(names or acc.channel_names)
     bad = [s for s in stats if s not in _ADDITIVE_STATS]
     if bad:
