@@ -206,3 +206,49 @@ def test_slide_report_renders_in_chromium(tmp_path):
     # the composite image (dark background, coloured cells) made it onto the screen
     dark = np.mean(np.all(shot < 0.15, axis=-1))
     assert dark > 0.02
+
+
+# --------------------------------------------------------------------------- end to end
+def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
+    pytest.importorskip("qdplex.score", reason="qdplex.score (slide scoring) not in this checkout yet")
+    from qdplex.cli import main
+    from qdplex.synth import make_slide, write_slide
+
+    panel_path = ROOT / "pipelines" / "prostate-ar-psa.toml"
+    panel = read_panel(panel_path)
+    syn = tmp_path / "syn"
+    for i in range(2):
+        write_slide(make_slide(panel, shape=(128, 128), seed=i, name=f"s{i}"), syn)
+    (syn / "slides" / "broken.ome.tif").write_bytes(b"II*\x00 truncated")
+    out = tmp_path / "out"
+    argv = ["run", str(syn / "slides"), "--panel", str(panel_path), "--out", str(out),
+            "--scheduler", "synchronous", "--quiet"]
+    assert main(argv) == 1  # one slide failed, the others went on
+
+    cohort = (out / "report.html").read_text(encoding="utf-8")
+    _no_network(cohort)
+    assert "2 ok" in cohort and "1 failed" in cohort and "broken" in cohort
+    assert '<a href="s0/qc/report.html">s0</a>' in cohort
+    for s in ("s0", "s1"):
+        page = (out / s / "qc" / "report.html").read_text(encoding="utf-8")
+        _no_network(page)
+        assert "not drawn" not in page, re.findall(r"<div class=err>(.*?)</div>", page)
+        assert len(_images(page)) == 6
+        assert f"QC report: {s}" in page and "AR" in page and "PSA" in page
+
+    # rebuilt from the files on disk by `qdplex report OUT`
+    (out / "s0" / "qc" / "report.html").unlink()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    page = (out / "s0" / "qc" / "report.html").read_text(encoding="utf-8")
+    assert len(_images(page)) == 6 and "not drawn" not in page
+    assert (out / "report.html").is_file()
+
+    # a rebuilt report does not make the batch think the slides are incomplete
+    from qdplex.pipeline import run
+
+    manifest = run([syn / "slides"], panel, out, scheduler="synchronous", quiet=True)
+    assert sorted(manifest.loc[manifest["status"] == "ok", "action"]) == ["skipped", "skipped"]
+
+    shot = _screenshot(out / "s0" / "qc" / "report.html", tmp_path)[..., :3]
+    assert float(shot.std()) > 0.08 and np.mean(np.all(shot < 0.15, axis=-1)) > 0.02
