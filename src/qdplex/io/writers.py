@@ -23,6 +23,7 @@ from ..errors import InputError, OutputError
 from ..model import Channel, MultiplexImage
 from .atomic import atomic_path
 from .omexml import build_ome
+from .tiff import TiffArray
 
 __all__ = ["write_ome_tiff", "write_labels", "read_labels", "TILE", "TILE_ABOVE", "PYRAMID_ABOVE"]
 
@@ -191,6 +192,32 @@ def _write_tiff(
             out.update(resolution=(r, r), resolutionunit="CENTIMETER")
         return out
 
+    if isinstance(data, da.Array) and compression is None:
+        # uncompressed: lay out the file, then write every block once, in place, in parallel
+        tile = tile or (TILE, TILE)
+        try:
+            with atomic_path(path) as tmp:
+                with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=False) as tw:
+                    tw.write(None, shape=data.shape, dtype=data.dtype, tile=tile,
+                             description=xml.encode("utf-8"), subifds=n_sub or None, **level_opts(0))
+                    shape = data.shape
+                    for k in range(1, n_sub + 1):
+                        shape = (c, shape[1] // 2, shape[2] // 2)
+                        tw.write(None, shape=shape, dtype=data.dtype, tile=tile, subfiletype=1, **level_opts(k))
+                targets = _TileTarget.for_levels(tmp, n_sub + 1, tile)
+                da.store(_align(data, tile), targets[0], lock=False)
+                for k in range(1, n_sub + 1):
+                    prev = targets[k - 1]
+                    src = da.from_array(
+                        TiffArray(tmp, 0, k - 1, prev.shape, prev.dtype),
+                        chunks=(1,) + tuple(min(n, 4 * t) for n, t in zip(prev.shape[1:], tile)),
+                        lock=False, asarray=False, meta=np.empty((0, 0, 0), prev.dtype),
+                    )
+                    da.store(_align(halve(src, labels), tile), targets[k], lock=False)
+        except OSError as err:
+            raise OutputError(f"expected to write an OME-TIFF here, found {err}", path=path) from err
+        return path
+
     spool = None
     try:
         with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=False) as tw:
@@ -202,8 +229,10 @@ def _write_tiff(
                     lev = halve(lev, labels)
                     tw.write(lev, tile=tile, subfiletype=1, **level_opts(k))
             else:
-                # one channel per chunk: taken as cheap to read per channel (e.g. stored tiles);
-                # several: computed once into the spool, else each channel would recompute them all
+                # compressed dask output, written through tifffile's encoder in TIFF order
+                # (channel by channel). One channel per chunk: taken as cheap to read per channel
+                # (e.g. stored tiles); several: computed once into the spool, else each channel
+                # would recompute them all.
                 lev = data
                 if n_sub or any(n > 1 for n in data.chunks[0]):
                     spool = _Spool(path.parent, tile)
@@ -221,6 +250,72 @@ def _write_tiff(
         if spool is not None:
             spool.close()
     return path
+
+
+def _align(arr: da.Array, tile) -> da.Array:
+    """Rechunk so that chunk edges fall on tile edges (all channels of a region in one chunk)."""
+    th, tw = tile
+    cy = max(th, round(arr.chunksize[1] / th) * th)
+    cx = max(tw, round(arr.chunksize[2] / tw) * tw)
+    ok_y = all(n % th == 0 for n in arr.chunks[1][:-1])
+    ok_x = all(n % tw == 0 for n in arr.chunks[2][:-1])
+    if ok_y and ok_x:
+        return arr
+    return arr.rechunk({1: min(cy, arr.shape[1]), 2: min(cx, arr.shape[2])})
+
+
+class _TileTarget:
+    """``da.store`` target writing tile-aligned blocks straight into an uncompressed tiled TIFF.
+
+    Picklable (holds the path and the tile offsets), so blocks can be written
+    from threads or worker processes on the same file system; regions written
+    by different blocks never overlap.
+    """
+
+    def __init__(self, path, offsets: np.ndarray, shape, dtype, tile):
+        self.path = str(path)
+        self.offsets = offsets  # C × tiles_y × tiles_x byte offsets
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.tile = tuple(tile)
+        self.ndim = 3
+
+    @classmethod
+    def for_levels(cls, path, n_levels: int, tile) -> list["_TileTarget"]:
+        out = []
+        with tifffile.TiffFile(path) as tif:
+            byteorder = tif.byteorder
+            levels = tif.series[0].levels
+            for k in range(n_levels):
+                lev = levels[k]
+                pages = list(lev.pages)
+                c = len(pages)
+                y, x = lev.shape[-2:]
+                ny, nx = -(-y // tile[0]), -(-x // tile[1])
+                offs = np.array([np.asarray(p.dataoffsets, np.int64) for p in pages]).reshape(c, ny, nx)
+                out.append(cls(path, offs, (c, y, x), lev.dtype.newbyteorder(byteorder), tile))
+        return out
+
+    def __setitem__(self, key, value):
+        cs, ys, xs = (k if isinstance(k, slice) else slice(k, k + 1) for k in key)
+        c0, y0, x0 = cs.start or 0, ys.start or 0, xs.start or 0
+        th, tw = self.tile
+        if y0 % th or x0 % tw:
+            raise OutputError(f"internal: block at ({y0}, {x0}) is not aligned to {self.tile} tiles", path=self.path)
+        value = np.asarray(value).astype(self.dtype, copy=False)
+        buf = np.zeros((th, tw), self.dtype)
+        with open(self.path, "r+b") as fh:
+            fd = fh.fileno()
+            for ci in range(value.shape[0]):
+                for ty in range(0, value.shape[1], th):
+                    for tx in range(0, value.shape[2], tw):
+                        blk = value[ci, ty : ty + th, tx : tx + tw]
+                        if blk.shape != (th, tw):
+                            buf[:] = 0
+                            buf[: blk.shape[0], : blk.shape[1]] = blk
+                            blk = buf
+                        off = self.offsets[c0 + ci, (y0 + ty) // th, (x0 + tx) // tw]
+                        os.pwrite(fd, np.ascontiguousarray(blk).tobytes(), int(off))
 
 
 def write_ome_tiff(
