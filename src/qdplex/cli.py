@@ -142,8 +142,47 @@ def _cmd_report(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- agree
+def _add_agree(sub) -> None:
+    p = sub.add_parser(
+        "agree",
+        help="agreement of slide scores with orthogonal measurements (IHC, FISH, Western blot)",
+        description="Compare OUT/cohort_summary.csv with a reference CSV (one row per slide): Pearson and "
+        "Spearman for continuous columns, Cohen's kappa (weighted for ordinal scores such as HER2 0/1+/2+/3+) "
+        "and Bland-Altman bias and limits. By default every column present in both files is compared.",
+    )
+    p.add_argument("cohort", metavar="COHORT_SUMMARY", type=Path, help="cohort_summary.csv written by qdplex run")
+    p.add_argument("reference", metavar="REFERENCE", type=Path, help="reference CSV with a slide column")
+    p.add_argument("--on", default="slide", help="column naming the slide in both files (default: slide)")
+    p.add_argument("--pair", action="append", default=[], metavar="OURS=REF",
+                   help="compare cohort column OURS with reference column REF (repeatable)")
+    p.add_argument("--weights", choices=("linear", "quadratic"), default="linear",
+                   help="kappa weights for ordinal scores (default: linear)")
+    p.add_argument("--out", type=Path, help="also write the results to this CSV")
+    p.set_defaults(func=_cmd_agree)
+
+
+def _cmd_agree(args) -> int:
+    import pandas as pd
+
+    from .agree import agree_files
+
+    pairs = None
+    if args.pair:
+        pairs = {}
+        for item in args.pair:
+            ours, sep, ref = item.partition("=")
+            if not sep or not ours or not ref:
+                raise QdplexError(f"expected --pair OURS=REF, found {item!r}")
+            pairs[ours] = ref
+    res = agree_files(args.cohort, args.reference, on=args.on, pairs=pairs, weights=args.weights, out=args.out)
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(res.dropna(axis=1, how="all").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
-_REGISTRY = [_add_run, _add_synth, _add_report]
+_REGISTRY = [_add_run, _add_synth, _add_report, _add_agree]
 
 
 def build_parser() -> argparse.ArgumentParser:
