@@ -52,6 +52,7 @@ figure{margin:0}figure img{width:100%;height:auto;border:1px solid #ddd}figcapti
 table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}td.l,th.l{text-align:left}.bad{color:#b00020;font-weight:600}.ok{color:#1b7f3b}
 .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;font-size:13px;margin:6px 0}
+.scroll{overflow-x:auto;max-width:100%}
 .err{background:#fdecea;border-left:4px solid #b00020;padding:6px 10px;font-size:13px;margin:6px 0}
 """
 
@@ -98,7 +99,7 @@ def _table(df: pd.DataFrame, *, left: Sequence[str] = (), raw_html: Sequence[str
             text = str(v) if c in raw_html else _e(_fmt(v))
             cells += f"<td class={'l' if c in left or c in raw_html else 'r'}>{text}</td>"
         rows.append(f"<tr>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f"<div class=scroll><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def _figure_html(make, caption: str) -> str:
