@@ -314,6 +314,47 @@ def test_ome_zarr_read_by_ome_zarr_py(tmp_path):
     assert node.data[0].shape == (2, 64, 64)
 
 
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_written_by_ome_zarr_py(tmp_path, version):
+    import zarr
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_image
+
+    fmt = FormatV04() if version == "0.4" else FormatV05()
+    data = np.arange(2 * 1 * 300 * 200, dtype=np.uint16).reshape(1, 2, 300, 200)  # t c y x
+    group = zarr.open_group(str(tmp_path / "ext.zarr"), mode="w", zarr_format=fmt.zarr_format)
+    scales = [[{"type": "scale", "scale": [1.0, 1.0, 0.25 * 2**k, 0.25 * 2**k]}] for k in range(3)]
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+            {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    write_image(data, group, scale_factors=(2, 4), axes=axes, fmt=fmt, coordinate_transformations=scales)
+    attrs = group.attrs.asdict()
+    key = {"ome": {**attrs.get("ome", {})}} if "ome" in attrs else {}
+    omero = {"channels": [{"label": "DAPI"}, {"label": "QD655"}]}
+    if key:
+        key["ome"]["omero"] = omero
+        group.attrs.update(key)
+    else:
+        group.attrs.update({"omero": omero})
+    img = read_image(tmp_path / "ext.zarr")
+    assert img.channel_names == ["DAPI", "QD655"]
+    assert img.pixel_size_um == pytest.approx(0.25)
+    np.testing.assert_array_equal(img.data.compute(), data[0])
+    assert img.metadata["ngff_version"] == version
+    assert read_image(tmp_path / "ext.zarr", level=2).shape[1:] == (75, 50)
+    assert find_slides(tmp_path) == [(tmp_path / "ext.zarr").resolve()]
+
+
+def test_bioformats2raw_layout(tmp_path):
+    import zarr
+
+    root = zarr.open_group(str(tmp_path / "conv.zarr"), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    write_ome_zarr(tmp_path / "img.ome.zarr", np.ones((2, 40, 30), np.uint8), ["a", "b"])
+    shutil.copytree(tmp_path / "img.ome.zarr", tmp_path / "conv.zarr" / "0")
+    img = read_image(tmp_path / "conv.zarr")
+    assert img.channel_names == ["a", "b"] and img.shape == (2, 40, 30) and img.name == "conv"
+
+
 # --- atomic writes ----------------------------------------------------------------------------
 
 

@@ -28,14 +28,17 @@ def slide_stem(path) -> str:
 
 
 def is_ome_zarr(path) -> bool:
-    """True for a folder that is a Zarr group holding OME ``multiscales`` metadata."""
+    """True for a folder that is a Zarr group holding OME ``multiscales`` metadata.
+
+    A bioformats2raw layout (image in the sub-group ``0``) counts too.
+    """
     p = Path(path)
     if not p.is_dir():
         return False
-    if (p / ".zattrs").is_file():
-        return "multiscales" in (p / ".zattrs").read_text(errors="replace")
-    if (p / "zarr.json").is_file():
-        return "multiscales" in (p / "zarr.json").read_text(errors="replace")
+    for meta in (".zattrs", "zarr.json"):
+        if (p / meta).is_file():
+            text = (p / meta).read_text(errors="replace")
+            return "multiscales" in text or "bioformats2raw.layout" in text
     return False
 
 

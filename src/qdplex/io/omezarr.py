@@ -51,6 +51,9 @@ def _open(path) -> tuple[zarr.Group, dict, dict]:
     except Exception as err:
         raise InputError(f"expected a readable Zarr group, found {type(err).__name__}: {err}", path=path) from err
     attrs = _attrs(group)
+    if "multiscales" not in attrs and "bioformats2raw.layout" in attrs and "0" in group:
+        group = group["0"]  # bioformats2raw: the (first) image is the sub-group "0"
+        attrs = _attrs(group)
     ms = attrs.get("multiscales")
     if not isinstance(ms, list) or not ms or not ms[0].get("datasets"):
         raise InputError(f"expected 'multiscales' with datasets, found {ms!r:.200}", path=path)
@@ -153,7 +156,7 @@ def read_ome_zarr(path, *, channels=None, name=None, level: int = 0) -> Multiple
         name=name or slide_stem(path),
         source=str(path),
         metadata={"format": "ome-zarr", "levels": len(ms["datasets"]), "level": level,
-                  "ngff_version": ms.get("version")},
+                  "ngff_version": ms.get("version") or attrs.get("version")},
     )
 
 
