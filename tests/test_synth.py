@@ -296,3 +296,53 @@ def test_sample_data_panel_and_size():
     assert panel.autofluorescence_control == SAMPLE_DATA / "controls" / "sample_unstained.ome.tif"
     total = sum(p.stat().st_size for p in SAMPLE_DATA.rglob("*") if p.is_file())
     assert total < 5e6
+
+
+# --------------------------------------------------------------------------- fairness
+def _otsu_watershed(img, px=0.5):
+    """A plain baseline segmenter: Otsu threshold, distance-transform watershed."""
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+    from skimage.segmentation import watershed
+
+    sm = ndi.gaussian_filter(img, 1.0)
+    fg = ndi.binary_fill_holes(sm > threshold_otsu(sm))
+    dist = ndi.distance_transform_edt(fg)
+    peaks = peak_local_max(ndi.gaussian_filter(dist, 1.5), min_distance=int(3.5 / px), labels=ndi.label(fg)[0])
+    markers = np.zeros(img.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=fg)
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_nuclear_field_is_resolvable_by_a_plain_baseline(crowded):
+    """Realistic but fair: Otsu + watershed already finds the nuclei (F1 at IoU 0.5)."""
+    from qdplex.metrics import match_labels
+
+    f1 = [match_labels(nuc, _otsu_watershed(img), iou=0.5)["f1"]
+          for img, nuc in (nuclear_field((256, 256), crowded=crowded, seed=s) for s in (0, 1))]
+    assert min(f1) >= 0.9, f1
+
+
+def test_slide_is_fair_to_unmix_segment_expand(library, breast):
+    """Least-squares unmixing, Otsu nuclei and 5 µm nucleus expansion reach the issue's targets."""
+    from skimage.segmentation import expand_labels
+
+    from qdplex.metrics import match_labels
+    from qdplex.synth import TissueLayout, _compartments, make_slide
+
+    s = make_slide(breast, shape=(256, 256), library=library, seed=7)
+    img = np.asarray(s.image.data, np.float64) - s.image.metadata["camera_offset"]
+    c, h, w = img.shape
+    est = np.linalg.lstsq(s.mixing, img.reshape(c, -1), rcond=None)[0].reshape(-1, h, w)
+    names = s.abundances.channel_names
+    nuclei = _otsu_watershed(est[names.index("DAPI")])
+    assert match_labels(s.nuclei, nuclei, iou=0.5)["f1"] >= 0.9
+    # cells by expanding the true nuclei 5 µm: compartments as a nucleus-expansion pipeline sees them
+    cells = expand_labels(s.nuclei, 10)
+    comps = _compartments(TissueLayout(s.nuclei, cells, None, None, None, None, 0.5))
+    ids = s.truth["CellID"].to_numpy()
+    for m in breast.markers:
+        got = ndi.mean(est[names.index(m.fluor)], comps[m.compartment], ids)
+        r = np.corrcoef(got, s.truth[m.name])[0, 1]
+        assert r >= 0.9, (m.name, r)
