@@ -229,6 +229,27 @@ def test_folder_channels_csv_for_many_tiffs(tmp_path):
     assert read_image(tmp_path / "b.tiff").channel_names == ["X", "Y"]
 
 
+def test_qptiff_channel_names_and_filters(tmp_path):
+    """Akoya / PerkinElmer QPTIFF: one page per filter channel, names in per-page XML."""
+    path = tmp_path / "scan.qptiff"
+    names = [("DAPI", 435, 485), ("Qdot 655", 640, 670)]
+    with tifffile.TiffWriter(path) as tw:
+        for i, (name, lo, hi) in enumerate(names):
+            desc = (f'<?xml version="1.0" encoding="utf-8"?>\r\n<PerkinElmer-QPI-ImageDescription>'
+                    f"<DescriptionVersion>2</DescriptionVersion><ImageType>FullResolution</ImageType>"
+                    f"<Name>{name}</Name><Biomarker>m{i}</Biomarker><EmissionFilter><Name>f</Name><Bands>"
+                    f"<FilterBand><Cuton>{lo}</Cuton><Cutoff>{hi}</Cutoff></FilterBand></Bands></EmissionFilter>"
+                    f"</PerkinElmer-QPI-ImageDescription>")
+            tw.write(np.full((32, 48), i, np.uint16), description=desc, software="PerkinElmer-QPI",
+                     resolution=(20000.0, 20000.0), resolutionunit="CENTIMETER", metadata=None)
+    img = read_image(path)
+    assert img.metadata["format"] == "qptiff"
+    assert img.channel_names == ["DAPI", "Qdot 655"]
+    assert img.channels[1].band == (640.0, 670.0)
+    assert img.pixel_size_um == pytest.approx(0.5)
+    np.testing.assert_array_equal(img.data[:, 0, 0].compute(), [0, 1])
+
+
 def test_bad_sidecar_messages(tmp_path):
     tifffile.imwrite(tmp_path / "s.tif", np.zeros((2, 5, 5), np.uint8))
     (tmp_path / "s.channels.csv").write_text("channel,name\n1,A\n3,B\n")
@@ -300,8 +321,11 @@ def test_ome_zarr_round_trip_and_levels(tmp_path):
 
 def test_ome_zarr_labels(tmp_path):
     labels = np.arange(300 * 200, dtype=np.uint32).reshape(300, 200) % 977
-    path = write_labels_zarr(tmp_path / "cells.ome.zarr", labels, pixel_size_um=0.5)
+    path = write_labels_zarr(tmp_path / "cells.ome.zarr", labels, pixel_size_um=0.5, levels=1)
     np.testing.assert_array_equal(read_labels(path), labels)
+    np.testing.assert_array_equal(read_labels(path, level=1), labels[::2, ::2])  # nearest, not averaged
+    path = write_ome_zarr(tmp_path / "n.ome.zarr", labels[None], ["nuclei"], labels=True, levels=1)
+    np.testing.assert_array_equal(read_labels(path, level=1), labels[::2, ::2])
 
 
 def test_ome_zarr_read_by_ome_zarr_py(tmp_path):
@@ -413,6 +437,11 @@ def test_real_cytomapper_imc_with_markers_csv(shared_data, stem):
     mask = read_labels(folder / f"{stem}_mask.tiff")
     assert mask.dtype == np.uint32 and mask.shape == (100, 100)
     assert len(np.unique(mask[mask > 0])) in (113, 122, 127)
+
+
+def test_real_mcmicro_markers_csv_is_a_folder_sidecar(shared_data):
+    folder = shared_data / "multiplex" / "spatialproteomics_codex"
+    assert read_image(folder / "image.tiff").channel_names == ["DAPI", "PAX5", "CD3", "CD4", "CD8"]
 
 
 def test_real_codex_as_sidecar_in_tmp_copy(shared_data, tmp_path):

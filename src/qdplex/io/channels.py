@@ -144,12 +144,14 @@ def sidecar_for(path) -> Path | None:
     """The sidecar CSV that names the channels of ``path``, or None.
 
     Looks for ``<stem>.channels.csv`` beside the file (stem without
-    ``.ome``/``.tif``/``.tiff``), then ``channels.csv`` in the same folder.
+    ``.ome``/``.tif``/``.tiff``), then ``channels.csv`` in the same folder,
+    then an MCMICRO-style ``markers.csv`` in the same folder.
     """
     path = Path(path)
     from .discover import slide_stem
 
-    for cand in (path.with_name(f"{slide_stem(path)}.channels.csv"), path.with_name("channels.csv")):
+    for cand in (path.with_name(f"{slide_stem(path)}.channels.csv"), path.with_name("channels.csv"),
+                 path.with_name("markers.csv")):
         if cand.is_file():
             return cand
     return None
@@ -177,7 +179,7 @@ def apply_channels(found: list[Channel] | None, given, n: int, *, path, what: st
         if found is None:
             raise InputError(
                 f"expected channel names from the file's metadata or a sidecar CSV "
-                f"('{Path(path).name.split('.')[0]}.channels.csv' or 'channels.csv' beside it, "
+                f"('{Path(path).name.split('.')[0]}.channels.csv', 'channels.csv' or 'markers.csv' beside it, "
                 f"columns channel,name[,emission_nm,bandwidth_nm]), found no channel metadata and {what}",
                 path=path,
             )

@@ -230,6 +230,7 @@ def write_ome_zarr(
     levels: int | None = None,
     chunk: int = ZARR_CHUNK,
     name: str | None = None,
+    labels: bool = False,
 ) -> Path:
     """Write a C×Y×X image as a multiscale OME-Zarr (NGFF 0.4), atomically.
 
@@ -248,6 +249,9 @@ def write_ome_zarr(
         the longest side is at most 512.
     chunk : int
         Chunk side in Y and X (one channel per chunk).
+    labels : bool
+        The planes are label images: reduced levels are nearest-neighbour
+        downsampled instead of averaged (see also :func:`write_labels_zarr`).
     """
     if isinstance(data, MultiplexImage):
         channels = data.channels if channels is None else channels
@@ -265,7 +269,7 @@ def write_ome_zarr(
     chans = [c if isinstance(c, Channel) else Channel(str(c)) for c in channels]
     if len(chans) != data.shape[0]:
         raise OutputError(f"expected one channel per plane ({data.shape[0]}), found {len(chans)}", path=path)
-    return _write(path, data, chans, pixel_size_um=pixel_size_um, levels=levels, chunk=chunk, labels=False,
+    return _write(path, data, chans, pixel_size_um=pixel_size_um, levels=levels, chunk=chunk, labels=labels,
                   name=name or slide_stem(path))
 
 

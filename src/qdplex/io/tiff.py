@@ -97,6 +97,33 @@ def _imagej_channels(tif, n_channels_axis: int) -> list[Channel] | None:
     return None
 
 
+def _qpi_channels(series, n: int) -> list[Channel] | None:
+    """Channel names (and emission filter bands) from PerkinElmer / Akoya QPTIFF page descriptions."""
+    import xml.etree.ElementTree as ET
+
+    out = []
+    for page in list(series.pages)[:n]:
+        try:
+            root = ET.fromstring(page.description.strip())
+        except (ET.ParseError, AttributeError):
+            return None
+        name = (root.findtext("Name") or "").strip()
+        if not name:
+            return None
+        em = bw = None
+        emf = root.find(".//EmissionFilter")
+        if emf is not None:
+            on, off = emf.findtext(".//Cuton"), emf.findtext(".//Cutoff")
+            try:
+                lo, hi = float(on), float(off)
+                if hi > lo > 0:
+                    em, bw = (lo + hi) / 2.0, hi - lo
+            except (TypeError, ValueError):
+                pass
+        out.append(Channel(name, em, bw))
+    return out if len(out) == n else None
+
+
 def _pixel_size(tif, page, ome: dict | None) -> float | None:
     if ome is not None and ome.get("pixel_size_um"):
         return ome["pixel_size_um"]
@@ -156,9 +183,10 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
         The TIFF file.
     channels : None, path to a CSV, or sequence of str / Channel, optional
         Channel names (or a sidecar CSV) overriding the file's metadata. When
-        None, the names come from the OME-XML, the ImageJ slice labels, a
-        ``<stem>.channels.csv`` beside the file, or a ``channels.csv`` in its
-        folder (in this order; ``<stem>.channels.csv`` wins over the metadata).
+        None, the names come from the OME-XML, the ImageJ slice labels or the
+        QPTIFF page descriptions; else from a ``<stem>.channels.csv`` beside the
+        file, a ``channels.csv`` or an MCMICRO ``markers.csv`` in its folder
+        (``<stem>.channels.csv`` wins over the file's metadata).
     name : str, optional
         Slide name; defaults to the file name without ``.ome.tif(f)``.
     level : int
@@ -199,6 +227,9 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
         elif tif.is_imagej:
             found = _imagej_channels(tif, n_planes)
             fmt = "imagej-tiff"
+        elif tif.pages.first.is_qpi:
+            found = _qpi_channels(series, n_planes)
+            fmt = "qptiff"
         page0 = series.pages[0] if series.pages else tif.pages.first
         px = _pixel_size(tif, page0, ome)
         if px is not None and level > 0:
@@ -214,7 +245,7 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
     given = channels
     if given is None:
         side = sidecar_for(path)
-        if side is not None and (side.name != "channels.csv" or found is None):
+        if side is not None and (side.name.endswith(".channels.csv") or found is None):
             given = side
     chans = apply_channels(found, given, n_planes, path=path, what=what)
 
