@@ -190,7 +190,7 @@ def run_wholeslide(
             res = unmix(
                 raw, lib,
                 method=opts.get("method", "nnls"),
-                offset=opts.get("offset"),
+                offset=opts.get("offset", image.metadata.get("camera_offset")),  # as pipeline.run_slide
                 saturation=opts.get("saturation"),
                 exclude_saturated=opts.get("exclude_saturated", False),
                 chunk=tile,
