@@ -115,11 +115,16 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     viewer.open_sample("qdplex", "synthetic")
     slide = viewer.layers["qdplex-sample"]
     assert slide.data.shape == (31, 256, 256)
+    from qtpy.QtCore import Qt
+
+    win = viewer.window._qt_window
     _, run = viewer.window.add_plugin_dock_widget("qdplex", "Run pipeline")
-    _, table = viewer.window.add_plugin_dock_widget("qdplex", "Cell table", tabify=True)
+    _, thr = viewer.window.add_plugin_dock_widget("qdplex", "Thresholds")
     _, colorby = viewer.window.add_plugin_dock_widget("qdplex", "Colour cells")
-    _, thr = viewer.window.add_plugin_dock_widget("qdplex", "Thresholds", tabify=True)
-    _, spec = viewer.window.add_plugin_dock_widget("qdplex", "Spectrum", area="left")
+    dock_table, table = viewer.window.add_plugin_dock_widget("qdplex", "Cell table")
+    win.addDockWidget(Qt.BottomDockWidgetArea, dock_table)
+    dock, spec = viewer.window.add_plugin_dock_widget("qdplex", "Spectrum")
+    win.addDockWidget(Qt.LeftDockWidgetArea, dock)
 
     # 2. run with a chosen panel file, in the background: the GUI thread keeps ticking
     run.panel_edit.setText(str(_write_panel(tmp_path / "panel.toml", SAMPLE_PANEL)))
@@ -130,14 +135,19 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     timer.start(20)
     t0 = time.perf_counter()
     run.run_button.click()
+    returned = []
+    run.worker.returned.connect(lambda _: returned.append(time.perf_counter()))
     qtbot.waitUntil(lambda: run.result is not None, timeout=180_000)
-    elapsed = time.perf_counter() - t0
     timer.stop()
-    assert run.run_button.isEnabled() or qtbot.waitUntil(run.run_button.isEnabled, timeout=5000) is None
+    assert run.run_button.isEnabled()
     assert {25, 50, 75, 100} <= set(seen)
-    gaps = np.diff([t0, *ticks])
-    print(f"pipeline {elapsed:.1f} s in the background; longest GUI stall {gaps.max() * 1000:.0f} ms")
-    assert len(ticks) > elapsed / 0.02 * 0.3  # the event loop kept running during the run
+    # while the pipeline computed, the GUI thread kept serving its timer: no stall close to
+    # the whole computation (which a run in the GUI thread would have caused)
+    compute = returned[0] - t0
+    during = np.array([t0, *[t for t in ticks if t < returned[0]], returned[0]])
+    stall = np.diff(during).max()
+    print(f"pipeline {compute:.1f} s in the background; {during.size - 2} GUI ticks, longest stall {stall:.2f} s")
+    assert during.size - 2 >= 10 and stall < 0.75 * compute
 
     result = run.result
     markers = [m["name"] for m in SAMPLE_PANEL["markers"]]
@@ -191,21 +201,26 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     pct, h = marker_scores(expect, "HER2")
     assert row.pct.text() == f"{pct:.1f}" and row.h.text() == f"{h:.0f}"
     assert float(before) < pct  # a lower threshold: more HER2-positive cells
-    if "HER2_positive" in cells.features:
-        assert cells.features["HER2_positive"].mean() * 100 == pytest.approx(pct, abs=0.05)
+    assert cells.features["HER2_positive"].mean() * 100 == pytest.approx(pct, abs=1e-9)
+    assert expect["thresholds"]["HER2"] == pytest.approx(row.value)
 
     # 6. spectrum of a bright HER2 pixel: the fitted mixture explains the measurement
     ab = np.asarray(viewer.layers["HER2"].data)
     y, x = np.unravel_index(np.argmax(ab), ab.shape)
     fit = spec.show_pixel(y, x)
     assert np.allclose(fit["residual"], fit["measured"] - fit["fitted"])
-    assert fit["r2"] > 0.9, fit["r2"]
+    assert fit["r2"] > 0.95, fit["r2"]
+    # the view reproduces the pipeline's own fit: same RMS misfit as its residual plane
+    assert fit["rms"] == pytest.approx(float(np.asarray(viewer.layers["residual"].data)[y, x]), rel=1e-3)
     spec.cell.setChecked(True)
     mouse_press_callbacks(viewer, ev)
     assert spec.last["title"].startswith(f"cell {cid} ")
     assert spec.last["r2"] > 0.9
 
     # 7. screenshot of the viewer with the widgets, checked to be non-blank
+    table.view.selectionModel().clearSelection()
+    cells.contour = 2  # cell outlines coloured by HER2 over the unmixed composite
+    win.resizeDocks([dock_table], [300], Qt.Vertical)
     viewer.reset_view()
     qtbot.wait(200)
     canvas = viewer.screenshot(canvas_only=True, flash=False)

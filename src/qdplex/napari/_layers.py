@@ -8,6 +8,8 @@ slide (panel, thresholds, summary, library, raw image), read by the widgets.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 
@@ -26,6 +28,8 @@ __all__ = [
 _RESIDUAL = "residual"
 #: lazy unmixed stacks up to this size are computed once (not once per plane) before display
 _MATERIALIZE_BYTES = 1 << 30
+#: numbers each pipeline run, so widgets can tell a re-run's cells layer from an edit
+_RUNS = itertools.count(1)
 
 
 def plane_colormap(channel, library=None):
@@ -162,6 +166,18 @@ def label_layers(nuclei, cells, *, table=None, state=None, pixel_size_um=None, s
     return [nuc, (np.asarray(cells), kw, "labels")]
 
 
+def _unmix_offset(result) -> float:
+    """The camera offset the pipeline removed before unmixing (as :func:`qdplex.pipeline.run_slide` picks it)."""
+    for v in (
+        getattr(result.unmixed, "offset", None),
+        result.panel.unmixing.get("offset"),
+        result.image.metadata.get("camera_offset"),
+    ):
+        if v is not None:
+            return v
+    return 0.0
+
+
 def result_layers(result) -> list[tuple]:
     """All layers for a :class:`qdplex.pipeline.SlideResult`: unmixed planes, residual, nuclei, cells."""
     image = result.image
@@ -171,11 +187,16 @@ def result_layers(result) -> list[tuple]:
         residual = None
     layers = abundance_layers(ab, library=result.library, residual=residual, slide=image.name)
     state = {
+        "run_id": next(_RUNS),
         "panel": result.panel,
         "thresholds": dict(result.thresholds or {}),
         "summary": result.summary,
         "library": result.library,
         "image": image,
+        # the exact fit: mixing matrix (C×K, columns = abundance planes) and camera offset used
+        "matrix": getattr(result.unmixed, "matrix", None),
+        "endmembers": [c.fluor or c.name for c in ab.channels],
+        "offset": _unmix_offset(result),
     }
     seg = result.segmentation
     layers += label_layers(

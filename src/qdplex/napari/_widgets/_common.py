@@ -97,19 +97,41 @@ class LayerCombo(QComboBox):
 
 
 def upsert_layers(viewer, layer_tuples) -> list:
-    """Add layer-data tuples to the viewer, replacing layers of the same name in place."""
+    """Add layer-data tuples to the viewer; a layer of the same name and type is updated in place.
+
+    Updating in place (a re-run) keeps the user's layer order and view settings and
+    avoids napari's costly layer removal.
+    """
     out = []
     for data, kwargs, ltype in layer_tuples:
         name = kwargs.get("name")
-        index = None
-        if name in viewer.layers:
-            index = viewer.layers.index(name)
-            viewer.layers.pop(index)
-        layer = getattr(viewer, f"add_{ltype}")(data, **kwargs)
-        if index is not None:
-            viewer.layers.move(viewer.layers.index(layer), index)
-        out.append(layer)
+        old = viewer.layers[name] if name in viewer.layers else None
+        if old is not None and type(old).__name__.lower() == ltype:
+            _update_layer(old, data, kwargs)
+            out.append(old)
+            continue
+        if old is not None:
+            viewer.layers.remove(old)
+        out.append(getattr(viewer, f"add_{ltype}")(data, **kwargs))
     return out
+
+
+def _update_layer(layer, data, kwargs) -> None:
+    m = layer.metadata.setdefault("qdplex", {})
+    default = m.get("_default_colormap")
+    m.clear()  # drop the colours and selection of the previous run
+    if default is not None:
+        m["_default_colormap"] = default
+        layer.colormap = default
+    m.update(kwargs.get("metadata", {}).get("qdplex", {}))
+    if "scale" in kwargs:
+        layer.scale = kwargs["scale"]
+    layer.data = data
+    for key in ("colormap", "contrast_limits"):
+        if key in kwargs:
+            setattr(layer, key, kwargs[key])
+    if "features" in kwargs:
+        layer.features = kwargs["features"]
 
 
 def cell_ids(layer) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
@@ -48,6 +48,15 @@ class RunWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        # import the pipeline's modules now: imports in the worker would hold the GIL
+        # (and the import lock) and stall the viewer at the start of the first run
+        import qdplex.pipeline
+        import qdplex.quantify
+        import qdplex.score
+        import qdplex.segment
+        import qdplex.tables
+        import qdplex.unmix  # noqa: F401
+
         self.viewer = napari_viewer
         self.result = None
         self.worker = None
@@ -129,7 +138,6 @@ class RunWidget(QWidget):
         self.worker = create_worker(_process, image, panel, self._relay, _start_thread=False)
         self.worker.returned.connect(self._done)
         self.worker.errored.connect(self._failed)
-        self.worker.finished.connect(lambda: self.run_button.setEnabled(True))
         self.worker.start()
         return self.worker
 
@@ -138,15 +146,29 @@ class RunWidget(QWidget):
         self.status.setText(f"{stage} done")
 
     def _done(self, out):
+        # add the layers one per event-loop turn, so the viewer keeps drawing meanwhile
         result, layers = out
-        self.result = result
-        upsert_layers(self.viewer, layers)
+        pending = list(layers)
+
+        def add_next():
+            if pending:
+                upsert_layers(self.viewer, [pending.pop(0)])
+                QTimer.singleShot(0, add_next)
+            else:
+                self._finish(result)
+
+        add_next()
+
+    def _finish(self, result):
+        self.run_button.setEnabled(True)
         self.viewer.layers.selection.active = self.viewer.layers["cells"]
+        self.result = result
         t = sum(result.timings.values())
         n = len(result.table)
         self.progress.setValue(100)
         self.status.setText(f"{result.image.name}: {n} cells in {t:.1f} s")
 
     def _failed(self, exc):
+        self.run_button.setEnabled(True)
         self.progress.setValue(0)
         self.status.setText(f"failed: {exc}")

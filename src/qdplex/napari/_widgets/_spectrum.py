@@ -19,16 +19,15 @@ from ._common import LayerCombo, is_cells, kind, meta
 __all__ = ["SpectrumWidget", "fit_spectrum"]
 
 
-def _offset(image, panel, unmixed=None) -> float:
-    """The camera offset subtracted before unmixing (panel setting, unmixing result, or file metadata)."""
-    for v in (
-        (panel.unmixing.get("offset") if panel is not None else None),
-        getattr(unmixed, "offset", None),
-        image.metadata.get("camera_offset"),
-    ):
-        if v is not None and np.ndim(v) == 0:
-            return float(v)
-    return 0.0
+def _offset(state) -> float | np.ndarray:
+    """The camera offset removed before unmixing: as recorded at run time, else the panel's or the file's."""
+    if state.get("offset") is not None:
+        return state["offset"]
+    panel, image = state.get("panel"), state.get("image")
+    v = panel.unmixing.get("offset") if panel is not None else None
+    if v is None and image is not None:
+        v = image.metadata.get("camera_offset")
+    return 0.0 if v is None else v
 
 
 def fit_spectrum(measured, abundances: dict, matrix: np.ndarray, names: list[str], offset: float = 0.0) -> dict:
@@ -42,8 +41,8 @@ def fit_spectrum(measured, abundances: dict, matrix: np.ndarray, names: list[str
         Library endmember name → unmixed abundance.
     matrix : numpy.ndarray
         ``C×K`` mixing matrix whose columns are the endmembers ``names``.
-    offset : float
-        Camera offset removed from ``measured``.
+    offset : float or array-like
+        Camera offset removed from ``measured`` (one value, or one per channel).
 
     Returns
     -------
@@ -51,7 +50,7 @@ def fit_spectrum(measured, abundances: dict, matrix: np.ndarray, names: list[str
         ``measured`` (offset removed), ``fitted``, ``residual``, ``components``
         (name → C-vector), ``rms`` and ``r2`` (fraction of the signal explained).
     """
-    y = np.asarray(measured, dtype=float) - offset
+    y = np.asarray(measured, dtype=float) - np.asarray(offset, dtype=float)
     comps = {n: matrix[:, names.index(n)] * float(a) for n, a in abundances.items() if n in names}
     fitted = np.sum(list(comps.values()), axis=0) if comps else np.zeros_like(y)
     res = y - fitted
@@ -104,7 +103,9 @@ class SpectrumWidget(QWidget):
         napari_viewer.mouse_drag_callbacks.append(self._on_click)
 
     # -------------------------------------------------------------- data
-    def _matrix(self, library, image):
+    def _matrix(self, state, library, image):
+        if state.get("matrix") is not None and state.get("endmembers"):
+            return np.asarray(state["matrix"], dtype=float), list(state["endmembers"])
         key = (id(library), tuple(image.channels))
         if key not in self._matrix_cache:
             self._matrix_cache = {key: (np.asarray(library.matrix(image.channels), dtype=float), list(library.names))}
@@ -128,7 +129,7 @@ class SpectrumWidget(QWidget):
         if layer is None or image is None or library is None:
             self.info.setText("No raw slide or spectral library for this cells layer.")
             return None
-        m, names = self._matrix(library, image)
+        m, names = self._matrix(state, library, image)
         planes = {}
         for ly in self._abundance_layers(state.get("slide")):
             ch = meta(ly)["channel"]
@@ -150,7 +151,7 @@ class SpectrumWidget(QWidget):
             measured = block[:, mask].mean(axis=1)
             ab = {k: float(np.asarray(p[y0:y1, x0:x1])[mask].mean()) for k, p in planes.items()}
             title = f"cell {cell_id} ({int(mask.sum())} px)"
-        fit = fit_spectrum(measured, ab, m, names, _offset(image, state.get("panel")))
+        fit = fit_spectrum(measured, ab, m, names, _offset(state))
         fit["title"] = title
         self.last = fit
         self._plot(fit, image, library, state.get("panel"))

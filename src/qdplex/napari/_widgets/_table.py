@@ -98,6 +98,7 @@ class CellTableWidget(QWidget):
         self.view.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.view.setSelectionMode(QAbstractItemView.ExtendedSelection)
         self.view.verticalHeader().setDefaultSectionSize(20)
+        self.view.setMinimumHeight(160)
         self.view.selectionModel().selectionChanged.connect(self._rows_selected)
         self.info = QLabel("")
 

@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QGridLayout, QLabel, QSl
 
 from ._common import LayerCombo, is_cells, meta
 
-__all__ = ["ThresholdWidget", "marker_scores"]
+__all__ = ["ThresholdWidget", "marker_scores", "slide_line"]
 
 _STEPS = 1000
 
@@ -87,6 +87,7 @@ class ThresholdWidget(QWidget):
         self.layer = None
         self.rows: dict[str, _MarkerRow] = {}
         self.summary: dict = {}
+        self._run_id = None
         self.cells = LayerCombo(napari_viewer, lambda ly: is_cells(ly) and meta(ly).get("panel") is not None)
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -113,10 +114,19 @@ class ThresholdWidget(QWidget):
                 w.deleteLater()
         self.rows = {}
 
+    def _features_changed(self, *_):
+        if meta(self.layer).get("run_id") != self._run_id:  # a re-run replaced the table
+            self._set_layer(self.layer)
+
     def _set_layer(self, layer):
         self._clear()
+        if self.layer is not None and self.layer is not layer:
+            self.layer.events.features.disconnect(self._features_changed)
+        if layer is not None and layer is not self.layer:
+            layer.events.features.connect(self._features_changed)
         self.layer = layer
         state = meta(layer)
+        self._run_id = state.get("run_id")
         panel = state.get("panel")
         if layer is None or panel is None:
             self.note.setText("Run the pipeline (or open a qdplex output folder) to score cells.")
@@ -137,7 +147,7 @@ class ThresholdWidget(QWidget):
             self.rows[m.name] = row
             for c, w in enumerate((QLabel(m.name), row.slider, row.spin, row.pct, row.h)):
                 self.grid.addWidget(w, r, c)
-        self.note.setText(f"{len(table)} cells; thresholds in unmixed abundance units (marker mean in its compartment)")
+        self.setToolTip("thresholds in unmixed abundance units, on each marker's mean in its own compartment")
         self.rescore()
 
     # --------------------------------------------------------------- scoring
@@ -169,19 +179,30 @@ class ThresholdWidget(QWidget):
             pct, h = marker_scores(summary, name)
             row.pct.setText(f"{pct:.1f}")
             row.h.setText(f"{h:.0f}")
+        line = slide_line(summary)
+        self.note.setText(f"{summary.get('n_cells', len(table))} cells" + (f"; {line}" if line else ""))
         self._update_positive(layer, table, thr)
         self.scored.emit(summary)
 
     def _update_positive(self, layer, table, thr):
-        """Refresh the ``<marker>_positive`` columns (only when they change)."""
-        changed = False
-        for name, t in thr.items():
-            col = f"{name}_positive"
-            if col not in table.columns:
-                continue
-            pos = table[name].to_numpy(dtype=float) >= t
-            if not np.array_equal(pos, table[col].to_numpy(dtype=bool)):
-                table[col] = pos
-                changed = True
-        if changed:
-            layer.features = table
+        """Refresh the ``<marker>_positive`` columns (:func:`qdplex.score.add_positivity`) when they change."""
+        from qdplex.score import add_positivity
+
+        new = add_positivity(table, thr)
+        cols = [f"{name}_positive" for name in thr]
+        if not all(c in table.columns and np.array_equal(new[c].to_numpy(), table[c].to_numpy()) for c in cols):
+            layer.features = new
+
+
+def slide_line(summary: dict) -> str:
+    """One line of slide-level scores: HER2 0–3+ and Allred scores, when the summary has them."""
+    parts = []
+    her2 = summary.get("her2") or {}
+    score = her2.get("score")
+    if score is not None:
+        score = str(score)
+        parts.append(f"HER2 {score if score.endswith('+') else score + '+'}")
+    for name, a in (summary.get("allred") or {}).items():
+        if a and a.get("total") is not None:
+            parts.append(f"{name} Allred {a['total']}/8")
+    return ", ".join(parts)
