@@ -224,3 +224,22 @@ def test_check_panel_reports_and_refuses_singular():
                                             source="copy"))
     with pytest.raises(SpectraError, match="QD655 and Twin"):
         check_panel(twin.subset(["QD605", "QD655", "Twin"]), lambda_grid())
+
+
+def test_cli_check_panel(tmp_path, capsys):
+    from qdplex.cli import main
+
+    wl = np.arange(400, 801, 2.0)
+    twin = np.exp(-0.5 * ((wl - 655) / 12) ** 2)
+    pd.DataFrame({"wavelength_nm": wl, "QD655": twin, "Twin": twin}).to_csv(tmp_path / "lib.csv", index=False)
+    panel = tmp_path / "p.toml"
+    panel.write_text('name = "p"\n[[markers]]\nname = "HER2"\nfluor = "QD655"\n'
+                     '[[markers]]\nname = "ER"\nfluor = "QD605"\n')
+    assert main(["check-panel", str(panel)]) == 0
+    out = capsys.readouterr().out
+    assert "default λ-stack grid 420–720 nm in 10 nm steps" in out
+    assert "condition number" in out and "crosstalk" in out and "QD605" in out
+    panel.write_text(panel.read_text() + '[[markers]]\nname = "X"\nfluor = "Twin"\n[spectra]\nfiles = ["lib.csv"]\n')
+    assert main(["check-panel", str(panel)]) == 2
+    err = capsys.readouterr().err
+    assert "QD655 and Twin" in err and err.count("\n") == 1

@@ -181,8 +181,37 @@ def _cmd_agree(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- check-panel
+def _add_check_panel(sub) -> None:
+    p = sub.add_parser(
+        "check-panel",
+        help="pre-flight check of a panel's spectral library: condition number, angles, crosstalk",
+        description="For the panel's spectral library (built-ins, its spectra files, its autofluorescence) on "
+        "the channels of SLIDE (or, without --image, a default λ-stack grid 420-720 nm in 10 nm steps), print "
+        "the condition number, pairwise spectral angles and the expected crosstalk matrix, and warn on "
+        "near-collinear pairs. A singular library is refused with an error naming the pair.",
+    )
+    p.add_argument("panel", metavar="PANEL", type=Path, help="panel TOML file")
+    p.add_argument("--image", type=Path, metavar="SLIDE", help="a slide whose channels to check on")
+    p.set_defaults(func=_cmd_check_panel)
+
+
+def _cmd_check_panel(args) -> int:
+    from .crosstalk import check_panel_for, format_panel_check
+    from .panel import read_panel
+
+    image = None
+    if args.image is not None:
+        from .io import read_image
+
+        image = read_image(args.image)
+    check = check_panel_for(read_panel(args.panel), image)
+    print(format_panel_check(check))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
-_REGISTRY = [_add_run, _add_synth, _add_report, _add_agree]
+_REGISTRY = [_add_run, _add_synth, _add_report, _add_agree, _add_check_panel]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ import pandas as pd
 from .errors import SpectraError
 from .model import Channel
 
-__all__ = ["PanelCheck", "check_panel", "format_panel_check", "require_unmixable",
+__all__ = ["PanelCheck", "check_panel", "check_panel_for", "format_panel_check", "require_unmixable",
            "COLLINEAR_DEG", "SINGULAR_COND"]
 
 #: Pairs closer than this spectral angle (degrees) are warned about.
@@ -205,3 +205,33 @@ def format_panel_check(check: PanelCheck) -> str:
     else:
         lines.append("no warnings: the library is well separated on these channels")
     return "\n".join(lines)
+
+
+#: The λ-stack checked when no image is given: 420–720 nm in 10 nm bands.
+DEFAULT_GRID = (420.0, 720.0, 10.0)
+
+
+def check_panel_for(panel, image=None) -> PanelCheck:
+    """:func:`check_panel` for a panel's library (:func:`~qdplex.spectra.library_for_panel`).
+
+    Parameters
+    ----------
+    panel : qdplex.panel.Panel
+    image : MultiplexImage, optional
+        Its channels are checked; without one, a default λ-stack grid
+        (:data:`DEFAULT_GRID`) is used and the report says so.
+    """
+    from .spectra import lambda_grid, library_for_panel
+
+    if image is None:
+        channels = lambda_grid(*DEFAULT_GRID)
+        where = (f"no image given: checked on a default λ-stack grid {DEFAULT_GRID[0]:g}–{DEFAULT_GRID[1]:g} nm "
+                 f"in {DEFAULT_GRID[2]:g} nm steps ({len(channels)} bands); pass --image SLIDE for its channels")
+    else:
+        channels = image.channels
+        where = f"channels of {image.source or image.name}"
+    lib = library_for_panel(panel, channels)
+    chk = check_panel(lib, channels)
+    markers = ", ".join(f"{m.name}={m.fluor}" for m in panel.markers)
+    chk.note = f"panel {panel.name!r} ({markers}; nuclear stain {panel.nuclear_stain})\n{where}"
+    return chk

@@ -157,69 +157,211 @@ def _nnls_gram(G, b, z, F, L, idx, yv):
     return True
 
 
-@_jit
-def _nnls_fix(X, G):
-    """Turn unconstrained solutions X (K×N) into NNLS solutions in place.
+_MAX_TABLE_K = 12  # precompute (G_FF)⁻¹ for all 2^K passive sets up to this many endmembers
 
-    Uses bᵀ = G x_ols (exact: Mᵀy = MᵀM x_ols); pixels with no negative (or a NaN)
-    component are already optimal and are skipped.
+
+def _inverse_table(G: np.ndarray) -> np.ndarray:
+    """(G_FF)⁻¹ zero-padded to K×K, for every passive set F (bit j of the index = endmember j)."""
+    K = G.shape[0]
+    tab = np.zeros((1 << K, K, K))
+    for code in range(1, 1 << K):
+        f = np.array([(code >> j) & 1 for j in range(K)], dtype=bool)
+        tab[code][np.ix_(f, f)] = np.linalg.inv(G[np.ix_(f, f)])
+    return tab
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _nnls_batched(X, need, G, tab):
+    """Exact NNLS for the pixels ``need`` of X (K×N, unconstrained solutions, in place).
+
+    Block principal pivoting (Kim & Park 2011) run on batches of pixels at once:
+    each round the pixels are grouped by passive set, the subproblems solved with
+    the precomputed inverse of that set (vectorised over the group), the KKT
+    conditions checked (vectorised); pixels that meet them are done. Uses
+    b = G x (= Mᵀ(y − offset), since Mᵀ r = 0 for the least-squares residual r).
     """
-    K, N = X.shape
+    K = X.shape[0]
+    ntot = need.shape[0]
+    ncode = tab.shape[0]
+    BATCH = 8192
+    B = np.empty((K, BATCH))
+    Bs = np.empty((K, BATCH))
+    Zs = np.empty((K, BATCH))
+    Ys = np.empty((K, BATCH))
+    xg = np.empty(BATCH)
+    tz = np.empty(BATCH)
+    tb = np.empty(BATCH)
+    fl = np.empty(BATCH, dtype=np.int64)
+    cs = np.empty(BATCH, dtype=np.int64)
+    code = np.empty(BATCH, dtype=np.int64)
+    alpha = np.empty(BATCH, dtype=np.int64)
+    beta = np.empty(BATCH, dtype=np.int64)
+    act = np.empty(BATCH, dtype=np.int64)
+    order = np.empty(BATCH, dtype=np.int64)
+    cnt = np.empty(ncode, dtype=np.int64)
+    start = np.empty(ncode + 1, dtype=np.int64)
+    ptr = np.empty(ncode, dtype=np.int64)
+    zf = np.empty(K)
+    bf = np.empty(K)
+    yv = np.empty(K)
+    F = np.empty(K, dtype=np.bool_)
+    L = np.empty((K, K))
+    idx = np.empty(K, dtype=np.int64)
+    for s0 in range(0, ntot, BATCH):
+        nb = min(BATCH, ntot - s0)
+        for q in range(nb):
+            code[q] = 0
+            alpha[q] = 3
+            beta[q] = K + 1
+            act[q] = q
+        for i in range(K):
+            for q in range(nb):
+                B[i, q] = 0.0
+        for j in range(K):
+            for q in range(nb):
+                xg[q] = X[j, need[s0 + q]]
+            for q in range(nb):
+                code[q] |= np.int64(xg[q] > 0.0) << j
+            for i in range(K):
+                g = G[i, j]
+                for q in range(nb):
+                    B[i, q] += g * xg[q]
+        na = nb
+        for _ in range(10 * K + 50):
+            if na == 0:
+                break
+            # group the active pixels by passive set (counting sort)
+            cnt[:] = 0
+            for a in range(na):
+                cnt[code[act[a]]] += 1
+            start[0] = 0
+            for c in range(ncode):
+                start[c + 1] = start[c] + cnt[c]
+                ptr[c] = start[c]
+            for a in range(na):
+                q = act[a]
+                c = code[q]
+                order[ptr[c]] = q
+                cs[ptr[c]] = c
+                ptr[c] += 1
+            for j in range(K):
+                for a in range(na):
+                    Bs[j, a] = B[j, order[a]]
+            # z = (G_FF)⁻¹ b_F per group, vectorised over its pixels
+            for c in range(ncode):
+                s, e = start[c], start[c + 1]
+                if s == e:
+                    continue
+                for i in range(K):
+                    for a in range(s, e):
+                        Zs[i, a] = 0.0
+                    if not (c >> i) & 1:
+                        continue
+                    for j in range(K):
+                        t = tab[c, i, j]
+                        if t != 0.0:
+                            for a in range(s, e):
+                                Zs[i, a] += t * Bs[j, a]
+            # gradient G z − b, and tolerances
+            for a in range(na):
+                tz[a] = 0.0
+                tb[a] = 0.0
+                fl[a] = 0
+            for i in range(K):
+                for a in range(na):
+                    Ys[i, a] = -Bs[i, a]
+                for j in range(K):
+                    g = G[i, j]
+                    for a in range(na):
+                        Ys[i, a] += g * Zs[j, a]
+                for a in range(na):
+                    tz[a] = max(tz[a], abs(Zs[i, a]))
+                    tb[a] = max(tb[a], abs(Bs[i, a]))
+            for a in range(na):
+                tz[a] *= -1e-11
+                tb[a] *= -1e-11
+            # KKT violations as bit masks: z_j < 0 on the passive set, gradient < 0 off it
+            for j in range(K):
+                for a in range(na):
+                    inf_ = (cs[a] >> j) & 1
+                    vz = np.int64(Zs[j, a] < tz[a])
+                    vy = np.int64(Ys[j, a] < tb[a])
+                    fl[a] |= ((inf_ & vz) | ((1 - inf_) & vy)) << j
+            nn = 0
+            for a in range(na):
+                q = order[a]
+                f = fl[a]
+                if f == 0:
+                    n = need[s0 + q]
+                    for k in range(K):
+                        X[k, n] = max(Zs[k, a], 0.0)
+                    continue
+                nv = 0
+                last = 0
+                for j in range(K):
+                    if (f >> j) & 1:
+                        nv += 1
+                        last = j
+                c = cs[a]
+                if nv < beta[q]:
+                    beta[q] = nv
+                    alpha[q] = 3
+                    code[q] = c ^ f
+                elif alpha[q] >= 1:
+                    alpha[q] -= 1
+                    code[q] = c ^ f
+                else:
+                    code[q] = c ^ (1 << last)
+                act[nn] = q
+                nn += 1
+            na = nn
+        # safety net (not expected): finish any pixel still active with the scalar solver
+        for a in range(na):
+            q = act[a]
+            n = need[s0 + q]
+            for k in range(K):
+                bf[k] = B[k, q]
+                F[k] = X[k, n] > 0.0
+            _nnls_gram(G, bf, zf, F, L, idx, yv)
+            for k in range(K):
+                X[k, n] = zf[k]
+
+
+@numba.njit(cache=True, nogil=True)
+def _nnls_scalar(X, need, G):
+    """Exact NNLS pixel by pixel (Cholesky active sets) for libraries too large for a table."""
+    K = X.shape[0]
     b = np.empty(K)
     z = np.empty(K)
     yv = np.empty(K)
     F = np.empty(K, dtype=np.bool_)
     L = np.empty((K, K))
     idx = np.empty(K, dtype=np.int64)
-    for n in range(N):
-        neg = False
+    for q in range(need.shape[0]):
+        n = need[q]
         for k in range(K):
-            if X[k, n] < 0.0:
-                neg = True
-        if not neg:
-            continue
-        for k in range(K):
-            s = 0.0
+            t = 0.0
             for p in range(K):
-                s += G[k, p] * X[p, n]
-            b[k] = s
+                t += G[k, p] * X[p, n]
+            b[k] = t
             F[k] = X[k, n] > 0.0
         _nnls_gram(G, b, z, F, L, idx, yv)
         for k in range(K):
             X[k, n] = z[k]
 
 
-@_jit
-def _residual_flags(Y, off, M, X, sat, T=256):
-    """One pass over Y (C×N): RMS misfit, saturated and non-finite flags per pixel."""
+@numba.njit(cache=True, nogil=True)
+def _rms_pass(Y, off, R, rms):
+    """rms[n] = RMS over channels of Y[:, n] − off − R[:, n] (float64 sums)."""
     C, N = Y.shape
-    K = M.shape[1]
-    rms = np.empty(N, dtype=np.float32)
-    satd = np.zeros(N, dtype=np.bool_)
-    bad = np.zeros(N, dtype=np.bool_)
-    acc = np.empty(T)
-    pred = np.empty(T)
-    for n0 in range(0, N, T):
-        n1 = min(n0 + T, N)
-        m = n1 - n0
-        acc[:m] = 0.0
-        for c in range(C):
-            pred[:m] = off[c]
-            for k in range(K):
-                mck = M[c, k]
-                for i in range(m):
-                    pred[i] += mck * X[k, n0 + i]
-            for i in range(m):
-                y = np.float64(Y[c, n0 + i])
-                if y >= sat:
-                    satd[n0 + i] = True
-                if not np.isfinite(y):
-                    bad[n0 + i] = True
-                d = y - pred[i]
-                acc[i] += d * d
-        for i in range(m):
-            rms[n0 + i] = np.sqrt(acc[i] / C)
-    return rms, satd, bad
+    acc = np.zeros(N)
+    for c in range(C):
+        o = off[c]
+        for n in range(N):
+            d = np.float64(Y[c, n]) - o - R[c, n]
+            acc[n] += d * d
+    for n in range(N):
+        rms[n] = np.sqrt(acc[n] / C)
 
 
 @_jit
@@ -307,9 +449,12 @@ def _pixel_fit(Y, off, M, X, rms, pix, sat, exclude_saturated, nonneg, reweight,
 
 @dataclass(frozen=True)
 class _Plan:
-    M: np.ndarray          # C×K float64
-    P: np.ndarray          # K×C float32 pseudo-inverse
-    G: np.ndarray          # K×K float64 Gram matrix
+    M: np.ndarray          # C×K float64 mixing matrix
+    P32: np.ndarray        # K×C float32 pseudo-inverse
+    offx32: np.ndarray     # K float32: P @ offset
+    M32: np.ndarray        # C×K float32
+    G: np.ndarray          # K×K float64 Gram matrix MᵀM
+    tab: np.ndarray        # passive-set inverses (2^K×K×K) or a 1×1×1 dummy
     offset: np.ndarray     # C float64
     saturation: float
     method: str
@@ -321,44 +466,74 @@ class _Plan:
     where: str
 
 
-def _fit_pixels(Y: np.ndarray, plan: _Plan, origin=None):
-    """Fit C×N pixel spectra; returns (X K×N float32, rms N float32, saturated N bool)."""
+def _fit_pixels(Y: np.ndarray, plan: _Plan, origin=None, want_resid: bool = True):
+    """Fit C×N pixel spectra; returns (X K×N float32, rms N float32, saturated N bool).
+
+    The unconstrained solutions come from one float32 matrix product (BLAS); the
+    pixels with a negative component then get the exact NNLS.
+    """
+    C, N = Y.shape
+    sat = plan.saturation
     Yf = Y if Y.dtype == np.float32 else Y.astype(np.float32)
-    X = plan.P @ Yf
-    X -= (plan.P.astype(np.float64) @ plan.offset).astype(np.float32)[:, None]
+    X = plan.P32 @ Yf
+    if plan.offset.any():
+        X -= plan.offx32[:, None]
+    bad = ~np.isfinite(X.sum(axis=0))
+    if bad.any():
+        X[:, bad] = 0.0
+    satd = Y.max(axis=0) >= sat if sat < np.inf else np.zeros(N, dtype=bool)
     if plan.method != "ols":
-        _nnls_fix(X, plan.G)
-    rms, satd, bad = _residual_flags(Y, plan.offset, plan.M, X, plan.saturation)
-    if bad.any() and plan.nonfinite == "raise":
+        need = np.flatnonzero(X.min(axis=0) < 0.0)
+        if need.size:
+            if plan.tab.shape[0] > 1:
+                _nnls_batched(X, need, plan.G, plan.tab)
+            else:
+                _nnls_scalar(X, need, plan.G)
+    rms = np.full(N, np.nan, dtype=np.float32)
+    if want_resid:
+        _rms_pass(Yf, plan.offset, plan.M32 @ X, rms)
+    if plan.nonfinite == "raise" and bad.any():
         loc = "" if origin is None else f" in the block at y {origin[0]}, x {origin[1]}"
         raise InputError(
             f"expected finite pixel values, found {int(bad.sum())} pixels with NaN/inf{loc}; "
             f"pass nonfinite='exclude' to fit them from their finite channels", path=plan.where)
     redo = bad | satd if plan.exclude_saturated else bad
     if plan.method == "poisson":
-        pix = np.arange(Y.shape[1], dtype=np.int64)
+        pix = np.arange(N, dtype=np.int64)
     else:
         pix = np.flatnonzero(redo).astype(np.int64)
     if pix.size:
-        _pixel_fit(Y, plan.offset, plan.M, X, rms, pix, plan.saturation, plan.exclude_saturated,
+        _pixel_fit(Y, plan.offset, plan.M, X, rms, pix, sat, plan.exclude_saturated,
                    plan.method != "ols", plan.poisson_iterations if plan.method == "poisson" else 0,
                    plan.gain, plan.read_var)
     return X, rms, satd
 
 
-def _unmix_block(block, plan: _Plan, block_info=None):
-    C, h, w = block.shape
-    origin = None
+def _block_origin(block_info):
     if block_info is not None and 0 in block_info:
         loc = block_info[0]["array-location"]
-        origin = (loc[1][0], loc[2][0])
-    X, rms, satd = _fit_pixels(np.ascontiguousarray(block).reshape(C, h * w), plan, origin)
+        return (loc[1][0], loc[2][0])
+    return None
+
+
+def _unmix_block(block, plan: _Plan, block_info=None):
+    """C×h×w block → (K+2)×h×w float32: abundances, RMS residual, saturated (0/1)."""
+    C, h, w = block.shape
+    X, rms, satd = _fit_pixels(np.ascontiguousarray(block).reshape(C, h * w), plan, _block_origin(block_info))
     K = X.shape[0]
     out = np.empty((K + 2, h * w), dtype=np.float32)
     out[:K] = X
     out[K] = rms
     out[K + 1] = satd
     return out.reshape(K + 2, h, w)
+
+
+def _abundance_block(block, plan: _Plan, block_info=None):
+    """C×h×w block → K×h×w float32 abundances only (no residual pass)."""
+    C, h, w = block.shape
+    X, _, _ = _fit_pixels(np.ascontiguousarray(block).reshape(C, h * w), plan, _block_origin(block_info),
+                          want_resid=False)
+    return X.reshape(-1, h, w)
 
 
 def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, poisson_iterations,
@@ -387,7 +562,11 @@ def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, p
     if saturation is None:
         dt = np.dtype(dtype)
         saturation = float(np.iinfo(dt).max) if dt.kind in "ui" else np.inf
-    return _Plan(M=M, P=np.linalg.pinv(M).astype(np.float32), G=M.T @ M, offset=off,
+    G = M.T @ M
+    tab = _inverse_table(G) if K <= _MAX_TABLE_K else np.zeros((1, 1, 1))
+    P = np.linalg.pinv(M)
+    return _Plan(M=M, P32=P.astype(np.float32), offx32=(P @ off).astype(np.float32), M32=M.astype(np.float32),
+                 G=G, tab=tab, offset=off,
                  saturation=float(saturation), method=method, exclude_saturated=bool(exclude_saturated),
                  nonfinite=nonfinite, poisson_iterations=int(poisson_iterations), gain=float(gain),
                  read_var=float(read_noise) ** 2 if read_noise else 1e-6, where=where)
@@ -453,9 +632,9 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
                       **_plan_options(options))
     K = M.shape[1]
     dk = da.from_array(arr, chunks=(arr.shape[0], chunk, chunk))
-    out = da.map_blocks(_unmix_block, dk, plan=plan, dtype=np.float32,
-                        chunks=((K + 2,),) + dk.chunks[1:])
-    res = out[:K].compute(scheduler="threads")
+    out = da.map_blocks(_abundance_block, dk, plan=plan, dtype=np.float32,
+                        chunks=((K,),) + dk.chunks[1:])
+    res = out.compute(scheduler="threads")
     return res[:, 0, :] if flat else res
 
 
