@@ -346,3 +346,45 @@ def test_slide_is_fair_to_unmix_segment_expand(library, breast):
         got = ndi.mean(est[names.index(m.fluor)], comps[m.compartment], ids)
         r = np.corrcoef(got, s.truth[m.name])[0, 1]
         assert r >= 0.9, (m.name, r)
+
+
+def test_truth_accuracy_scores_the_truth_perfectly_and_a_shifted_copy_less(slide, breast):
+    from qdplex.synth import truth_accuracy
+
+    t = slide.truth
+    perfect = truth_accuracy(slide.nuclei, t, slide.nuclei, t)
+    assert perfect["f1"] == 1.0 and perfect["matched"] == len(t)
+    assert set(perfect["markers"]) == set(breast.marker_names)
+    for v in perfect["markers"].values():
+        assert v["r"] == pytest.approx(1.0) and v["slope"] == pytest.approx(1.0) and v["positive_agreement"] == 1.0
+    # relabelled, one nucleus lost, a spurious one added, values scaled and noisy
+    perm = np.concatenate([[0], np.random.default_rng(0).permutation(np.arange(1, len(t) + 1)) + 100])
+    pred = perm[slide.nuclei].astype(np.uint32)
+    pred[pred == perm[1]] = 0
+    pred[:3, :3] = 999
+    table = t.copy()
+    table["CellID"] = perm[t["CellID"].to_numpy()]
+    table["HER2"] = 2.0 * t["HER2"] + np.random.default_rng(1).normal(0, 0.5, len(t))
+    acc = truth_accuracy(slide.nuclei, t, pred, table)
+    assert (acc["tp"], acc["fp"], acc["fn"]) == (len(t) - 1, 1, 1) and acc["matched"] == len(t) - 1
+    assert acc["markers"]["HER2"]["slope"] == pytest.approx(2.0, rel=0.05)
+    assert 0.95 < acc["markers"]["HER2"]["r"] < 1.0
+    assert acc["markers"]["ER"]["r"] == pytest.approx(1.0)
+
+
+def test_sample_data_through_the_pipeline(tmp_path):
+    """The pipeline on the committed sample, scored against its truth (prints the figures)."""
+    from conftest import SAMPLE_DATA
+
+    from qdplex.panel import read_panel
+    from qdplex.pipeline import process_slide
+    from qdplex.synth import truth_accuracy_files
+
+    row = process_slide(SAMPLE_DATA / "slides" / "sample.ome.tif", read_panel(SAMPLE_DATA / "panel.toml"),
+                        tmp_path, report=False)
+    assert row["status"] == "ok", row
+    acc = truth_accuracy_files(SAMPLE_DATA / "truth" / "sample", tmp_path / "sample")
+    print(f"sample: nucleus F1@0.5 {acc['f1']:.3f} (tp {acc['tp']} fp {acc['fp']} fn {acc['fn']}); r "
+          + ", ".join(f"{m} {v['r']:.3f}" for m, v in acc["markers"].items()))
+    assert acc["f1"] >= 0.85, acc
+    assert min(v["r"] for v in acc["markers"].values()) >= 0.9, acc["markers"]

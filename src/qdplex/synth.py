@@ -53,6 +53,8 @@ __all__ = [
     "read_synth_panel",
     "lambda_channels",
     "filter_channels",
+    "truth_accuracy",
+    "truth_accuracy_files",
 ]
 
 # cell types of the layout, in the order of TissueLayout.cell_type codes
@@ -863,3 +865,97 @@ def write_slide(slide: SynthSlide, out_dir, *, compression="zlib") -> dict:
     if slide.unstained is not None:
         write_ome_tiff(paths["unstained"], slide.unstained, compression=compression)
     return paths
+
+
+# --------------------------------------------------------------------------- accuracy against truth
+def _marker_columns(table: pd.DataFrame) -> list[str]:
+    """Marker columns of an MCQuant-order table: those between CellID and X_centroid."""
+    cols = list(table.columns)
+    end = cols.index("X_centroid") if "X_centroid" in cols else len(cols)
+    return [c for c in cols[1:end] if "_" not in c]
+
+
+def truth_accuracy(true_nuclei, truth: pd.DataFrame, nuclei, table: pd.DataFrame, *, iou=0.5) -> dict:
+    """How well a segmentation and cell table recover a synthetic slide's ground truth.
+
+    Nuclei are matched one-to-one at ``iou`` (:func:`qdplex.metrics.match_labels`);
+    over the matched cells each marker's measured mean is compared with its true
+    mean (Pearson r and least-squares slope) and, when the table has
+    ``<marker>_positive``, the positivity calls with the true ones.
+
+    Parameters
+    ----------
+    true_nuclei, nuclei : numpy.ndarray
+        True and measured nucleus labels (cell IDs).
+    truth : pandas.DataFrame
+        The truth table (``SynthSlide.truth`` or ``cells_truth.csv``).
+    table : pandas.DataFrame
+        The measured cell table (``CellID`` and one column per marker).
+    iou : float
+        IoU threshold of a match, in [0.5, 1] (default 0.5).
+
+    Returns
+    -------
+    dict
+        ``f1``, ``precision``, ``recall``, ``tp``, ``fp``, ``fn``, ``mean_iou``,
+        ``matched`` (cells compared) and ``markers``: marker → ``{"r", "slope",
+        "positive_agreement"}`` (``positive_agreement`` only with positivity columns).
+    """
+    from .errors import SegmentationError
+    from .metrics import iou_pairs, match_labels
+
+    if not 0.5 <= iou <= 1:
+        raise SegmentationError(f"expected an IoU threshold in [0.5, 1] (one-to-one matches), found {iou}")
+    seg = match_labels(true_nuclei, nuclei, iou=iou)
+    t_ids, p_ids, ious = iou_pairs(true_nuclei, nuclei)[:3]
+    keep = ious >= iou  # above 0.5 every object has at most one partner
+    t_ids, p_ids = t_ids[keep], p_ids[keep]
+    tt = truth.set_index("CellID")
+    mt = table.set_index("CellID")
+    ok = np.isin(t_ids, tt.index.to_numpy()) & np.isin(p_ids, mt.index.to_numpy())
+    t_ids, p_ids = t_ids[ok], p_ids[ok]
+    out = {k: seg[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn", "mean_iou")}
+    out["matched"] = int(t_ids.size)
+    out["markers"] = {}
+    for m in _marker_columns(truth):
+        if m not in mt.columns:
+            continue
+        x = tt.loc[t_ids, m].to_numpy(np.float64)
+        y = mt.loc[p_ids, m].to_numpy(np.float64)
+        fin = np.isfinite(x) & np.isfinite(y)
+        x, y = x[fin], y[fin]
+        ok2 = x.size > 1 and np.ptp(x) > 0 and np.ptp(y) > 0
+        res = {
+            "r": float(np.corrcoef(x, y)[0, 1]) if ok2 else float("nan"),
+            "slope": float(np.polyfit(x, y, 1)[0]) if ok2 else float("nan"),
+        }
+        col = f"{m}_positive"
+        if col in tt.columns and col in mt.columns:
+            a = tt.loc[t_ids, col].to_numpy().astype(bool)
+            b = mt.loc[p_ids, col].to_numpy().astype(bool)
+            res["positive_agreement"] = float(np.mean(a == b)) if a.size else float("nan")
+        out["markers"][m] = res
+    return out
+
+
+def truth_accuracy_files(truth_dir, result_dir, *, iou=0.5) -> dict:
+    """:func:`truth_accuracy` from disk.
+
+    Parameters
+    ----------
+    truth_dir : path
+        A slide's truth folder (``DIR/truth/N`` with ``nuclei.tif`` and ``cells_truth.csv``).
+    result_dir : path
+        The pipeline's output folder of that slide (``OUT/N`` with
+        ``nuclei.ome.tif`` and ``cells.csv``).
+    """
+    from .io import read_labels
+
+    truth_dir, result_dir = Path(truth_dir), Path(result_dir)
+    need = [truth_dir / "nuclei.tif", truth_dir / "cells_truth.csv", result_dir / "nuclei.ome.tif", result_dir / "cells.csv"]
+    for p in need:
+        if not p.is_file():
+            raise InputError("expected this file of a synthetic slide's truth or its pipeline output, found none", path=p)
+    return truth_accuracy(
+        read_labels(need[0]), pd.read_csv(need[1]), read_labels(need[2]), pd.read_csv(need[3]), iou=iou
+    )
