@@ -319,6 +319,17 @@ def test_ome_zarr_round_trip_and_levels(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ome.zarr"]
 
 
+def test_ome_zarr_corrupt_chunk(tmp_path):
+    path = write_ome_zarr(tmp_path / "c.ome.zarr", np.ones((1, 64, 64), np.float32), ["a"])
+    chunk = next(p for p in (path / "0").rglob("*") if p.is_file() and not p.name.startswith("."))
+    chunk.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="c.ome.zarr.*corrupt"):
+        read_image(path).data.compute()
+    (path / ".zattrs").write_text("{}")
+    with pytest.raises(InputError, match="c.ome.zarr"):
+        read_image(path)
+
+
 def test_ome_zarr_labels(tmp_path):
     labels = np.arange(300 * 200, dtype=np.uint32).reshape(300, 200) % 977
     path = write_labels_zarr(tmp_path / "cells.ome.zarr", labels, pixel_size_um=0.5, levels=1)

@@ -18,7 +18,6 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import InputError
 from ..model import Channel
@@ -205,6 +204,3 @@ def apply_channels(found: list[Channel] | None, given, n: int, *, path, what: st
         )
     return list(chans)
 
-
-def names_from(chans: Sequence[Channel]) -> list[str]:
-    return [c.name for c in chans]

@@ -85,7 +85,27 @@ def read_ome_zarr_array(path, *, level: int = 0) -> tuple[da.Array, str]:
             f"expected the array {datasets[level]['path']!r} named in 'multiscales', found {type(err).__name__}: {err}",
             path=path,
         ) from err
-    return da.from_zarr(arr), _axes(ms, arr.ndim, path=path)
+    guarded = _Guarded(arr, path)
+    lazy = da.from_array(guarded, chunks=arr.chunks, lock=False, asarray=False,
+                         meta=np.empty((0,) * arr.ndim, arr.dtype),
+                         name=f"ome-zarr-{da.core.tokenize(str(path.resolve()), level, arr.shape, str(arr.dtype))}")
+    return lazy, _axes(ms, arr.ndim, path=path)
+
+
+class _Guarded:
+    """A Zarr array whose read errors (corrupt chunks) become :class:`InputError` naming the store."""
+
+    def __init__(self, arr, path):
+        self.arr, self.path = arr, str(path)
+        self.shape, self.dtype, self.ndim = tuple(arr.shape), np.dtype(arr.dtype), arr.ndim
+
+    def __getitem__(self, key):
+        try:
+            return np.asarray(self.arr[key])
+        except Exception as err:
+            raise InputError(
+                f"expected readable Zarr chunks, found {type(err).__name__}: {err} (corrupt chunk?)", path=self.path
+            ) from err
 
 
 def _scale_um(ms: dict, level: int, axes: str, *, path) -> float | None:
