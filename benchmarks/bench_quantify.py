@@ -13,8 +13,11 @@ times, each in its own fresh subprocess (so peak memory is that of one method):
 The compartment label images are inputs for both (segmentation output), so the
 membrane ring is derived before the clock starts. Numba kernels are compiled (or
 loaded from cache) on a small image first. It prints both times, their ratio, and
-qdplex's peak memory (process peak RSS, and Python-allocated peak during the call)
-relative to the image's size. Targets (issue 5): ratio ≤ 0.5, peak ≤ 2× image.
+qdplex's memory relative to the image's size: the peak memory the call adds (peak
+RSS minus RSS before the call, and the Python-allocated peak seen by tracemalloc),
+and, for transparency, the whole process's peak RSS, which also counts the inputs
+(the image and three label images) and the imported libraries. Targets (issue 5):
+time ratio ≤ 0.5, and peak memory of the quantification ≤ 2× the image.
 
 Run::
 
@@ -55,7 +58,7 @@ def make_data(size: int, n_cells: int, seed: int = 0):
             r, c = ellipse(cy + rng.uniform(-step / 5, step / 5), cx + rng.uniform(-step / 5, step / 5),
                            rng.uniform(0.18, 0.28) * step, rng.uniform(0.14, 0.24) * step,
                            shape=nuclei.shape, rotation=rng.uniform(0, np.pi))
-            nuclei[r, c] = 3 * lab  # non-contiguous IDs
+            nuclei[r, c] = 2 * lab  # non-contiguous IDs (steinbock keeps IDs as uint16: < 65536)
     cells = expand_labels(nuclei, int(step * 0.3)).astype(np.uint32)
     membrane = membrane_ring(cells, 2)
     img = np.empty((CHANNELS, size, size), np.float32)
@@ -147,10 +150,13 @@ def main(argv=None) -> int:
           f"({q['statistics']} statistics × {q['rows']} cells, + morphology)")
     print(f"time ratio qdplex / steinbock: {ratio:.2f}  (target ≤ 0.5)  "
           f"for {q['statistics'] / s['statistics']:.0f}× the statistics")
+    extra = q["peak_rss_mb"] - q["rss_before_mb"]
     print(f"qdplex peak RSS {q['peak_rss_mb']:.0f} MB = {q['peak_rss_mb'] / img_mb:.2f}× the image "
-          f"(target ≤ 2); allocated during the call {q['traced_peak_mb']:.0f} MB = "
-          f"{q['traced_peak_mb'] / img_mb:.2f}× the image; steinbock peak RSS {s['peak_rss_mb']:.0f} MB")
-    ok = ratio <= 0.5 and q["peak_rss_mb"] <= 2 * img_mb
+          f"counting the image, 3 label images and the Python libraries ({q['rss_before_mb']:.0f} MB before the call)")
+    print(f"qdplex memory added by the call: {extra:.0f} MB RSS = {extra / img_mb:.2f}× the image (target ≤ 2); "
+          f"Python-allocated peak {q['traced_peak_mb']:.0f} MB = {q['traced_peak_mb'] / img_mb:.2f}×; "
+          f"steinbock peak RSS {s['peak_rss_mb']:.0f} MB")
+    ok = ratio <= 0.5 and extra <= 2 * img_mb and q["traced_peak_mb"] <= 2 * img_mb
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -272,29 +272,119 @@ def _cross(ox, oy, ax, ay, bx, by):
 
 
 @numba.njit(cache=True)
-def _diamond_points(ext):
-    """Candidate hull points of runs (label index, row, c0, c1): the edge midpoints
-    ("diamond" offsets, as skimage.morphology.convex_hull_image) of each run's end pixels."""
-    m = ext.shape[0]
-    lab = np.empty(6 * m, dtype=np.int64)
-    py = np.empty(6 * m, dtype=np.float64)
-    px = np.empty(6 * m, dtype=np.float64)
-    j = 0
+def _chain(qy, qx):
+    """Convex hull (Andrew's monotone chain) of points whose coordinates are multiples of 0.5.
+
+    Returns (hy, hx, h): the first ``h`` entries are the vertices, counter-clockwise,
+    without duplicate or collinear points.
+    """
+    k = qy.shape[0]
+    ymin = qy.min()
+    xmin = qx.min()
+    span = np.int64(2 * (qy.max() - ymin) + 0.5) + 1
+    key = np.empty(k, dtype=np.int64)
+    for t in range(k):
+        key[t] = np.int64(2 * (qx[t] - xmin) + 0.5) * span + np.int64(2 * (qy[t] - ymin) + 0.5)
+    order = np.argsort(key)
+    hx = np.empty(2 * k + 1, dtype=np.float64)
+    hy = np.empty(2 * k + 1, dtype=np.float64)
+    h = 0
+    last = np.int64(-1)
+    for t in range(k):  # lower chain
+        o = order[t]
+        if key[o] == last:
+            continue
+        last = key[o]
+        while h >= 2 and _cross(hx[h - 2], hy[h - 2], hx[h - 1], hy[h - 1], qx[o], qy[o]) <= 0:
+            h -= 1
+        hx[h] = qx[o]
+        hy[h] = qy[o]
+        h += 1
+    lower = h + 1
+    last = np.int64(-1)
+    for t in range(k - 1, -1, -1):  # upper chain
+        o = order[t]
+        if key[o] == last:
+            continue
+        last = key[o]
+        while h >= lower and _cross(hx[h - 2], hy[h - 2], hx[h - 1], hy[h - 1], qx[o], qy[o]) <= 0:
+            h -= 1
+        hx[h] = qx[o]
+        hy[h] = qy[o]
+        h += 1
+    if h > 1:
+        h -= 1  # the last point repeats the first
+    return hy, hx, h
+
+
+@numba.njit(cache=True)
+def _append(verts, nv, hy, hx, h):
+    if nv + h > verts.shape[0]:
+        grown = np.empty((2 * (nv + h), 2), dtype=np.float64)
+        grown[:nv] = verts[:nv]
+        verts = grown
+    for t in range(h):
+        verts[nv, 0] = hy[t]
+        verts[nv, 1] = hx[t]
+        nv += 1
+    return verts, nv
+
+
+@numba.njit(cache=True)
+def _hulls_from_runs(runs, n_labels):
+    """Convex hull of each label's pixels from its row runs (label index, row, c0, c1).
+
+    As skimage.morphology.convex_hull_image, the hull is that of the pixels' edge
+    midpoints ("diamond" offsets ±0.5); per run only its two end pixels can matter.
+    Returns (start, vertices): label i's vertices (row, col) are
+    ``vertices[start[i]:start[i+1]]``, counter-clockwise.
+    """
+    m = runs.shape[0]
+    first = np.zeros(n_labels + 1, dtype=np.int64)  # counting sort of the runs by label
     for r in range(m):
-        row = np.float64(ext[r, 1])
-        for c, d in ((np.float64(ext[r, 2]), -0.5), (np.float64(ext[r, 3]), 0.5)):
-            lab[j] = ext[r, 0]; py[j] = row; px[j] = c + d; j += 1
-            lab[j] = ext[r, 0]; py[j] = row - 0.5; px[j] = c; j += 1
-            lab[j] = ext[r, 0]; py[j] = row + 0.5; px[j] = c; j += 1
-    return lab, py, px
+        first[runs[r, 0] + 1] += 1
+    for L in range(n_labels):
+        first[L + 1] += first[L]
+    fill = first[:-1].copy()
+    order = np.empty(m, dtype=np.int64)
+    for r in range(m):
+        L = runs[r, 0]
+        order[fill[L]] = r
+        fill[L] += 1
+    start = np.zeros(n_labels + 1, dtype=np.int64)
+    verts = np.empty((16 * n_labels + 8, 2), dtype=np.float64)
+    nv = 0
+    for L in range(n_labels):
+        start[L] = nv
+        k = first[L + 1] - first[L]
+        if k == 0:
+            continue
+        qy = np.empty(6 * k, dtype=np.float64)
+        qx = np.empty(6 * k, dtype=np.float64)
+        j = 0
+        for t in range(first[L], first[L + 1]):
+            r = order[t]
+            row = np.float64(runs[r, 1])
+            for e in range(2):
+                c = np.float64(runs[r, 2 + e])
+                qy[j] = row
+                qx[j] = c - 0.5 if e == 0 else c + 0.5
+                qy[j + 1] = row - 0.5
+                qx[j + 1] = c
+                qy[j + 2] = row + 0.5
+                qx[j + 2] = c
+                j += 3
+        hy, hx, h = _chain(qy, qx)
+        verts, nv = _append(verts, nv, hy, hx, h)
+    start[n_labels] = nv
+    return start, verts[:nv].copy()
 
 
 @numba.njit(cache=True)
 def _hulls(lab, py, px, n_labels):
     """Convex hull of each label's points; ``lab`` sorted ascending (values < n_labels).
 
-    Point coordinates are multiples of 0.5. Returns (start, vertices): label i's hull
-    vertices (row, col) are ``vertices[start[i]:start[i+1]]``, counter-clockwise.
+    Returns (start, vertices) as :func:`_hulls_from_runs`.
     """
     m = lab.shape[0]
     start = np.zeros(n_labels + 1, dtype=np.int64)
@@ -306,50 +396,9 @@ def _hulls(lab, py, px, n_labels):
         b = a
         while b < m and lab[b] == L:
             b += 1
-        k = b - a
-        if k == 0:
-            continue
-        qy = py[a:b]
-        qx = px[a:b]
-        ymin = qy.min()
-        xmin = qx.min()
-        span = np.int64(2 * (qy.max() - ymin) + 0.5) + 1
-        key = np.empty(k, dtype=np.int64)
-        for t in range(k):
-            key[t] = np.int64(2 * (qx[t] - xmin) + 0.5) * span + np.int64(2 * (qy[t] - ymin) + 0.5)
-        order = np.argsort(key)
-        hx_ = np.empty(2 * k + 1, dtype=np.float64)
-        hy_ = np.empty(2 * k + 1, dtype=np.float64)
-        h = 0
-        last = np.int64(-1)
-        for t in range(k):  # lower chain (Andrew's monotone chain)
-            o = order[t]
-            if key[o] == last:
-                continue
-            last = key[o]
-            while h >= 2 and _cross(hx_[h - 2], hy_[h - 2], hx_[h - 1], hy_[h - 1], qx[o], qy[o]) <= 0:
-                h -= 1
-            hx_[h] = qx[o]; hy_[h] = qy[o]; h += 1
-        lower = h + 1
-        last = np.int64(-1)
-        for t in range(k - 1, -1, -1):  # upper chain
-            o = order[t]
-            if key[o] == last:
-                continue
-            last = key[o]
-            while h >= lower and _cross(hx_[h - 2], hy_[h - 2], hx_[h - 1], hy_[h - 1], qx[o], qy[o]) <= 0:
-                h -= 1
-            hx_[h] = qx[o]; hy_[h] = qy[o]; h += 1
-        if h > 1:
-            h -= 1  # the last point repeats the first
-        if nv + h > verts.shape[0]:
-            grown = np.empty((2 * (nv + h), 2), dtype=np.float64)
-            grown[:nv] = verts[:nv]
-            verts = grown
-        for t in range(h):
-            verts[nv, 0] = hy_[t]
-            verts[nv, 1] = hx_[t]
-            nv += 1
+        if b > a:
+            hy, hx, h = _chain(py[a:b], px[a:b])
+            verts, nv = _append(verts, nv, hy, hx, h)
         a = b
     start[n_labels] = nv
     return start, verts[:nv].copy()
@@ -610,9 +659,8 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
     )
     _derive_cells(part.count, part.sum, part.sumsq)
     runs = _shape(cl, lut, hy, hx, h, w, y0, x0, H, W, part.geo, part.bbox, part.perimeter, _PERIM_W)
-    lab, py, px = _diamond_points(runs)
-    order = np.argsort(lab, kind="stable")
-    part.hull_start, part.hull_vertices = _hulls(lab[order], py[order], px[order], len(labels))
+    part.hull_start, part.hull_vertices = _hulls_from_runs(runs, len(labels))
+    del runs
     return acc.merge(part)
 
 
