@@ -227,6 +227,8 @@ def test_folder_channels_csv_for_many_tiffs(tmp_path):
         tifffile.imwrite(tmp_path / f"{stem}.tiff", np.zeros((2, 10, 10), np.uint8))
     (tmp_path / "channels.csv").write_text("channel_number,marker_name\n1,X\n2,Y\n")
     assert read_image(tmp_path / "b.tiff").channel_names == ["X", "Y"]
+    # two 2-channel slides sharing a 2-row channels.csv: two slides, not one channel folder
+    assert [p.name for p in find_slides(tmp_path)] == ["a.tiff", "b.tiff"]
 
 
 def test_qptiff_channel_names_and_filters(tmp_path):

@@ -6,6 +6,8 @@ import fnmatch
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from ..errors import InputError
 from .atomic import is_partial
 
@@ -78,7 +80,19 @@ def is_channel_folder(path) -> bool:
     if all(files):
         names = {t.name for t in tiffs} | {slide_stem(t) for t in tiffs}
         return all(f in names or slide_stem(f) in names for f in files)
-    return len(tiffs) == len(rows) and len(tiffs) > 1
+    # the same number of multi-plane TIFFs sharing one channels.csv are separate slides
+    return len(tiffs) == len(rows) and len(tiffs) > 1 and _single_plane(tiffs[0])
+
+
+def _single_plane(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return int(np.prod([n for n, a in zip(series.shape, series.axes) if a not in "YX"])) == 1
+    except Exception:
+        return False
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
