@@ -1,0 +1,303 @@
+"""Batch at scale (issue 6): manifest, corrupt slides, kill -9 and resume, an existing dask cluster.
+
+Every test compares measured outputs: per-cell tables of a batch that was killed and
+resumed, or run on a separately started ``dask scheduler`` with two ``dask worker``
+processes, must equal (exactly) those of one uninterrupted local run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qdplex.errors import OutputError
+
+SHAPE = (160, 160)
+N_GOOD = 3
+BIN = Path(sys.executable).parent
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def panel(breast_panel_path):
+    from qdplex.panel import read_panel
+
+    return read_panel(breast_panel_path)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, panel):
+    """good/ with N_GOOD small synthetic slides, bad/ with a truncated and a garbage slide."""
+    from qdplex.synth import make_slide, write_slide
+
+    root = tmp_path_factory.mktemp("cohort")
+    for i in range(N_GOOD):
+        slide = make_slide(panel, shape=SHAPE, seed=10 + i, name=f"slide{i}")
+        write_slide(slide, root / "synth")
+    good = root / "synth" / "slides"
+    bad = root / "bad"
+    bad.mkdir()
+    data = (good / "slide0.ome.tif").read_bytes()
+    (bad / "truncated.ome.tif").write_bytes(data[: len(data) // 3])
+    (bad / "garbage.tif").write_bytes(np.random.default_rng(0).bytes(4096))
+    return {"good": good, "bad": bad, "root": root}
+
+
+@pytest.fixture(scope="module")
+def reference(cohort, panel, tmp_path_factory):
+    """One uninterrupted batch on the default local dask cluster (good and bad slides)."""
+    from qdplex.batch import run_batch
+
+    out = tmp_path_factory.mktemp("ref") / "out"
+    manifest = run_batch([cohort["good"], cohort["bad"]], panel, out, workers=2, quiet=True, report=False)
+    return out, manifest
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    return {d.name: pd.read_csv(d / "cells.csv") for d in sorted(out.iterdir())
+            if d.is_dir() and (d / "cells.csv").is_file()}
+
+
+def _assert_same_tables(a: Path, b: Path) -> None:
+    ta, tb = _tables(a), _tables(b)
+    assert sorted(ta) == sorted(tb) == [f"slide{i}" for i in range(N_GOOD)]
+    for name in ta:
+        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=True)
+
+
+def _assert_complete(out: Path) -> None:
+    """Every slide folder in OUT is complete: its batch record matches its files."""
+    from qdplex.batch import _read_record
+
+    for d in out.iterdir():
+        if d.is_dir() and not d.name.startswith("."):
+            assert _read_record(d) is not None, f"{d} looks like a slide folder but is not complete"
+
+
+# --------------------------------------------------------------------------- tests
+def test_batch_records_failures_and_goes_on(reference, cohort):
+    from qdplex import provenance
+
+    out, manifest = reference
+    assert list(manifest["input"]) == sorted(manifest["input"])  # the order slides were found in
+    by = manifest.set_index("slide")
+    assert set(by.index) == {"slide0", "slide1", "slide2", "truncated", "garbage"}
+    ok = by[by["status"] == "ok"]
+    bad = by[by["status"] == "failed"]
+    assert sorted(ok.index) == ["slide0", "slide1", "slide2"]
+    assert sorted(bad.index) == ["garbage", "truncated"]
+    for name, row in bad.iterrows():
+        assert name in row["error"] and "\n" not in row["error"]  # one line naming the file
+        assert not (out / name).exists()
+    # the manifest on disk is the returned one
+    disk = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert list(disk["slide"]) == list(manifest["slide"])
+    # provenance: input hash recorded and correct, outputs complete
+    for name, row in ok.iterrows():
+        assert row["input_sha256"] == provenance.file_sha256(row["input"])
+        rec = json.loads((out / name / "run.json").read_text())["batch"]
+        assert rec["input_sha256"] == row["input_sha256"] and rec["complete"]
+        cells = pd.read_csv(out / name / "cells.csv")
+        assert len(cells) > 20 and list(cells.columns[:1]) == ["CellID"]
+    _assert_complete(out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["versions"]["dask"] and run["host"]["cpu_count"] >= 1 and len(run["panel_sha256"]) == 64
+    assert {s["slide"] for s in run["slides"]} == set(by.index)
+    cohort_df = pd.read_csv(out / "cohort_summary.csv")
+    assert len(cohort_df) == N_GOOD
+    log = (out / "qdplex.log").read_text()
+    assert "truncated" in log and "slide2" in log
+    assert not (out / ".qdplex-staging").exists() and not (out / ".qdplex.lock").exists()
+
+
+def test_rerun_skips_complete_slides_and_exits_nonzero(reference, cohort, breast_panel_path, tmp_path, capsys):
+    from qdplex.cli import main
+
+    out, manifest = reference
+    # a copy of the reference so the module fixture stays untouched
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = {p: p.stat().st_mtime_ns for p in copy.glob("slide*/cells.csv")}
+    code = main(["run", str(cohort["good"]), str(cohort["bad"]), "--panel", str(breast_panel_path),
+                 "--out", str(copy), "--scheduler", "synchronous", "--quiet", "--no-report"])
+    assert code == 1  # two corrupt slides
+    err = capsys.readouterr().err
+    assert "truncated" in err and "garbage" in err
+    m = pd.read_csv(copy / "manifest.csv", keep_default_na=False).set_index("slide")
+    assert set(m.loc[[f"slide{i}" for i in range(N_GOOD)], "action"]) == {"skipped"}
+    assert {p: p.stat().st_mtime_ns for p in copy.glob("slide*/cells.csv")} == before
+    # a damaged output is not complete: that slide (only) is recomputed, to the same table
+    victim = copy / "slide1" / "cells.csv"
+    victim.write_text(victim.read_text()[:100])
+    code = main(["run", str(cohort["good"]), "--panel", str(breast_panel_path), "--out", str(copy),
+                 "--scheduler", "synchronous", "--quiet", "--no-report"])
+    assert code == 0
+    m = pd.read_csv(copy / "manifest.csv", keep_default_na=False).set_index("slide")
+    assert m.loc["slide1", "action"] == "computed" and m.loc["slide0", "action"] == "skipped"
+    _assert_same_tables(out, copy)
+    # --force recomputes everything
+    code = main(["run", str(cohort["good"]), "--panel", str(breast_panel_path), "--out", str(copy),
+                 "--scheduler", "synchronous", "--quiet", "--no-report", "--force"])
+    m = pd.read_csv(copy / "manifest.csv", keep_default_na=False)
+    assert code == 0 and set(m["action"]) == {"computed"}
+    _assert_same_tables(out, copy)
+
+
+def test_refuses_output_inside_an_input_folder(cohort, panel):
+    from qdplex.batch import run_batch
+
+    inside = cohort["good"] / "results"
+    with pytest.raises(OutputError, match="inside input folder"):
+        run_batch([cohort["good"]], panel, inside, scheduler="synchronous")
+    with pytest.raises(OutputError):
+        run_batch([cohort["good"] / "slide0.ome.tif"], panel, cohort["good"], scheduler="synchronous")
+    assert not inside.exists()
+
+
+def test_kill9_then_resume_equals_uninterrupted(reference, cohort, breast_panel_path, panel, tmp_path):
+    from qdplex.batch import run_batch
+
+    out = tmp_path / "killed"
+    cmd = [str(BIN / "qdplex"), "run", str(cohort["good"]), "--panel", str(breast_panel_path),
+           "--out", str(out), "--workers", "1", "--no-report"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        n_ok = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                m = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+                n_ok = int((m["status"] == "ok").sum())
+            except (OSError, pd.errors.EmptyDataError, KeyError):
+                n_ok = 0
+            if n_ok >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the batch ended before it could be killed"
+        assert n_ok >= 1, "no slide finished within 90 s"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    # nothing that looks complete and is not
+    _assert_complete(out)
+    killed = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert len(killed) < N_GOOD
+    # rerun: resumes, complete manifest, same tables as the uninterrupted run
+    manifest = run_batch([cohort["good"]], panel, out, scheduler="synchronous", quiet=True, report=False)
+    assert len(manifest) == N_GOOD and set(manifest["status"]) == {"ok"}
+    assert (manifest["action"] == "skipped").sum() >= 1
+    _assert_same_tables(reference[0], out)
+    _assert_complete(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_existing_dask_cluster_gives_the_same_tables(reference, cohort, panel, tmp_path):
+    from distributed import Client
+
+    from qdplex.batch import run_batch
+
+    port = _free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    procs = []
+    log = open(tmp_path / "dask.log", "wb")
+    try:
+        procs.append(subprocess.Popen(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=log, stderr=log, start_new_session=True))
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [str(BIN / "dask"), "worker", addr, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
+                 "--memory-limit", "4GB", "--death-timeout", "60"],
+                stdout=log, stderr=log, start_new_session=True))
+        with Client(addr, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        out = tmp_path / "out"
+        manifest = run_batch([cohort["good"]], panel, out, scheduler=addr, workers=2, quiet=True, report=False)
+        assert set(manifest["status"]) == {"ok"} and len(manifest) == N_GOOD
+        assert manifest["worker"].notna().all()
+        _assert_same_tables(reference[0], out)
+        run = json.loads((out / "run.json").read_text())
+        assert run["parameters"]["scheduler"] == addr
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=15)
+        log.close()
+
+
+def test_provenance_hashes(tmp_path, panel):
+    from qdplex import provenance
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"x" * (5 << 20))
+    import hashlib
+
+    assert provenance.file_sha256(f) == hashlib.sha256(b"x" * (5 << 20)).hexdigest()
+    d = tmp_path / "store.zarr"
+    (d / "0").mkdir(parents=True)
+    (d / "0" / "c").write_bytes(b"abc")
+    h1 = provenance.file_sha256(d)
+    (d / "0" / "c").write_bytes(b"abd")
+    assert provenance.file_sha256(d) != h1
+    h = provenance.panel_sha256(panel)
+    from dataclasses import replace
+
+    assert provenance.panel_sha256(replace(panel, path=tmp_path / "elsewhere.toml")) == h
+    assert provenance.panel_sha256(replace(panel, markers=panel.markers[:-1])) != h
+    rec = provenance.run_record(panel=panel, inputs=[f], parameters={"tile": 1024}, timings={"unmix": 1.5})
+    json.dumps(rec)
+    assert rec["inputs"][0]["sha256"] == provenance.file_sha256(f) and rec["parameters"]["tile"] == 1024
+
+
+def test_progress_plain_lines_and_log(tmp_path):
+    import io
+
+    from qdplex.progress import BatchProgress
+
+    s = io.StringIO()
+    p = BatchProgress(2, log_file=tmp_path / "q.log", stream=s, tty=False)
+    p.start("a")
+    p.stage("a", "unmix", 0.25)
+    p.finish("a", "ok", 1.5)
+    p.finish("b", "failed", 0.2, error="b.tif: expected a TIFF")
+    p.close("1 of 2 ok")
+    text = s.getvalue()
+    assert "[1/2] a ok in 1.5 s" in text and "[2/2] b failed" in text and "expected a TIFF" in text
+    assert "a: unmix done (25%)" in (tmp_path / "q.log").read_text()
+    q = io.StringIO()
+    p = BatchProgress(1, log_file=tmp_path / "q2.log", stream=q, quiet=True)
+    p.finish("a", "ok", 1.0)
+    p.close()
+    assert q.getvalue() == "" and "[1/1] a ok" in (tmp_path / "q2.log").read_text()
+    t = io.StringIO()
+    p = BatchProgress(2, stream=t, tty=True)
+    p.start("a")
+    p.stage("a", "segment", 0.5)
+    p.finish("a", "ok", 1.0)
+    p.close()
+    assert "slides" in t.getvalue() and "50%" in t.getvalue()
