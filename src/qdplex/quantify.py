@@ -967,22 +967,19 @@ def quantify(image, segmentation, panel=None, *, channel_names=None, stats=DEFAU
     drop = [c for c in table.columns if c.startswith("__")]
     table = table.drop(columns=drop)
 
-    order_needed = ("median" in stats) or bool(quantiles)
-    if order_needed:
-        planes = [data[i] for i in range(len(names))]
+    if "median" in stats or quantiles:
         ids = table.index.to_numpy()
+        planes = [np.asarray(data[i]) for i in range(len(names))]  # whole planes: order statistics need them
         extra_cols = {}
         for comp in comps:
             lab = cells if seg is None else seg.compartment(comp)
-            planes_np = [np.asarray(p) for p in planes]
-            extra_cols.update(_order_stats(planes_np, lab, ids, names, comp, stats, quantiles))
+            extra_cols.update(_order_stats(planes, np.asarray(lab), ids, names, comp, stats, quantiles))
         table = pd.concat([table, pd.DataFrame(extra_cols, index=table.index)], axis=1)
-        # put order statistics beside their peers
-        wanted = [f"{n}_{c}_{s}" for n in names for c in comps for s in stats if s != "median" or True]
-        wanted = [w for w in wanted if w in table.columns]
-        qcols = [f"{n}_{c}_{_stat_name(q)}" for n in names for c in comps for q in quantiles]
-        rest = [c for c in table.columns if c not in wanted and c not in qcols]
-        table = table[wanted + qcols + rest]
+        # order: per plane and compartment, the statistics as requested, then the quantiles
+        qnames = [_stat_name(q) for q in quantiles]
+        front = [f"{n}_{c}_{st}" for n in names for c in comps for st in list(stats) + qnames]
+        front = [f for f in front if f in table.columns]
+        table = table[front + [c for c in table.columns if c not in front]]
 
     if residual is not None or saturated is not None:
         table = _add_qc(table, acc, names, extra_names)
@@ -1021,7 +1018,13 @@ def _is_af(name: str) -> bool:
 
 
 def _blocks(data, extra):
-    """Yield ((y0, y1, x0, x1), C×h×w numpy block) along the image's spatial chunks."""
+    """Yield ((y0, y1, x0, x1), C×h×w numpy block) along the image's spatial chunks.
+
+    The extra Y×X planes (unmixing residual, saturation) are appended as channels;
+    lazy pieces of one block are computed together, so a shared dask graph (the
+    unmixing that yields abundances, residual and saturation) runs once per block.
+    """
+    import dask
     import dask.array as da
 
     if isinstance(data, da.Array):
@@ -1034,12 +1037,11 @@ def _blocks(data, extra):
     for i in range(len(ychunks)):
         for j in range(len(xchunks)):
             y0, y1, x0, x1 = ys[i], ys[i + 1], xs[j], xs[j + 1]
-            block = data[:, y0:y1, x0:x1]
-            if isinstance(block, da.Array):
-                block = block.compute()
+            parts = [data[:, y0:y1, x0:x1]] + [e[y0:y1, x0:x1] for e in extra]
+            if any(isinstance(p, da.Array) for p in parts):
+                parts = list(dask.compute(*parts))
+            block = np.asarray(parts[0])
             if extra:
-                ex = [np.asarray(e[y0:y1, x0:x1]) for e in extra]
-                ex = [e.compute() if hasattr(e, "compute") else e for e in ex]
-                block = np.concatenate([np.asarray(block, dtype=np.float32) if block.dtype != np.float64 else block,
-                                        np.stack(ex).astype(block.dtype if block.dtype.kind == "f" else np.float32)])
+                dt = block.dtype if block.dtype.kind == "f" else np.dtype(np.float32)
+                block = np.concatenate([block.astype(dt, copy=False)] + [np.asarray(p, dtype=dt)[None] for p in parts[1:]])
             yield (y0, y1, x0, x1), block
