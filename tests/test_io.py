@@ -222,6 +222,18 @@ def test_plain_tiff_needs_a_sidecar(tmp_path):
         read_image(path)
 
 
+def test_single_strip_uncompressed_pages_are_read_in_small_chunks(tmp_path):
+    """tifffile / ImageJ write uncompressed pages as one strip: memory-mapped, not read page-wise."""
+    data = np.random.default_rng(5).integers(0, 255, (2, 3000, 2500), dtype=np.uint8)
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].rowsperstrip == 3000  # one strip per page
+    img = read_image(path, channels=["a", "b"])
+    assert max(img.data.chunks[1]) <= 1024 and max(img.data.chunks[2]) <= 1024
+    np.testing.assert_array_equal(img.data[:, 1500:2100, 2000:].compute(), data[:, 1500:2100, 2000:])
+
+
 def test_folder_channels_csv_for_many_tiffs(tmp_path):
     for stem in ("a", "b"):
         tifffile.imwrite(tmp_path / f"{stem}.tiff", np.zeros((2, 10, 10), np.uint8))

@@ -51,8 +51,9 @@ class TiffArray:
     access in each process (so dask graphs can be shipped to distributed workers).
     """
 
-    def __init__(self, path, series: int, level: int, shape, dtype):
+    def __init__(self, path, series: int, level: int, shape, dtype, *, contiguous: bool = False):
         self.path = str(path)
+        self.contiguous = contiguous
         self.series = series
         self.level = level
         self.shape = tuple(int(s) for s in shape)
@@ -74,6 +75,9 @@ class TiffArray:
     def _array(self):
         if self._z is None:
             with self._lock:
+                if self._z is None and self.contiguous:
+                    # uncompressed, contiguous data (often one strip per page): memory-map it
+                    self._z = tifffile.memmap(self.path, series=self.series, level=self.level, mode="r")
                 if self._z is None:
                     store = tifffile.imread(self.path, aszarr=True, series=self.series, level=self.level)
                     self._z = zarr.open_array(store=store, mode="r")
@@ -236,7 +240,12 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
             px = px * levels[0].shape[levels[0].axes.index("X")] / shape[axes.index("X")]
         # chunk layout of the file, for efficient dask chunks
         kp = lev.keyframe
-        file_chunks = (kp.tilelength or kp.rowsperstrip or shape[axes.index("Y")], kp.tilewidth or shape[axes.index("X")])
+        contiguous = lev.dataoffset is not None and not kp.is_tiled
+        if contiguous:  # memory-mapped: any chunking is cheap
+            file_chunks = (1, 1)
+        else:
+            file_chunks = (kp.tilelength or kp.rowsperstrip or shape[axes.index("Y")],
+                           kp.tilewidth or shape[axes.index("X")])
         dtype = lev.dtype
         n_levels = len(levels)
         _check_extent(tif, lev, path)
@@ -250,7 +259,7 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
     chans = apply_channels(found, given, n_planes, path=path, what=what)
 
     arr = da.from_array(
-        TiffArray(path, 0, level, shape, dtype),
+        TiffArray(path, 0, level, shape, dtype, contiguous=contiguous),
         chunks=_file_chunks(shape, axes, order, _chunks_for((n_planes, shape[order[-2]], shape[order[-1]]), file_chunks)),
         lock=False,
         asarray=False,
