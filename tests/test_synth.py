@@ -236,7 +236,7 @@ def test_write_slide_round_trip(tmp_path, slide):
     assert paths["slide"] == tmp_path / "slides" / "s11.ome.tif"
     assert paths["unstained"] == tmp_path / "controls" / "s11_unstained.ome.tif"
     assert sorted(p.name for p in (tmp_path / "truth" / "s11").iterdir()) == [
-        "abundances.ome.tif", "cells.tif", "cells_truth.csv", "nuclei.tif"]
+        "abundances.ome.tif", "cells.tif", "cells_truth.csv", "nuclei.tif", "synth.json"]
     img = read_image(paths["slide"])
     assert img.channel_names == slide.image.channel_names and img.pixel_size_um == 0.5
     assert [c.emission_nm for c in img.channels] == [c.emission_nm for c in slide.image.channels]
@@ -388,3 +388,15 @@ def test_sample_data_through_the_pipeline(tmp_path):
           + ", ".join(f"{m} {v['r']:.3f}" for m, v in acc["markers"].items()))
     assert acc["f1"] >= 0.85, acc
     assert min(v["r"] for v in acc["markers"].values()) >= 0.9, acc["markers"]
+
+
+def test_synth_json_records_how_the_slide_was_made(tmp_path, slide):
+    import json
+
+    from qdplex.synth import write_slide
+
+    meta = json.loads(write_slide(slide, tmp_path)["settings"].read_text())
+    assert meta["settings"]["seed"] == 11 and meta["settings"]["mode"] == "lambda"
+    assert meta["settings"]["shape"] == [256, 256] and meta["settings"]["control_shape"] == [256, 256]
+    assert meta["panel"]["name"] == "breast-5plex"
+    np.testing.assert_allclose(meta["mixing"]["matrix"], slide.mixing, rtol=1e-5, atol=1e-6)

@@ -32,6 +32,7 @@ mixing matrix for the slide's channels.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -750,6 +751,7 @@ def make_slide(
     fluors = list(panel.fluors)
     use_af = float(autofluorescence) > 0
     endmembers = fluors + (["AF"] if use_af else [])
+    channel_mode = mode if channels is None else "channels"
     if channels is None:
         if mode == "lambda":
             channels = lambda_channels(*wavelengths)
@@ -820,25 +822,51 @@ def make_slide(
         control = MultiplexImage(ccounts, channels, pixel_size_um=px, name=f"{name}_unstained", metadata=dict(meta))
 
     settings = {
-        "shape": list(shape), "pixel_size_um": px, "mode": mode if channels is None else "channels",
+        "shape": list(shape), "pixel_size_um": px, "mode": channel_mode,
+        "channels": [[c.name, c.emission_nm, c.bandwidth_nm] for c in channels],
         "crowded": bool(crowded), "uneven": bool(uneven), "autofluorescence": float(autofluorescence),
         "photons": float(photons), "read_noise": float(read_noise), "psf_sigma_um": float(psf_sigma_um),
         "camera_offset": CAMERA_OFFSET, "seed": int(seed), "endmembers": endmembers,
+        "unstained": bool(unstained), "control_shape": None if control is None else list(control.shape[1:]),
+        "name": name,
     }
     return SynthSlide(image, layout.nuclei, layout.cells, truth, abundances, mixing, control, panel, settings)
+
+
+def _provenance(slide: SynthSlide) -> dict:
+    from . import __version__
+
+    panel = slide.panel
+    return {
+        "made_by": f"qdplex {__version__} qdplex.synth.make_slide",
+        "settings": slide.settings,
+        "panel": panel.to_dict() if hasattr(panel, "to_dict") else None,
+        "mixing": {
+            "channels": [c.name for c in slide.image.channels],
+            "endmembers": slide.abundances.channel_names,
+            "matrix": np.round(slide.mixing, 6).tolist(),
+        },
+        "truth": {
+            "abundances": "noise-free planes after PSF blur; slide = camera_offset + mixing @ abundances + noise",
+            "cells_truth.csv": "per cell: mean of the unblurred abundance over the marker's true compartment",
+            "membrane_width_um": MEMBRANE_WIDTH_UM,
+        },
+    }
 
 
 def write_slide(slide: SynthSlide, out_dir, *, compression="zlib") -> dict:
     """Write a synthetic slide and its ground truth (layout in docs/architecture.md).
 
     ``OUT/slides/N.ome.tif``, ``OUT/truth/N/{nuclei.tif, cells.tif,
-    abundances.ome.tif, cells_truth.csv}`` and, with a control,
-    ``OUT/controls/N_unstained.ome.tif``. Every file is written atomically.
+    abundances.ome.tif, cells_truth.csv, synth.json}`` and, with a control,
+    ``OUT/controls/N_unstained.ome.tif``. ``synth.json`` records how the slide
+    was made (settings, seed, panel, mixing matrix, qdplex version). Every file
+    is written atomically.
 
     Returns
     -------
     dict
-        ``{"slide", "nuclei", "cells", "abundances", "truth"[, "unstained"]}`` → Path.
+        ``{"slide", "nuclei", "cells", "abundances", "truth", "settings"[, "unstained"]}`` → Path.
     """
     from .io import atomic_path, write_labels, write_ome_tiff
 
@@ -850,6 +878,7 @@ def write_slide(slide: SynthSlide, out_dir, *, compression="zlib") -> dict:
         "cells": out / "truth" / n / "cells.tif",
         "abundances": out / "truth" / n / "abundances.ome.tif",
         "truth": out / "truth" / n / "cells_truth.csv",
+        "settings": out / "truth" / n / "synth.json",
     }
     if slide.unstained is not None:
         paths["unstained"] = out / "controls" / f"{n}_unstained.ome.tif"
@@ -862,6 +891,8 @@ def write_slide(slide: SynthSlide, out_dir, *, compression="zlib") -> dict:
     write_ome_tiff(paths["abundances"], slide.abundances, compression=compression)
     with atomic_path(paths["truth"]) as tmp:
         slide.truth.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(paths["settings"]) as tmp:
+        Path(tmp).write_text(json.dumps(_provenance(slide), indent=2) + "\n", encoding="utf-8")
     if slide.unstained is not None:
         write_ome_tiff(paths["unstained"], slide.unstained, compression=compression)
     return paths
