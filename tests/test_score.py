@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -163,3 +164,33 @@ def test_cohort_summary_rows():
     assert df.loc[0, "HER2_score"] == "3+" and df.loc[1, "HER2_score"] == "0"
     assert df.loc[1, "HER2_percent_positive"] == 0
     assert {"ER_allred", "PR_allred", "HER2_load", "phenotype:ER+/PR+/HER2+"} <= set(df.columns)
+
+
+@pytest.fixture(scope="module")
+def synthetic_table():
+    from qdplex.model import Segmentation
+    from qdplex.panel import read_panel
+    from qdplex.quantify import quantify
+    from qdplex.synth import make_slide
+    from qdplex.tables import cell_table
+
+    panel = read_panel(Path(__file__).resolve().parents[1] / "pipelines" / "breast-5plex.toml")
+    slide = make_slide(panel, shape=(512, 512), seed=1)
+    seg = Segmentation(slide.nuclei, slide.cells, membrane_width_px=2)
+    table = cell_table(quantify(slide.abundances, seg, panel), panel)
+    truth = slide.truth.set_index("CellID").loc[table["CellID"]]
+    return panel, table, truth
+
+
+@pytest.mark.parametrize("method, min_kappa", [("otsu", 0.85), ("gmm", 0.95)])
+def test_positivity_matches_synthetic_truth(synthetic_table, method, min_kappa):
+    """On true abundances and labels, learnt thresholds recover the true positive cells."""
+    from qdplex.agree import cohen_kappa
+
+    panel, table, truth = synthetic_table
+    scored, _, summary = score_table(table, panel, thresholds={m: method for m in panel.marker_names})
+    for m in panel.marker_names:
+        k = cohen_kappa(scored[f"{m}_positive"].to_numpy(), truth[f"{m}_positive"].to_numpy())["kappa"]
+        print(f"{method} {m}: kappa {k:.3f}")
+        assert k >= min_kappa, (m, k)
+        assert summary["markers"][m]["percent_positive"] == pytest.approx(100 * truth[f"{m}_positive"].mean(), abs=1.5)
