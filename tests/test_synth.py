@@ -400,3 +400,26 @@ def test_synth_json_records_how_the_slide_was_made(tmp_path, slide):
     assert meta["settings"]["shape"] == [256, 256] and meta["settings"]["control_shape"] == [256, 256]
     assert meta["panel"]["name"] == "breast-5plex"
     np.testing.assert_allclose(meta["mixing"]["matrix"], slide.mixing, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_synth_options_and_errors(tmp_path, capsys):
+    import json
+
+    from qdplex.cli import main
+    from qdplex.io import read_image
+
+    panel = tmp_path / "p.toml"
+    panel.write_text('name = "two"\n[[markers]]\nname = "HER2"\nfluor = "QD655"\ncompartment = "membrane"\n'
+                     '[[markers]]\nname = "Ki67"\nfluor = "Qdot 585"\ncompartment = "nucleus"\n')
+    rc = main(["synth", "--panel", str(panel), "--out", str(tmp_path / "o"), "--name", "f", "--shape", "64", "80",
+               "--mode", "filter", "--autofluorescence", "0", "--spectral-shift", "2", "--photons", "500", "--seed", "3"])
+    assert rc == 0
+    img = read_image(tmp_path / "o" / "slides" / "f.ome.tif")
+    assert img.channel_names == ["DAPI", "QD655", "QD585"] and img.shape == (3, 64, 80)  # no AF channel without AF
+    meta = json.loads((tmp_path / "o" / "truth" / "f" / "synth.json").read_text())
+    assert meta["settings"]["photons"] == 500 and set(meta["settings"]["spectral_shifts_nm"]) == {"DAPI", "QD655", "QD585"}
+    assert not (tmp_path / "o" / "controls").exists()
+    capsys.readouterr()
+    assert main(["synth", "--panel", str(panel), "--out", str(tmp_path / "o2"), "--shape", "8", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "16×16" in err[0] and "(8, 8)" in err[0]

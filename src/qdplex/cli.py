@@ -97,6 +97,11 @@ def _add_synth(sub) -> None:
     p.add_argument("--unstained", action="store_true", help="also write an unstained control")
     p.add_argument("--crowded", action="store_true", help="dense, touching nuclei")
     p.add_argument("--uneven", action="store_true", help="dim and bright nuclei and a background gradient")
+    p.add_argument("--photons", type=float, default=200.0,
+                   help="photo-electrons in a fluor's peak 10 nm band for a typical positive cell (default 200)")
+    p.add_argument("--autofluorescence", type=float, default=1.0, help="tissue autofluorescence scale, 0 = none (default 1)")
+    p.add_argument("--spectral-shift", type=float, default=0.0, metavar="NM",
+                   help="s.d. of random per-fluor emission shifts in nm: spectra differ from the library (default 0)")
     p.set_defaults(func=_cmd_synth)
 
 
@@ -113,6 +118,9 @@ def _cmd_synth(args) -> int:
         crowded=args.crowded,
         uneven=args.uneven,
         unstained=args.unstained,
+        photons=args.photons,
+        autofluorescence=args.autofluorescence,
+        spectral_shift_nm=args.spectral_shift,
         seed=args.seed,
         name=args.name,
     )

@@ -485,6 +485,19 @@ def _matrix(library, fluors, channels) -> np.ndarray:
     return m
 
 
+def _shifted_library(library, names, sd_nm: float, rng):
+    """A library holding ``names`` with each spectrum shifted by a random N(0, sd_nm) nm."""
+    from .spectra import SpectralLibrary
+
+    out, shifts = SpectralLibrary(), {}
+    for n in names:
+        sp = library[n]
+        d = float(rng.normal(0.0, sd_nm))
+        out.add(n, sp.wavelength_nm + d, sp.intensity, source=f"{sp.source} (shifted {d:+.2f} nm by qdplex.synth)")
+        shifts[n] = round(d, 3)
+    return out, shifts
+
+
 def _reference_peaks(library, fluors) -> np.ndarray:
     """Each fluor's response in a 10 nm band centred on its emission peak."""
     out = []
@@ -690,6 +703,7 @@ def make_slide(
     photons=200.0,
     read_noise=3.0,
     psf_sigma_um=0.35,
+    spectral_shift_nm=0.0,
     unstained=False,
     control_shape=None,
     library=None,
@@ -728,6 +742,11 @@ def make_slide(
         Gaussian read noise in electrons (gain 1 count per electron).
     psf_sigma_um : float
         Gaussian PSF standard deviation in µm.
+    spectral_shift_nm : float
+        Standard deviation (nm) of a random shift of each endmember's emission
+        spectrum on this slide (QD lot-to-lot and environment shifts). The slide
+        is made with the shifted spectra while a library of the nominal ones
+        unmixes it: a realistic model mismatch. 0 (default) uses the library as is.
     unstained : bool
         Also make an unstained control (autofluorescence only, another field).
     control_shape : tuple of int, optional
@@ -760,11 +779,14 @@ def make_slide(
         else:
             raise InputError(f"expected mode 'lambda' or 'filter', found {mode!r}")
     channels = [c if isinstance(c, Channel) else Channel(str(c)) for c in channels]
+    ss = np.random.SeedSequence(int(seed)).spawn(7)
+    shifts = {}
+    if spectral_shift_nm:
+        lib, shifts = _shifted_library(lib, endmembers, float(spectral_shift_nm), np.random.default_rng(ss[6]))
     mixing = _matrix(lib, endmembers, channels)
     peaks = _reference_peaks(lib, endmembers)
     unit = float(photons) / np.maximum(peaks, 1e-12)  # abundance per unit expression, per endmember
 
-    ss = np.random.SeedSequence(int(seed)).spawn(6)
     layout = tissue_layout(shape, pixel_size_um=px, crowded=crowded, seed=np.random.default_rng(ss[0]))
     comps = _compartments(layout)
     rng = np.random.default_rng(ss[1])
@@ -827,6 +849,7 @@ def make_slide(
         "crowded": bool(crowded), "uneven": bool(uneven), "autofluorescence": float(autofluorescence),
         "photons": float(photons), "read_noise": float(read_noise), "psf_sigma_um": float(psf_sigma_um),
         "camera_offset": CAMERA_OFFSET, "seed": int(seed), "endmembers": endmembers,
+        "spectral_shift_nm": float(spectral_shift_nm), "spectral_shifts_nm": shifts,
         "unstained": bool(unstained), "control_shape": None if control is None else list(control.shape[1:]),
         "name": name,
     }
