@@ -114,14 +114,13 @@ def _panel_from_run(run: dict):
 
 
 def _input_image(run: dict):
-    """The raw slide recorded in run.json, read lazily, or None when it is gone."""
+    """The raw slide recorded in run.json (``inputs[0].path``), read lazily, or None when it is gone."""
     from qdplex.io import read_image
 
-    for key in ("input", "source", "slide_path"):
-        v = run.get(key)
-        if isinstance(v, dict):
-            v = v.get("path")
-        if isinstance(v, str) and Path(v).is_file():
+    candidates = [i.get("path") if isinstance(i, dict) else i for i in run.get("inputs") or []]
+    candidates += [run.get(k) for k in ("input", "source")]
+    for v in candidates:
+        if isinstance(v, str) and Path(v).exists():
             try:
                 return read_image(v)
             except Exception:  # provenance points at a file we cannot read any more

@@ -1,10 +1,10 @@
 """Shared plumbing of the widgets: finding qdplex layers, adding results, colouring cells.
 
-Cell colours are composed here so that colouring by a column (``_colorby``) and
-highlighting the selected cells (``_table``) work together: the cells layer's
-``metadata["qdplex"]`` keeps the base colours and the selection, and
-:func:`apply_cell_colors` turns them into one ``DirectLabelColormap``. A label
-colormap scales to 50,000 cells where shapes layers would not.
+Cells are coloured by a column through the cells layer's ``DirectLabelColormap``
+(:func:`set_base_colors`), which scales to 50,000 cells where shapes would not.
+Selected cells are highlighted by a small overlay labels layer holding only them,
+drawn as bright outlines (:func:`show_selection`): selecting never recomputes the
+colours of all cells.
 """
 
 from __future__ import annotations
@@ -20,16 +20,14 @@ __all__ = [
     "upsert_layers",
     "cell_ids",
     "set_base_colors",
-    "set_selection",
-    "apply_cell_colors",
+    "show_selection",
+    "SELECTION_LAYER",
 ]
 
-#: colour of selected cells when the layer has no base colours (napari's default random colours)
-SELECTED_RGBA = np.array([1.0, 0.9, 0.1, 1.0])
-#: colour of the other cells while some are selected (no base colours)
-OTHERS_RGBA = np.array([0.6, 0.6, 0.6, 0.25])
-#: alpha of unselected cells while some are selected (with base colours)
-DIM_ALPHA = 0.2
+#: name of the overlay layer that outlines the selected cells
+SELECTION_LAYER = "selected cells"
+#: outline colour of selected cells
+SELECTED_RGBA = np.array([1.0, 0.95, 0.1, 1.0])
 
 
 def meta(layer) -> dict:
@@ -141,44 +139,48 @@ def cell_ids(layer) -> np.ndarray:
 
 def set_base_colors(layer, rgba=None) -> None:
     """Give each cell (row of ``features``) an RGBA colour; None restores napari's colours."""
-    m = layer.metadata.setdefault("qdplex", {})
-    m["_base_rgba"] = None if rgba is None else np.asarray(rgba, dtype=float)
-    apply_cell_colors(layer)
-
-
-def set_selection(layer, ids) -> None:
-    """Highlight the cells ``ids`` (empty: no highlight) and make a single one the selected label."""
-    ids = np.unique(np.asarray(list(ids), dtype=np.int64))
-    m = layer.metadata.setdefault("qdplex", {})
-    m["_selected"] = ids
-    if ids.size == 1:
-        layer.selected_label = int(ids[0])
-    apply_cell_colors(layer)
-
-
-def apply_cell_colors(layer) -> None:
-    """Compose base colours and selection into the layer's ``DirectLabelColormap``."""
     from napari.utils.colormaps import DirectLabelColormap
 
     m = layer.metadata.setdefault("qdplex", {})
-    base = m.get("_base_rgba")
-    sel = m.get("_selected", np.empty(0, np.int64))
     if "_default_colormap" not in m:
         m["_default_colormap"] = layer.colormap
-    if base is None and sel.size == 0:
+    if rgba is None:
         layer.colormap = m["_default_colormap"]
         return
     transparent = np.zeros(4)
-    if base is None:
-        # few entries: every other label takes the default (key None), so this stays cheap
-        colors = {int(i): SELECTED_RGBA for i in sel}
-        colors[None] = OTHERS_RGBA
-    else:
-        ids = cell_ids(layer)
-        rgba = base.copy()
-        if sel.size:
-            rgba[~np.isin(ids, sel), 3] *= DIM_ALPHA
-        colors = dict(zip(ids.tolist(), rgba))
-        colors[None] = transparent
+    colors = dict(zip(cell_ids(layer).tolist(), np.asarray(rgba, dtype=float)))
+    colors[None] = transparent
     colors[0] = transparent
     layer.colormap = DirectLabelColormap(color_dict=colors)
+
+
+def show_selection(viewer, layer, ids) -> None:
+    """Outline the cells ``ids`` of ``layer`` (empty: none); a single cell also becomes the selected label."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    ids = np.unique(np.asarray(list(ids), dtype=np.int64))
+    layer.metadata.setdefault("qdplex", {})["_selected"] = ids
+    if ids.size == 1:
+        layer.selected_label = int(ids[0])
+    data = np.asarray(layer.data)
+    overlay = np.where(np.isin(data, ids), data, 0) if ids.size else np.zeros_like(data)
+    if SELECTION_LAYER in viewer.layers:
+        sel = viewer.layers[SELECTION_LAYER]
+        sel.data = overlay
+        sel.visible = bool(ids.size)
+        return
+    if not ids.size:
+        return
+    active = viewer.layers.selection.active
+    sel = viewer.add_labels(
+        overlay,
+        name=SELECTION_LAYER,
+        scale=layer.scale,
+        translate=layer.translate,
+        opacity=1.0,
+        colormap=DirectLabelColormap(color_dict={None: SELECTED_RGBA, 0: np.zeros(4)}),
+        metadata={"qdplex": {"kind": "selection", "slide": meta(layer).get("slide")}},
+    )
+    sel.contour = 2
+    if active is not None:
+        viewer.layers.selection.active = active

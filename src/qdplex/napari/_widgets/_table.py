@@ -1,8 +1,7 @@
 """The cell table, linked both ways with the cells labels layer.
 
 Click a cell in the viewer → its row is selected (Shift-click adds to the
-selection); select rows → those cells are highlighted through the layer's label
-colormap. The table model reads the features' numpy columns lazily, so 50,000
+selection); select rows → those cells are outlined in an overlay labels layer. The table model reads the features' numpy columns lazily, so 50,000
 rows cost nothing until they are scrolled into view; sorting is one argsort.
 """
 
@@ -12,7 +11,7 @@ import numpy as np
 from qtpy.QtCore import QAbstractTableModel, QItemSelection, QItemSelectionModel, QModelIndex, Qt
 from qtpy.QtWidgets import QAbstractItemView, QFormLayout, QLabel, QTableView, QVBoxLayout, QWidget
 
-from ._common import LayerCombo, cell_ids, is_cells, set_selection
+from ._common import LayerCombo, cell_ids, is_cells, show_selection
 
 __all__ = ["CellTableWidget", "DataFrameModel"]
 
@@ -141,7 +140,7 @@ class CellTableWidget(QWidget):
         if self._syncing or self.layer is None:
             return
         ids = self.selected_ids()
-        set_selection(self.layer, ids)
+        show_selection(self.viewer, self.layer, ids)
         self.info.setText(f"{len(self._ids)} cells, {ids.size} selected")
 
     # ------------------------------------------------------------- viewer → table
