@@ -21,6 +21,7 @@ import os
 import platform
 import socket
 import sys
+import time as _time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -104,6 +105,9 @@ def file_sha256(path) -> str:
     path = Path(path)
     h = hashlib.sha256()
     try:
+        key = _stat_key(path)
+        if key in _HASHES:
+            return _HASHES[key]
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
             for f in files:
@@ -116,7 +120,33 @@ def file_sha256(path) -> str:
         raise InputError("expected an existing file or folder to hash, found nothing there", path=path) from None
     except OSError as e:
         raise InputError(f"expected a readable file, found {type(e).__name__}: {e.strerror or e}", path=path) from None
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:
+        # remember it only when unchanged while read and not modified in the last seconds
+        # (timestamps are coarse: a file rewritten within one tick keeps its mtime)
+        newest = key[2] if key[1] == "dir" else path.stat().st_mtime
+        if key == _stat_key(path) and _time.time() - newest > 2.0:
+            _HASHES[key] = digest
+            while len(_HASHES) > 256:
+                _HASHES.pop(next(iter(_HASHES)))
+    except OSError:
+        pass
+    return digest
+
+
+#: SHA-256 of files already hashed in this process, by (path, size, mtime, inode): a slide is
+#: read once even when the batch (resume check) and the pipeline (run.json) both ask.
+_HASHES: dict[tuple, str] = {}
+
+
+def _stat_key(path: Path) -> tuple:
+    st = path.stat()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        newest = max([st.st_mtime] + [f.stat().st_mtime for f in files])
+        return (str(path.resolve()), "dir", newest,
+                tuple((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def _update_from_file(h, path: Path) -> None:

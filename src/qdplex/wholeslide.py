@@ -143,7 +143,7 @@ def run_wholeslide(
     fmt : {"tiff", "zarr"}
         Image outputs as tiled pyramidal OME-TIFF or OME-Zarr.
     workers : int, optional
-        Tiles processed at once (default: the CPU count).
+        Tiles processed at once (default: dask's ``num_workers`` setting, else the CPU count).
     progress : callable, optional
         ``progress(stage, fraction)`` after ``unmix``, ``segment``, ``quantify``, ``score``.
     provenance : dict, optional
@@ -166,7 +166,9 @@ def run_wholeslide(
     if not (isinstance(tile, (int, np.integer)) and tile >= 64):
         raise QdplexError(f"expected a tile size of at least 64 pixels, found {tile!r}")
     report = progress or (lambda stage, frac: None)
-    nw = int(workers or os.cpu_count() or 1)
+    # tiles at once: as asked, else as many threads as the surrounding dask config allows
+    # (a batch worker sets num_workers to its share of the machine), else the CPU count
+    nw = int(workers or dask.config.get("num_workers", None) or os.cpu_count() or 1)
     px = image.pixel_size_um or panel.pixel_size_um
     if not px:
         raise InputError(
