@@ -220,3 +220,19 @@ def test_errors_name_what_was_expected():
         quantify(img, np.zeros((10, 10), np.uint32), channel_names=["a", "b"], stats=("mode",))
     with pytest.raises(SegmentationError, match="integer"):
         quantify(img, np.zeros((10, 10), np.float32), channel_names=["a", "b"])
+
+
+def test_panel_compartments_keep_each_markers_own():
+    from qdplex.panel import Marker, Panel
+
+    seg = _synthetic_seg(seed=11)
+    img = np.random.default_rng(0).random((2,) + seg.cells.shape).astype(np.float32)
+    panel = Panel("p", [Marker("HER2", "QD655", "membrane"), Marker("ER", "QD605", "nucleus")],
+                  quantification={"compartments": ["cell"]})
+    df = quantify(img, seg, panel, channel_names=["QD655", "QD605"])
+    comps = {c.split("_")[1] for c in df.columns if c.startswith(("HER2_", "ER_"))}
+    assert comps == {"membrane", "nucleus", "cell"}
+    with pytest.raises(SegmentationError, match="absent"):
+        acc = Accumulator(["a"], seg.cells.shape)
+        accumulate_block(acc, img[:1], seg.cells, seg.nuclei)
+        finalize(acc, cell_ids=[999_999])

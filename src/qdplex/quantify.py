@@ -714,7 +714,14 @@ def finalize(acc: Accumulator, *, stats=DEFAULT_STATS, compartments=COMPARTMENTS
             raise SegmentationError(f"expected compartments from {COMPARTMENTS}, found {comp!r}")
         comp_idx.append(COMPARTMENTS.index(comp))
     cell_count = acc.count[_CELL]
-    rows = np.flatnonzero(cell_count > 0) if cell_ids is None else np.searchsorted(acc.labels, np.asarray(cell_ids, np.uint64))
+    if cell_ids is None:
+        rows = np.flatnonzero(cell_count > 0)
+    else:
+        want = np.asarray(cell_ids, np.uint64)
+        rows = np.minimum(np.searchsorted(acc.labels, want), max(len(acc.labels) - 1, 0))
+        missing = want[(len(acc.labels) == 0) | (acc.labels[rows] != want)] if len(want) else want
+        if len(missing):
+            raise SegmentationError(f"expected cell IDs present in the label images, found absent IDs {missing[:5].tolist()}")
     ids = acc.labels[rows]
     cols: dict[str, np.ndarray] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -931,6 +938,10 @@ def quantify(image, segmentation, panel=None, *, channel_names=None, stats=DEFAU
 
     if isinstance(segmentation, Segmentation):
         seg = segmentation
+        if compartments is None and panel is not None and panel.quantification.get("compartments"):
+            # the panel's list, plus every marker's own compartment (the table needs those)
+            wanted = set(panel.quantification["compartments"]) | {m.compartment for m in panel.markers}
+            compartments = [c for c in COMPARTMENTS if c in wanted]
         comps = tuple(compartments) if compartments is not None else COMPARTMENTS
     else:
         cells = np.asarray(segmentation)
