@@ -35,6 +35,9 @@ so memory stays bounded by the chunk size.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import dask.array as da
@@ -170,161 +173,83 @@ def _inverse_table(G: np.ndarray) -> np.ndarray:
     return tab
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"contract"})
-def _nnls_batched(X, need, G, tab):
-    """Exact NNLS for the pixels ``need`` of X (K×N, unconstrained solutions, in place).
-
-    Block principal pivoting (Kim & Park 2011) run on batches of pixels at once:
-    each round the pixels are grouped by passive set, the subproblems solved with
-    the precomputed inverse of that set (vectorised over the group), the KKT
-    conditions checked (vectorised); pixels that meet them are done. Uses
-    b = G x (= Mᵀ(y − offset), since Mᵀ r = 0 for the least-squares residual r).
-    """
-    K = X.shape[0]
-    ntot = need.shape[0]
-    ncode = tab.shape[0]
-    BATCH = 8192
-    B = np.empty((K, BATCH))
-    Bs = np.empty((K, BATCH))
-    Zs = np.empty((K, BATCH))
-    Ys = np.empty((K, BATCH))
-    xg = np.empty(BATCH)
-    tz = np.empty(BATCH)
-    tb = np.empty(BATCH)
-    fl = np.empty(BATCH, dtype=np.int64)
-    cs = np.empty(BATCH, dtype=np.int64)
-    code = np.empty(BATCH, dtype=np.int64)
-    alpha = np.empty(BATCH, dtype=np.int64)
-    beta = np.empty(BATCH, dtype=np.int64)
-    act = np.empty(BATCH, dtype=np.int64)
-    order = np.empty(BATCH, dtype=np.int64)
-    cnt = np.empty(ncode, dtype=np.int64)
-    start = np.empty(ncode + 1, dtype=np.int64)
-    ptr = np.empty(ncode, dtype=np.int64)
-    zf = np.empty(K)
-    bf = np.empty(K)
-    yv = np.empty(K)
-    F = np.empty(K, dtype=np.bool_)
-    L = np.empty((K, K))
-    idx = np.empty(K, dtype=np.int64)
-    for s0 in range(0, ntot, BATCH):
-        nb = min(BATCH, ntot - s0)
-        for q in range(nb):
-            code[q] = 0
-            alpha[q] = 3
-            beta[q] = K + 1
-            act[q] = q
-        for i in range(K):
-            for q in range(nb):
-                B[i, q] = 0.0
-        for j in range(K):
-            for q in range(nb):
-                xg[q] = X[j, need[s0 + q]]
-            for q in range(nb):
-                code[q] |= np.int64(xg[q] > 0.0) << j
-            for i in range(K):
-                g = G[i, j]
-                for q in range(nb):
-                    B[i, q] += g * xg[q]
-        na = nb
+# Per-pixel block principal pivoting (Kim & Park 2011) with precomputed passive-set
+# inverses. The source is specialised for each number of endmembers K (a literal),
+# so the compiler unrolls the K×K loops and keeps each pixel's small problem in
+# registers: about twice as fast as the same code with a run-time K.
+_BPP_TEMPLATE = """
+def _nnls_pixels(X, need, G, tab):
+    K = {K}
+    b = np.empty(K)
+    z = np.empty(K)
+    xv = np.empty(K)
+    for q in range(need.shape[0]):
+        n = need[q]
+        code = 0
+        for k in range(K):
+            xv[k] = X[k, n]
+            if xv[k] > 0.0:
+                code |= 1 << k
+        bs = 0.0
+        for k in range(K):
+            t = 0.0
+            for p in range(K):
+                t += G[k, p] * xv[p]
+            b[k] = t
+            bs = max(bs, abs(t))
+        tol_y = -1e-11 * bs
+        alpha = 3
+        beta = K + 1
         for _ in range(10 * K + 50):
-            if na == 0:
-                break
-            # group the active pixels by passive set (counting sort)
-            cnt[:] = 0
-            for a in range(na):
-                cnt[code[act[a]]] += 1
-            start[0] = 0
-            for c in range(ncode):
-                start[c + 1] = start[c] + cnt[c]
-                ptr[c] = start[c]
-            for a in range(na):
-                q = act[a]
-                c = code[q]
-                order[ptr[c]] = q
-                cs[ptr[c]] = c
-                ptr[c] += 1
-            for j in range(K):
-                for a in range(na):
-                    Bs[j, a] = B[j, order[a]]
-            # z = (G_FF)⁻¹ b_F per group, vectorised over its pixels
-            for c in range(ncode):
-                s, e = start[c], start[c + 1]
-                if s == e:
-                    continue
-                for i in range(K):
-                    for a in range(s, e):
-                        Zs[i, a] = 0.0
-                    if not (c >> i) & 1:
-                        continue
-                    for j in range(K):
-                        t = tab[c, i, j]
-                        if t != 0.0:
-                            for a in range(s, e):
-                                Zs[i, a] += t * Bs[j, a]
-            # gradient G z − b, and tolerances
-            for a in range(na):
-                tz[a] = 0.0
-                tb[a] = 0.0
-                fl[a] = 0
+            zs = 0.0
             for i in range(K):
-                for a in range(na):
-                    Ys[i, a] = -Bs[i, a]
+                t = 0.0
                 for j in range(K):
-                    g = G[i, j]
-                    for a in range(na):
-                        Ys[i, a] += g * Zs[j, a]
-                for a in range(na):
-                    tz[a] = max(tz[a], abs(Zs[i, a]))
-                    tb[a] = max(tb[a], abs(Bs[i, a]))
-            for a in range(na):
-                tz[a] *= -1e-11
-                tb[a] *= -1e-11
-            # KKT violations as bit masks: z_j < 0 on the passive set, gradient < 0 off it
+                    t += tab[code, i, j] * b[j]
+                z[i] = t
+                zs = max(zs, abs(t))
+            tol_z = -1e-11 * zs
+            flip = 0
             for j in range(K):
-                for a in range(na):
-                    inf_ = (cs[a] >> j) & 1
-                    vz = np.int64(Zs[j, a] < tz[a])
-                    vy = np.int64(Ys[j, a] < tb[a])
-                    fl[a] |= ((inf_ & vz) | ((1 - inf_) & vy)) << j
-            nn = 0
-            for a in range(na):
-                q = order[a]
-                f = fl[a]
-                if f == 0:
-                    n = need[s0 + q]
-                    for k in range(K):
-                        X[k, n] = max(Zs[k, a], 0.0)
-                    continue
-                nv = 0
-                last = 0
-                for j in range(K):
-                    if (f >> j) & 1:
-                        nv += 1
-                        last = j
-                c = cs[a]
-                if nv < beta[q]:
-                    beta[q] = nv
-                    alpha[q] = 3
-                    code[q] = c ^ f
-                elif alpha[q] >= 1:
-                    alpha[q] -= 1
-                    code[q] = c ^ f
-                else:
-                    code[q] = c ^ (1 << last)
-                act[nn] = q
-                nn += 1
-            na = nn
-        # safety net (not expected): finish any pixel still active with the scalar solver
-        for a in range(na):
-            q = act[a]
-            n = need[s0 + q]
-            for k in range(K):
-                bf[k] = B[k, q]
-                F[k] = X[k, n] > 0.0
-            _nnls_gram(G, bf, zf, F, L, idx, yv)
-            for k in range(K):
-                X[k, n] = zf[k]
+                g = -b[j]
+                for p in range(K):
+                    g += G[j, p] * z[p]
+                inf_ = (code >> j) & 1
+                flip |= ((inf_ & np.int64(z[j] < tol_z)) | ((1 - inf_) & np.int64(g < tol_y))) << j
+            if flip == 0:
+                break
+            nv = 0
+            last = 0
+            for j in range(K):
+                if (flip >> j) & 1:
+                    nv += 1
+                    last = j
+            if nv < beta:
+                beta = nv
+                alpha = 3
+                code ^= flip
+            elif alpha >= 1:
+                alpha -= 1
+                code ^= flip
+            else:
+                code ^= 1 << last
+        for k in range(K):
+            X[k, n] = max(z[k], 0.0)
+"""
+_BPP_KERNELS: dict = {}
+_BPP_LOCK = threading.Lock()
+
+
+def _bpp_kernel(K: int):
+    """The compiled per-pixel NNLS kernel for K endmembers (compiled once per process)."""
+    with _BPP_LOCK:
+        fn = _BPP_KERNELS.get(K)
+        if fn is None:
+            ns = {"np": np}
+            exec(_BPP_TEMPLATE.format(K=int(K)), ns)  # noqa: S102 - fixed template, K an int
+            fn = numba.njit(nogil=True, fastmath={"contract"})(ns["_nnls_pixels"])
+            _BPP_KERNELS[K] = fn
+        return fn
 
 
 @numba.njit(cache=True, nogil=True)
@@ -486,7 +411,7 @@ def _fit_pixels(Y: np.ndarray, plan: _Plan, origin=None, want_resid: bool = True
         need = np.flatnonzero(X.min(axis=0) < 0.0)
         if need.size:
             if plan.tab.shape[0] > 1:
-                _nnls_batched(X, need, plan.G, plan.tab)
+                _bpp_kernel(plan.M.shape[1])(X, need, plan.G, plan.tab)
             else:
                 _nnls_scalar(X, need, plan.G)
     rms = np.full(N, np.nan, dtype=np.float32)
@@ -616,7 +541,8 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
                 **options) -> np.ndarray:
     """Unmix a plain C×Y×X (or C×N) numpy array with a C×K matrix; returns K×Y×X float32.
 
-    Runs block-wise on dask's threaded scheduler. Options as in :func:`unmix`.
+    Runs on row blocks of about ``chunk²`` pixels in a thread pool (the kernels
+    release the GIL), writing into one output array. Options as in :func:`unmix`.
     """
     arr = np.asarray(data)
     flat = arr.ndim == 2
@@ -631,11 +557,23 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
     plan = _make_plan(M, method=method, dtype=arr.dtype, names=None, where="array",
                       **_plan_options(options))
     K = M.shape[1]
-    dk = da.from_array(arr, chunks=(arr.shape[0], chunk, chunk))
-    out = da.map_blocks(_abundance_block, dk, plan=plan, dtype=np.float32,
-                        chunks=((K,),) + dk.chunks[1:])
-    res = out.compute(scheduler="threads")
-    return res[:, 0, :] if flat else res
+    C, H, W = arr.shape
+    out = np.empty((K, H, W), dtype=np.float32)
+    workers = os.cpu_count() or 1
+    rows = max(1, min((chunk * chunk) // max(W, 1), -(-H // (4 * workers))))
+    starts = list(range(0, H, rows))
+
+    def work(y0):
+        y1 = min(H, y0 + rows)
+        X, _, _ = _fit_pixels(arr[:, y0:y1, :].reshape(C, -1), plan, (y0, 0), want_resid=False)
+        out[:, y0:y1, :] = X.reshape(K, y1 - y0, W)
+
+    if len(starts) == 1:
+        work(0)
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(starts), workers)) as pool:
+            list(pool.map(work, starts))
+    return out[:, 0, :] if flat else out
 
 
 def _plan_options(options: dict) -> dict:
