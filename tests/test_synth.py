@@ -446,3 +446,22 @@ def test_slide_from_measured_spectra_through_the_pipeline(shared_data, breast):
     acc = truth_accuracy(s.nuclei, s.truth, res.segmentation.nuclei, res.table)
     assert acc["f1"] >= 0.85, acc
     assert min(v["r"] for v in acc["markers"].values()) >= 0.9, acc["markers"]
+
+
+def test_every_bundled_panel_makes_a_slide_and_out_of_range_fluors_are_refused(library):
+    from conftest import PIPELINES
+
+    from qdplex.errors import InputError
+    from qdplex.panel import read_panel
+    from qdplex.synth import make_slide
+
+    for path in sorted(PIPELINES.glob("*.toml")):
+        panel = read_panel(path)
+        s = make_slide(panel, shape=(64, 64), library=library, seed=1)
+        assert list(s.truth.columns[1:1 + len(panel.markers)]) == panel.marker_names, path.name
+        assert np.isfinite(s.truth[panel.marker_names].to_numpy()).all(), path.name
+    qd800 = panel_from_dict({"name": "x", "markers": [{"name": "CD8", "fluor": "QD800"}]})
+    with pytest.raises(InputError, match="QD800 at 79"):
+        make_slide(qd800, shape=(64, 64), library=library)
+    s = make_slide(qd800, shape=(64, 64), wavelengths=(420, 840, 10), library=library)
+    assert s.image.shape[0] == 43

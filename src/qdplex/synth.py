@@ -774,6 +774,14 @@ def make_slide(
     if channels is None:
         if mode == "lambda":
             channels = lambda_channels(*wavelengths)
+            lo, hi = channels[0].band[0], channels[-1].band[1]
+            outside = {f: lib.peak_nm(f) for f in fluors if not lo <= lib.peak_nm(f) <= hi}
+            if outside:
+                raise InputError(
+                    f"expected every fluor to peak inside the λ-stack {lo:g}–{hi:g} nm, found "
+                    + ", ".join(f"{f} at {p:g} nm" for f, p in outside.items())
+                    + "; widen wavelengths (e.g. --wavelengths 420 820 10)"
+                )
         elif mode == "filter":
             channels = filter_channels(fluors, library=lib, af_channel=use_af)
         else:
