@@ -74,6 +74,11 @@ def _synthetic_result(shape=(160, 200), seed=1):
                 thresholds=thresholds, summary=summary, residual=residual, library=library, channels=channels)
 
 
+@pytest.fixture(scope="module")
+def synthetic():
+    return _synthetic_result()
+
+
 def _chromium() -> str | None:
     for exe in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(exe)
@@ -110,14 +115,18 @@ def test_summary_tables_splits_per_marker_scores():
     assert dict(zip(scalars["key"], scalars["value"])) == {"n_cells": 10, "phenotypes.HER2+ER-": 4}
 
 
-def test_slide_report_content(tmp_path):
-    r = _synthetic_result()
+def test_slide_report_content(synthetic):
+    r = synthetic
     page = report.slide_report_html(**r)
     _no_network(page)
     assert "not drawn" not in page, re.findall(r"<div class=err>(.*?)</div>", page)
     imgs = _images(page)
-    # composite, segmentation, residual, histograms, spectra, crosstalk
-    assert len(imgs) == 6
+    # composite, segmentation, residual (pixel for pixel), histograms, spectra
+    assert len(imgs) == 5
+    assert imgs[0].shape[:2] == r["abundances"].shape[1:]  # previews keep the image's pixels
+    # the crosstalk check: a shaded table of every endmember against every other
+    heat = re.search(r"<table class=heat>(.*?)</table>", page, re.S).group(1)
+    assert heat.count("<tr>") == 1 + len(r["library"].names)
     for im in imgs:
         assert im.ndim == 3 and float(im[..., :3].std()) > 0.02  # real pictures, not blank canvases
     # every marker is named with its fluor, compartment, threshold and score
@@ -130,8 +139,8 @@ def test_slide_report_content(tmp_path):
     assert f"{pct:.4g}" in page
 
 
-def test_write_slide_report_is_atomic_and_self_contained(tmp_path):
-    r = _synthetic_result()
+def test_write_slide_report_is_atomic_and_self_contained(tmp_path, synthetic):
+    r = synthetic
 
     class Result:  # the fields write_slide_report reads from a SlideResult
         image = MultiplexImage(np.zeros((len(r["channels"]), 4, 4), np.float32), r["channels"], 0.5,
@@ -194,8 +203,8 @@ def test_cohort_report_needs_a_manifest(tmp_path):
 
 
 # --------------------------------------------------------------------------- rendering
-def test_slide_report_renders_in_chromium(tmp_path):
-    r = _synthetic_result()
+def test_slide_report_renders_in_chromium(tmp_path, synthetic):
+    r = synthetic
     path = tmp_path / "report.html"
     path.write_text(report.slide_report_html(**r), encoding="utf-8")
     shot = _screenshot(path, tmp_path)[..., :3]
@@ -210,7 +219,6 @@ def test_slide_report_renders_in_chromium(tmp_path):
 
 # --------------------------------------------------------------------------- end to end
 def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
-    pytest.importorskip("qdplex.score", reason="qdplex.score (slide scoring) not in this checkout yet")
     from qdplex.cli import main
     from qdplex.synth import make_slide, write_slide
 
@@ -218,7 +226,7 @@ def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
     panel = read_panel(panel_path)
     syn = tmp_path / "syn"
     for i in range(2):
-        write_slide(make_slide(panel, shape=(128, 128), seed=i, name=f"s{i}"), syn)
+        write_slide(make_slide(panel, shape=(96, 96), seed=i, name=f"s{i}"), syn)
     (syn / "slides" / "broken.ome.tif").write_bytes(b"II*\x00 truncated")
     out = tmp_path / "out"
     argv = ["run", str(syn / "slides"), "--panel", str(panel_path), "--out", str(out),
@@ -233,7 +241,7 @@ def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
         page = (out / s / "qc" / "report.html").read_text(encoding="utf-8")
         _no_network(page)
         assert "not drawn" not in page, re.findall(r"<div class=err>(.*?)</div>", page)
-        assert len(_images(page)) == 6
+        assert len(_images(page)) == 5 and "<table class=heat>" in page
         assert f"QC report: {s}" in page and "AR" in page and "PSA" in page
 
     # rebuilt from the files on disk by `qdplex report OUT`
@@ -241,7 +249,7 @@ def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     page = (out / "s0" / "qc" / "report.html").read_text(encoding="utf-8")
-    assert len(_images(page)) == 6 and "not drawn" not in page
+    assert len(_images(page)) == 5 and "not drawn" not in page
     assert (out / "report.html").is_file()
 
     # a rebuilt report does not make the batch think the slides are incomplete

@@ -26,12 +26,12 @@ __all__ = [
     "preview",
     "stretch",
     "composite_rgb",
-    "composite_figure",
-    "segmentation_figure",
-    "residual_figure",
+    "segmentation_rgb",
+    "residual_rgb",
+    "colormap_css",
+    "rgb_to_data_uri",
     "histogram_figure",
     "spectra_figure",
-    "crosstalk_figure",
     "distribution_figure",
     "to_data_uri",
 ]
@@ -49,6 +49,9 @@ PALETTE = (
 )
 NUCLEAR_RGB = (0.15, 0.35, 1.0)
 AF_RGB = (0.6, 0.6, 0.6)
+NUCLEUS_EDGE = (0.0, 0.9, 1.0)
+CELL_EDGE = (1.0, 0.85, 0.0)
+SATURATED_RGB = (0.0, 1.0, 0.0)
 
 
 def _figure(width_in: float, height_in: float, dpi: int = 100):
@@ -124,80 +127,52 @@ def composite_rgb(planes: Sequence[np.ndarray], colors: Sequence[Sequence[float]
     return np.clip(rgb, 0.0, 1.0)
 
 
-def _legend_patches(names, colors):
-    from matplotlib.patches import Patch
-
-    return [Patch(facecolor=c, edgecolor="none", label=n) for n, c in zip(names, colors)]
-
-
-def composite_figure(planes: Mapping[str, np.ndarray], nuclear: np.ndarray | None = None, *,
-                     nuclear_name: str = "DAPI", title: str = "Unmixed channels"):
-    """Composite of the unmixed marker planes (one palette colour each) over the nuclear stain.
-
-    Parameters
-    ----------
-    planes : mapping name → Y×X array
-        Marker abundance planes, in legend order.
-    nuclear : Y×X array, optional
-        The nuclear-stain plane, shown dimmed in blue.
-    """
-    names = list(planes)
-    colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
-    arrays = [planes[n] for n in names]
-    if nuclear is not None:
-        arrays.append(nuclear)
-        colors.append(tuple(0.6 * c for c in NUCLEAR_RGB))
-        names.append(nuclear_name)
-    rgb = composite_rgb(arrays, colors)
-    h, w = rgb.shape[:2]
-    fig = _figure(7.0, 7.0 * h / max(w, 1) + 0.6)
-    ax = fig.add_axes([0.0, 0.08, 1.0, 0.86])
-    ax.imshow(rgb, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=11)
-    fig.legend(handles=_legend_patches(names, colors), loc="lower center", ncol=min(len(names), 6),
-               frameon=False, fontsize=9, labelcolor="black")
-    return fig
-
-
-def segmentation_figure(nuclear: np.ndarray, nuclei: np.ndarray, cells: np.ndarray, *, title: str = "Segmentation"):
-    """The nuclear stain in grey with nucleus outlines (cyan) and cell outlines (yellow)."""
+def segmentation_rgb(nuclear: np.ndarray, nuclei: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """The nuclear stain in grey with nucleus outlines (:data:`NUCLEUS_EDGE`) and cell outlines
+    (:data:`CELL_EDGE`), as Y×X×3 float RGB in [0, 1]."""
     from skimage.segmentation import find_boundaries
 
     grey = stretch(nuclear)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    cell_edge = find_boundaries(np.asarray(cells), mode="inner")
-    nuc_edge = find_boundaries(np.asarray(nuclei), mode="inner")
-    rgb[cell_edge] = (1.0, 0.85, 0.0)
-    rgb[nuc_edge] = (0.0, 0.9, 1.0)
-    h, w = rgb.shape[:2]
-    fig = _figure(7.0, 7.0 * h / max(w, 1) + 0.6)
-    ax = fig.add_axes([0.0, 0.08, 1.0, 0.86])
-    ax.imshow(rgb, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=11)
-    fig.legend(handles=_legend_patches(["nuclei", "cells"], [(0.0, 0.9, 1.0), (1.0, 0.85, 0.0)]),
-               loc="lower center", ncol=2, frameon=False, fontsize=9)
-    return fig
+    rgb[find_boundaries(np.asarray(cells), mode="inner")] = CELL_EDGE
+    rgb[find_boundaries(np.asarray(nuclei), mode="inner")] = NUCLEUS_EDGE
+    return rgb
 
 
-def residual_figure(residual: np.ndarray, *, saturated: np.ndarray | None = None,
-                    title: str = "Unmixing residual (RMS misfit per pixel)"):
-    """The per-pixel unmixing residual with a colour bar; saturated pixels outlined in red."""
+def residual_rgb(residual: np.ndarray, saturated: np.ndarray | None = None, *, cmap: str = "magma",
+                 vmax: float | None = None) -> tuple[np.ndarray, float]:
+    """The per-pixel residual through a colormap (0 → ``vmax``, default its 99.5th percentile);
+    saturated pixels in :data:`SATURATED_RGB`. Returns ``(Y×X×3 RGB, vmax)``."""
+    from matplotlib import colormaps
+
     r = np.asarray(residual, dtype=np.float32)
-    finite = r[np.isfinite(r)]
-    vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-    h, w = r.shape
-    fig = _figure(7.6, 7.0 * h / max(w, 1) + 0.4)
-    ax = fig.add_axes([0.02, 0.03, 0.82, 0.9])
-    im = ax.imshow(r, cmap="magma", vmin=0.0, vmax=vmax if vmax > 0 else 1.0, interpolation="nearest")
-    if saturated is not None and np.any(saturated):
-        ax.contour(np.asarray(saturated, dtype=np.uint8), levels=[0.5], colors="red", linewidths=0.6)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=11)
-    cax = fig.add_axes([0.86, 0.1, 0.03, 0.76])
-    fig.colorbar(im, cax=cax)
-    return fig
+    finite = np.isfinite(r)
+    if vmax is None:
+        vmax = float(np.percentile(r[finite], 99.5)) if finite.any() else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    rgb = colormaps[cmap](np.clip(np.where(finite, r, 0.0) / vmax, 0.0, 1.0))[..., :3]
+    if saturated is not None:
+        rgb[np.asarray(saturated, bool)] = SATURATED_RGB
+    return rgb.astype(np.float32), vmax
+
+
+def colormap_css(cmap: str = "magma", steps: int = 8) -> str:
+    """A CSS ``linear-gradient`` of a matplotlib colormap (for an HTML colour bar)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cm = colormaps[cmap]
+    stops = ", ".join(to_hex(cm(i / (steps - 1))) for i in range(steps))
+    return f"linear-gradient(to right, {stops})"
+
+
+def rgb_to_data_uri(rgb: np.ndarray) -> str:
+    """An RGB image (Y×X×3 floats in [0, 1]) as an inline PNG ``data:`` URI, pixel for pixel."""
+    from matplotlib.image import imsave
+
+    buf = io.BytesIO()
+    imsave(buf, np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0), format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def histogram_figure(values: Mapping[str, np.ndarray], thresholds: Mapping[str, float] | None = None, *,
@@ -234,7 +209,8 @@ def histogram_figure(values: Mapping[str, np.ndarray], thresholds: Mapping[str, 
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("cells", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14 / rows * 1.6, top=1 - 0.1 / rows * 1.6,
+                        wspace=0.3, hspace=0.55)
     return fig
 
 
@@ -262,7 +238,7 @@ def spectra_figure(wavelengths: np.ndarray, spectra: Mapping[str, np.ndarray], *
     fig = _figure(8.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     for low, high in bands or ():
-        ax.axvspan(low, high, color="0.85", lw=0, zorder=0)
+        ax.axvspan(low, high, color="0.32", lw=0, zorder=0)
     wl = np.asarray(wavelengths, dtype=float)
     for i, (name, s) in enumerate(spectra.items()):
         s = np.asarray(s, dtype=float)
@@ -276,39 +252,8 @@ def spectra_figure(wavelengths: np.ndarray, spectra: Mapping[str, np.ndarray], *
     ax.set_xlabel("wavelength (nm)")
     ax.set_ylabel("relative emission")
     ax.set_title(title, fontsize=11)
-    ax.set_facecolor("0.12")
+    ax.set_facecolor("0.08")
     ax.legend(fontsize=8, ncol=2, loc="upper right", facecolor="white")
-    fig.tight_layout()
-    return fig
-
-
-def crosstalk_figure(matrix, *, title: str = "Expected crosstalk (fraction of signal)"):
-    """Heat map of a square crosstalk matrix (rows: true fluor, columns: where it is read).
-
-    Parameters
-    ----------
-    matrix : pandas.DataFrame
-        Square table with fluor names as index and columns.
-    """
-    import pandas as pd
-
-    df = pd.DataFrame(matrix).astype(float)
-    n_r, n_c = df.shape
-    fig = _figure(min(1.6 + 0.7 * n_c, 8.0), min(1.2 + 0.45 * n_r, 6.0))
-    ax = fig.add_subplot(1, 1, 1)
-    data = df.to_numpy()
-    vmax = float(np.nanmax(np.abs(data))) if data.size else 1.0
-    im = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
-    ax.set_xticks(range(n_c), [str(c) for c in df.columns], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n_r), [str(i) for i in df.index], fontsize=8)
-    for i in range(n_r):
-        for j in range(n_c):
-            v = data[i, j]
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.1f}" if abs(v) >= 0.05 else "0", ha="center", va="center", fontsize=7,
-                        color="black" if vmax and v > 0.6 * vmax else "white")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
 

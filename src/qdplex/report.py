@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -53,6 +54,10 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px soli
 th{background:#f2f2f2}td.l,th.l{text-align:left}.bad{color:#b00020;font-weight:600}.ok{color:#1b7f3b}
 .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;font-size:13px;margin:6px 0}
 .scroll{overflow-x:auto;max-width:100%}
+img.px{image-rendering:pixelated;background:#000}figcaption.t{font-size:14px;font-weight:600;color:#1d1d1f;margin-bottom:4px}
+.sw{display:inline-block;width:12px;height:12px;margin:0 4px 0 10px;vertical-align:middle;border:1px solid #999}
+.cbar{display:flex;align-items:center;gap:6px;margin:4px 0}.cbar .grad{display:inline-block;width:200px;height:12px}
+table.heat td{min-width:44px}
 .err{background:#fdecea;border-left:4px solid #b00020;padding:6px 10px;font-size:13px;margin:6px 0}
 """
 
@@ -109,6 +114,47 @@ def _figure_html(make, caption: str) -> str:
     except Exception as e:  # a QC figure must not sink the slide; say what went wrong instead
         return f"<div class=err>{_e(caption)}: not drawn ({_e(type(e).__name__)}: {_e(e)})</div>"
     return f"<figure><img alt=\"{_e(caption)}\" src=\"{uri}\"><figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _image_html(make_rgb, title: str, caption_html: str) -> str:
+    """Inline an RGB preview (``make_rgb()`` → Y×X×3) pixel for pixel; a failure becomes an error box."""
+    try:
+        uri = figures.rgb_to_data_uri(make_rgb())
+    except Exception as e:  # a QC figure must not sink the slide; say what went wrong instead
+        return f"<div class=err>{_e(title)}: not drawn ({_e(type(e).__name__)}: {_e(e)})</div>"
+    return (f"<figure><figcaption class=t>{_e(title)}</figcaption><img class=px alt=\"{_e(title)}\" src=\"{uri}\">"
+            f"<figcaption>{caption_html}</figcaption></figure>")
+
+
+def _rgb_css(rgb) -> str:
+    return "#" + "".join(f"{int(round(255 * min(max(float(c), 0.0), 1.0))):02x}" for c in rgb[:3])
+
+
+def _legend(items) -> str:
+    """Colour swatches with names, as inline HTML."""
+    return " ".join(f"<span class=sw style=\"background:{_rgb_css(c)}\"></span>{_e(n)}" for n, c in items)
+
+
+def _heat_table(df: pd.DataFrame, *, cmap: str = "viridis") -> str:
+    """A numeric table with each cell shaded by its value (0 → the table's maximum)."""
+    from matplotlib import colormaps
+
+    data = df.to_numpy(dtype=float)
+    vmax = float(np.nanmax(np.abs(data))) if data.size and np.isfinite(data).any() else 1.0
+    cm = colormaps[cmap]
+    head = f"<th class=l>{_e(df.index.name or '')}</th>" + "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+    rows = []
+    for name, vals in zip(df.index, data):
+        cells = f"<td class=l>{_e(name)}</td>"
+        for v in vals:
+            if not np.isfinite(v):
+                cells += "<td></td>"
+                continue
+            frac = min(max(v / vmax if vmax > 0 else 0.0, 0.0), 1.0)
+            text = "#000" if frac > 0.6 else "#fff"
+            cells += f"<td style=\"background:{_rgb_css(cm(frac))};color:{text}\">{v:.1f}</td>"
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<div class=scroll><table class=heat><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:
@@ -171,9 +217,10 @@ def summary_tables(summary: Mapping[str, Any], markers: Sequence[str] = ()) -> t
 
     flat("", summary, None)
     per_marker = pd.DataFrame.from_dict(rows, orient="index")
-    prefixes = {str(c).split(".", 1)[0] for c in per_marker.columns if "." in str(c)}
-    if len(prefixes) == 1 and all("." in str(c) for c in per_marker.columns):
-        per_marker.columns = [str(c).split(".", 1)[1] for c in per_marker.columns]  # markers.HER2.x → x
+    # drop the first path component (markers.HER2.h_score → h_score) where that stays unambiguous
+    cols = [str(c) for c in per_marker.columns]
+    short = [c.split(".", 1)[1] if "." in c else c for c in cols]
+    per_marker.columns = [sh if short.count(sh) == 1 else c for c, sh in zip(cols, short)]
     if len(per_marker):
         per_marker = per_marker.reindex([m for m in markers if m in rows])
         per_marker.index.name = "marker"
@@ -210,10 +257,10 @@ def _crosstalk_html(library, channels) -> str:
                         "noise amplification": check.noise_amplification})
     per.index.name = "endmember"
     parts.append(_table(per, left=["peak channel"], index=True))
-    ct = 100 * check.crosstalk
-    parts.append(_figure_html(lambda: figures.crosstalk_figure(ct, title="Expected crosstalk without unmixing (%)"),
-                              "Signal of each fluor (rows) in the peak channel of each other fluor (columns), "
-                              "as % of its own peak-channel signal: what reading channels without unmixing would give"))
+    parts.append("<p><b>Expected crosstalk without unmixing (%)</b>: the signal of each fluor (rows) in the peak "
+                 "channel of each other fluor (columns), as % of its own peak-channel signal — what reading "
+                 "channels without unmixing would give.</p>")
+    parts.append(_heat_table(100 * check.crosstalk))
     return "\n".join(parts)
 
 
@@ -297,7 +344,7 @@ def slide_report_html(
         index=pd.Index(markers, name="marker"),
     )
     if len(per_marker):
-        thr = thr.join(per_marker, how="left")
+        thr = thr.join(per_marker.drop(columns=[c for c in per_marker.columns if c in thr.columns]), how="left")
     parts.append(_table(thr, left=["fluor", "compartment"], index=True))
     if len(scalars):
         parts.append(_table(scalars, left=["key"]))
@@ -308,30 +355,40 @@ def slide_report_html(
     # images
     parts.append("<h2>Images</h2><div class=grid>")
     shown = [m for m in markers if m in present]
+    colors = [figures.PALETTE[i % len(figures.PALETTE)] for i in range(len(shown))]
+    nuc_color = tuple(0.6 * c for c in figures.NUCLEAR_RGB)
 
     def composite():
-        planes = {m: figures.preview(abundances.plane(m), max_side) for m in shown}
-        nuc = figures.preview(abundances.plane(nuclear_name), max_side) if nuclear_name in present else None
-        return figures.composite_figure(planes, nuc, nuclear_name=nuclear_name)
+        planes = [figures.preview(abundances.plane(m), max_side) for m in shown]
+        cols = list(colors)
+        if nuclear_name in present:
+            planes.append(figures.preview(abundances.plane(nuclear_name), max_side))
+            cols.append(nuc_color)
+        return figures.composite_rgb(planes, cols)
 
     def overlay():
         nuc = figures.preview(abundances.plane(nuclear_name), max_side)
-        return figures.segmentation_figure(nuc, figures.preview(nuclei, max_side), figures.preview(cells, max_side))
+        return figures.segmentation_rgb(nuc, figures.preview(nuclei, max_side), figures.preview(cells, max_side))
 
-    parts.append(_figure_html(composite, "Composite of the unmixed marker planes (each stretched to its "
-                                         "1st–99.5th percentile) over the nuclear stain"))
-    parts.append(_figure_html(overlay, f"Segmentation: {n_cells} cells (outlines) on the {nuclear_name} plane"))
+    legend = _legend(list(zip(shown, colors)) + ([(nuclear_name, nuc_color)] if nuclear_name in present else []))
+    parts.append(_image_html(composite, "Unmixed channels", legend +
+                             "<br>each marker plane stretched to its 1st–99.5th percentile, over the nuclear stain"))
+    parts.append(_image_html(overlay, "Segmentation", _legend([("nuclei", figures.NUCLEUS_EDGE),
+                                                               ("cells", figures.CELL_EDGE)]) +
+                             f"<br>{n_cells} cells on the {_e(nuclear_name)} plane"))
     if residual is not None:
         res = figures.preview(residual, max_side).astype(np.float32)
         sat = None if saturated is None else figures.preview(saturated, max_side)
         finite = res[np.isfinite(res)]
-        stats = ""
-        if finite.size:
-            stats = (f"median {np.median(finite):.4g}, 99th percentile {np.percentile(finite, 99):.4g}")
+        vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+        stats = f"median {np.median(finite):.4g}, 99th percentile {np.percentile(finite, 99):.4g}" if finite.size else ""
         if sat is not None:
-            stats += f"; {float(np.mean(sat)) * 100:.2f}% of pixels saturated (red outline)"
-        parts.append(_figure_html(lambda: figures.residual_figure(res, saturated=sat),
-                                  f"Unmixing residual: {stats}"))
+            stats += f"; {float(np.mean(sat)) * 100:.2f}% of pixels saturated" + \
+                _legend([("saturated", figures.SATURATED_RGB)])
+        bar = (f"<div class=cbar><span>0</span><span class=grad style=\"background:{figures.colormap_css('magma')}\">"
+               f"</span><span>{vmax:.3g}</span></div>")
+        parts.append(_image_html(lambda: figures.residual_rgb(res, sat, vmax=vmax)[0],
+                                 "Unmixing residual (RMS misfit per pixel)", bar + stats))
     parts.append("</div>")
 
     # histograms
@@ -358,7 +415,7 @@ def slide_report_html(
             wl, curves = _library_curves(library, endmembers)
             return figures.spectra_figure(wl, curves, bands=bands, labels=labels, colors=colors)
 
-        parts.append(_figure_html(spectra, "Reference spectra of the library used for unmixing; grey: the image's channel bands"))
+        parts.append(_figure_html(spectra, "Reference spectra of the library used for unmixing; lighter band: the range the image's channels cover"))
         parts.append(_crosstalk_html(library, channels))
     else:
         parts.append("<div class=warn>no spectral library recorded for this slide</div>")
@@ -382,7 +439,7 @@ def write_slide_report(result, out_dir, *, max_side: int = 1024) -> Path:
         The written report (written atomically).
     """
     unm = result.unmixed
-    text = slide_report_html(
+    kwargs = dict(
         name=result.image.name,
         panel=result.panel,
         abundances=unm.abundances,
@@ -399,6 +456,13 @@ def write_slide_report(result, out_dir, *, max_side: int = 1024) -> Path:
         source=result.image.source,
         max_side=max_side,
     )
+    try:
+        text = slide_report_html(**kwargs)
+    except Exception as e:  # the slide's tables and images are valid: keep them, say why the report is short
+        warnings.warn(f"{result.image.name}: QC report not built ({type(e).__name__}: {e})", RuntimeWarning)
+        text = _page(f"qdplex QC: {result.image.name}",
+                     f"<h1>QC report: {_e(result.image.name)}</h1><div class=err>the report could not be built: "
+                     f"{_e(type(e).__name__)}: {_e(e)}</div>")
     return _atomic_write_text(Path(out_dir) / "qc" / REPORT_NAME, text)
 
 
@@ -563,17 +627,20 @@ def cohort_report_html(manifest: pd.DataFrame, scores: pd.DataFrame | None = Non
 
     table = man[[c for c in ("slide", "status", "seconds", "input") if c in man.columns]].copy()
     numeric: list[str] = []
+    text_cols: list[str] = []
     if scores is not None and len(scores):
         sc = scores.copy()
         sc["slide"] = sc["slide"].astype(str)
-        numeric = [c for c in sc.columns if c != "slide" and pd.api.types.is_numeric_dtype(sc[c])
-                   and sc[c].notna().any()]
-        table = table.merge(sc[["slide"] + numeric], on="slide", how="left")
+        cols = [c for c in sc.columns if c != "slide" and c not in table.columns and sc[c].notna().any()]
+        numeric = [c for c in cols if pd.api.types.is_numeric_dtype(sc[c]) and not pd.api.types.is_bool_dtype(sc[c])]
+        text_cols = [c for c in cols if c not in numeric]
+        numeric.sort(key=_score_priority)
+        table = table.merge(sc[["slide"] + cols], on="slide", how="left")
     table.insert(0, "report", [f"<a href=\"{_e(links[s])}\">{_e(s)}</a>" if s in links else _e(s)
                                for s in table["slide"]])
     table = table.drop(columns=["slide"])
     parts.append("<h2>Slides</h2>")
-    parts.append(_table(table, left=["status", "input"], raw_html=["report"]))
+    parts.append(_table(table, left=["status", "input"] + text_cols, raw_html=["report"]))
 
     parts.append("<h2>Score distributions</h2>")
     if numeric:
@@ -585,6 +652,17 @@ def cohort_report_html(manifest: pd.DataFrame, scores: pd.DataFrame | None = Non
     else:
         parts.append("<p>no slide scores yet</p>")
     return _page(title, "\n".join(parts))
+
+
+_SCORE_ORDER = ("percent_positive", "pct_positive", "h_score", "allred", "score_value", "percent_complete", "load")
+
+
+def _score_priority(column: str) -> tuple[int, str]:
+    """Sort key putting the clinically read scores first in the distribution plots."""
+    for i, suffix in enumerate(_SCORE_ORDER):
+        if column.endswith(suffix):
+            return (i, column)
+    return (len(_SCORE_ORDER), column)
 
 
 def _cohort_scores(out: Path, manifest: pd.DataFrame) -> pd.DataFrame | None:
