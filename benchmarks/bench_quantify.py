@@ -101,6 +101,9 @@ def _child(method: str, folder: str) -> None:
         _, traced = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         n_stats = sum(1 for c in table.columns if c.startswith("ch"))
+        means = table[[f"{n}_cell_mean" for n in names]].to_numpy()
+        np.save(folder / "means_qdplex.npy", means)
+        np.save(folder / "ids_qdplex.npy", table.index.to_numpy())
         out = {"seconds": dt, "rows": len(table), "statistics": n_stats, "peak_rss_mb": _peak_rss_mb(),
                "rss_before_mb": rss0, "traced_peak_mb": traced / 2**20}
     else:
@@ -111,6 +114,8 @@ def _child(method: str, folder: str) -> None:
         table = measure_intensites(img, cells, names, IntensityAggregation.MEAN)
         dt = time.perf_counter() - t
         out = {"seconds": dt, "rows": len(table), "statistics": table.shape[1], "peak_rss_mb": _peak_rss_mb()}
+        np.save(folder / "means_steinbock.npy", table.to_numpy())
+        np.save(folder / "ids_steinbock.npy", table.index.to_numpy())
     print(json.dumps(out))
 
 
@@ -142,6 +147,8 @@ def main(argv=None) -> int:
                 print(proc.stderr, file=sys.stderr)
                 return 1
             res[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        same_ids = np.array_equal(np.load(Path(folder) / "ids_qdplex.npy"), np.load(Path(folder) / "ids_steinbock.npy"))
+        diff = np.abs(np.load(Path(folder) / "means_qdplex.npy") - np.load(Path(folder) / "means_steinbock.npy")).max()
     q, s = res["qdplex"], res["steinbock"]
     ratio = q["seconds"] / s["seconds"]
     print(f"steinbock measure_intensites(MEAN), cell mask: {s['seconds']:.2f} s "
@@ -156,7 +163,8 @@ def main(argv=None) -> int:
     print(f"qdplex memory added by the call: {extra:.0f} MB RSS = {extra / img_mb:.2f}× the image (target ≤ 2); "
           f"Python-allocated peak {q['traced_peak_mb']:.0f} MB = {q['traced_peak_mb'] / img_mb:.2f}×; "
           f"steinbock peak RSS {s['peak_rss_mb']:.0f} MB")
-    ok = ratio <= 0.5 and extra <= 2 * img_mb and q["traced_peak_mb"] <= 2 * img_mb
+    print(f"cell means equal steinbock's: same cell IDs {same_ids}, max |difference| {diff:.2e} (target ≤ 1e-5)")
+    ok = same_ids and diff <= 1e-5 and ratio <= 0.5 and extra <= 2 * img_mb and q["traced_peak_mb"] <= 2 * img_mb
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -10,7 +10,7 @@ from skimage.measure import regionprops_table
 
 from qdplex.errors import InputError, SegmentationError
 from qdplex.model import COMPARTMENTS, Channel, MultiplexImage, Segmentation
-from qdplex.quantify import Accumulator, accumulate_block, finalize, morphology, quantify
+from qdplex.quantify import Accumulator, accumulate_block, finalize, fraction_above, morphology, quantify
 
 PANCREAS = ("E34", "G01", "J02")
 MCQUANT = {
@@ -236,3 +236,13 @@ def test_panel_compartments_keep_each_markers_own():
         acc = Accumulator(["a"], seg.cells.shape)
         accumulate_block(acc, img[:1], seg.cells, seg.nuclei)
         finalize(acc, cell_ids=[999_999])
+
+
+def test_fraction_above_equals_numpy():
+    seg = _synthetic_seg(seed=13)
+    plane = np.random.default_rng(4).random(seg.cells.shape)
+    ids = np.unique(seg.membrane[seg.membrane > 0])
+    got = fraction_above(plane, seg.membrane, 0.7, ids=np.r_[ids, 123456])
+    want = [np.mean(plane[seg.membrane == i] >= 0.7) for i in ids]
+    np.testing.assert_allclose(got[:-1], want)
+    assert np.isnan(got[-1])

@@ -179,7 +179,7 @@ def synthetic_table():
     seg = Segmentation(slide.nuclei, slide.cells, membrane_width_px=2)
     table = cell_table(quantify(slide.abundances, seg, panel), panel)
     truth = slide.truth.set_index("CellID").loc[table["CellID"]]
-    return panel, table, truth
+    return panel, table, truth, slide, seg
 
 
 @pytest.mark.parametrize("method, min_kappa", [("otsu", 0.85), ("gmm", 0.95)])
@@ -187,10 +187,31 @@ def test_positivity_matches_synthetic_truth(synthetic_table, method, min_kappa):
     """On true abundances and labels, learnt thresholds recover the true positive cells."""
     from qdplex.agree import cohen_kappa
 
-    panel, table, truth = synthetic_table
+    panel, table, truth, *_ = synthetic_table
     scored, _, summary = score_table(table, panel, thresholds={m: method for m in panel.marker_names})
     for m in panel.marker_names:
         k = cohen_kappa(scored[f"{m}_positive"].to_numpy(), truth[f"{m}_positive"].to_numpy())["kappa"]
         print(f"{method} {m}: kappa {k:.3f}")
         assert k >= min_kappa, (m, k)
         assert summary["markers"][m]["percent_positive"] == pytest.approx(100 * truth[f"{m}_positive"].mean(), abs=1.5)
+
+
+def test_measured_membrane_completeness(synthetic_table):
+    from qdplex.quantify import fraction_above
+
+    panel, table, truth, slide, seg = synthetic_table
+    plane = slide.abundances.plane("QD655").compute()  # HER2's fluor
+    calls = []
+
+    def completeness(marker, t):
+        calls.append((marker, t))
+        return fraction_above(plane, seg.membrane, t, ids=table["CellID"])
+
+    scored, thr, s = score_table(table, panel, completeness=completeness)
+    assert calls == [("HER2", thr["HER2"])]
+    frac = scored["HER2_membrane_completeness"].to_numpy()
+    assert np.all((frac >= 0) & (frac <= 1))
+    assert s["her2"]["completeness_basis"].startswith("measured")
+    # positive cells have mostly complete membranes, negative cells almost none
+    pos = truth["HER2_positive"].to_numpy()
+    assert frac[pos].mean() > 0.8 and frac[~pos].mean() < 0.1

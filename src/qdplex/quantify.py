@@ -39,6 +39,7 @@ __all__ = [
     "accumulate_block",
     "finalize",
     "morphology",
+    "fraction_above",
     "MORPHOLOGY_COLUMNS",
     "QC_COLUMNS",
     "DEFAULT_STATS",
@@ -816,6 +817,45 @@ def morphology(cells, nuclei=None, *, pixel_size_um=None) -> pd.DataFrame:
     acc = Accumulator([], cells.shape)
     accumulate_block(acc, np.zeros((0,) + cells.shape, np.float32), cells, nuclei)
     return finalize(acc, stats=(), compartments=(), pixel_size_um=pixel_size_um)
+
+
+def fraction_above(plane, labels, threshold: float, ids=None) -> np.ndarray:
+    """Per label, the fraction of its pixels with value ≥ ``threshold``.
+
+    With the membrane ring as ``labels`` and a marker's positivity threshold this is
+    the membrane completeness of each cell (HER2 scoring, :mod:`qdplex.score`).
+
+    Parameters
+    ----------
+    plane : array-like, shape (Y, X)
+        One marker plane (numpy or dask).
+    labels : array-like, shape (Y, X)
+        Label image (e.g. ``Segmentation.membrane``).
+    threshold : float
+    ids : array-like, optional
+        Labels to report, in this order (default: every label present, ascending).
+
+    Returns
+    -------
+    numpy.ndarray
+        Fractions in [0, 1]; NaN for a label without pixels.
+    """
+    plane = np.asarray(plane)
+    labels = _as_labels(np.asarray(labels), "labels")
+    if plane.shape != labels.shape:
+        raise SegmentationError(f"expected a plane and labels of one Y×X shape, found {plane.shape} and {labels.shape}")
+    lab = labels.ravel()
+    if ids is None:
+        ids = np.unique(lab[lab > 0])
+    ids = np.asarray(ids, dtype=np.int64)
+    uniq, inv = np.unique(lab, return_inverse=True)
+    n = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    k = np.bincount(inv, weights=(plane.ravel() >= threshold), minlength=len(uniq))
+    pos = np.searchsorted(uniq, ids)
+    pos = np.minimum(pos, len(uniq) - 1)
+    found = uniq[pos] == ids
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(found & (n[pos] > 0), k[pos] / n[pos], np.nan)
 
 
 # --------------------------------------------------------------------------- order statistics

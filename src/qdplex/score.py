@@ -39,9 +39,12 @@ Allred score (markers named ER/PR, ESR1/PGR, or listed in ``scoring.allred``)
 HER2 0/1+/2+/3+ (after the ASCO/CAP 2018 IHC criteria, on membrane signal)
     Per cell: intensity grade of the HER2 membrane mean (as above) and membrane
     completeness, the fraction of the membrane ring brighter than the positivity
-    threshold. The table holds each cell's membrane mean μ and standard deviation σ;
-    the completeness is estimated as ``1 − Φ((t − μ)/σ)`` (normal approximation of the
-    ring's pixel values), and a membrane is *complete* when that is ≥ 0.9.
+    threshold. When the table has a ``<marker>_membrane_completeness`` column (from
+    ``score_table(..., completeness=...)`` or :func:`qdplex.quantify.fraction_above`)
+    that measured fraction is used; otherwise it is estimated from each cell's
+    membrane mean μ and standard deviation σ as ``1 − Φ((t − μ)/σ)`` (normal
+    approximation of the ring's pixel values). A membrane is *complete* when the
+    fraction is ≥ 0.9 (``scoring.complete``).
     Slide score: 3+ when > 10 % of cells are 3+ and complete; else 2+ when > 10 %
     of cells are ≥ 1+ and complete (weak-to-moderate complete staining); else 1+
     when > 10 % of cells are ≥ 1+ (faint, incomplete); else 0.
@@ -266,7 +269,12 @@ def her2_score(table: pd.DataFrame, marker: str, threshold: float, cutoffs, *, c
     """HER2 0/1+/2+/3+ from membrane intensity and completeness (rules in the module docstring)."""
     mean = _values(table, f"{marker}_membrane_mean") if f"{marker}_membrane_mean" in table.columns else _values(table, marker)
     std_col = f"{marker}_membrane_std"
-    if std_col in table.columns:
+    measured = f"{marker}_membrane_completeness"
+    if measured in table.columns:
+        compl = table[measured].to_numpy(dtype=np.float64)
+        compl = np.where(np.isfinite(compl), compl, 0.0)
+        basis = "measured: fraction of membrane pixels at or above the threshold"
+    elif std_col in table.columns:
         sd = table[std_col].to_numpy(dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = (threshold - mean) / sd
@@ -420,11 +428,32 @@ def score_slide(table: pd.DataFrame, panel, *, thresholds: Mapping[str, float] |
 
 
 def score_table(table: pd.DataFrame, panel, *, thresholds: Mapping | None = None,
-                control: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict, dict]:
+                control: pd.DataFrame | None = None, completeness=None) -> tuple[pd.DataFrame, dict, dict]:
     """Thresholds, ``<marker>_positive`` columns and the slide summary in one call.
 
-    Returns ``(table with <marker>_positive columns, thresholds, summary)``.
+    Parameters
+    ----------
+    table, panel, thresholds, control
+        As :func:`score_slide`.
+    completeness : callable, optional
+        ``completeness(marker, threshold) -> per-cell fractions`` (aligned with the
+        table's rows), e.g. ``lambda m, t: fraction_above(abundances.plane(m),
+        seg.membrane, t, ids=table["CellID"])``. Called for the HER2 marker once its
+        threshold is known; the result becomes ``<marker>_membrane_completeness`` and
+        the HER2 score uses it instead of the normal approximation.
+
+    Returns
+    -------
+    tuple
+        ``(table with <marker>_positive columns, thresholds, summary)``.
     """
+    her2 = _her2_marker(panel)
+    if completeness is not None and her2 is not None:
+        thr, _ = thresholds_for(table, panel, thresholds=thresholds, control=control)
+        frac = np.asarray(completeness(her2, thr[her2]), dtype=np.float64)
+        if frac.shape != (len(table),):
+            raise InputError(f"expected {len(table)} completeness values for {her2}, found shape {frac.shape}")
+        table = table.assign(**{f"{her2}_membrane_completeness": frac})
     summary = score_slide(table, panel, thresholds=thresholds, control=control)
     thr = summary["thresholds"]
     return add_positivity(table, thr), thr, summary
