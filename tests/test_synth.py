@@ -470,3 +470,12 @@ def test_every_bundled_panel_makes_a_slide_and_out_of_range_fluors_are_refused(l
         make_slide(qd800, shape=(64, 64), library=library)
     s = make_slide(qd800, shape=(64, 64), wavelengths=(420, 840, 10), library=library)
     assert s.image.shape[0] == 43
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import qdplex.synth
+
+    res = doctest.testmod(qdplex.synth, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted >= 8 and res.failed == 0

@@ -392,6 +392,15 @@ def nuclear_field(
         float32 Y×X in photo-electrons (camera offset removed; may dip below 0).
     nuclei : numpy.ndarray
         uint32 Y×X true nucleus labels 1…n.
+
+    Examples
+    --------
+    >>> from qdplex.synth import nuclear_field
+    >>> image, nuclei = nuclear_field((128, 128), seed=0)
+    >>> image.dtype.name, nuclei.dtype.name, image.shape
+    ('float32', 'uint32', (128, 128))
+    >>> bool(image[nuclei > 0].mean() > 10 * image[nuclei == 0].mean())
+    True
     """
     ss = np.random.SeedSequence(int(seed)).spawn(3)
     layout = tissue_layout(shape, pixel_size_um=pixel_size_um, crowded=crowded, seed=np.random.default_rng(ss[0]))
@@ -439,6 +448,9 @@ class SynthSlide:
     unstained : MultiplexImage or None
         An unstained control (autofluorescence only, another field of the same tissue).
     panel : Panel
+    settings : dict
+        How the slide was made (JSON-able): arguments, seed, channels, endmembers,
+        spectral shifts; written to ``synth.json`` by :func:`write_slide`.
     """
 
     image: MultiplexImage
@@ -714,8 +726,9 @@ def make_slide(
 
     Parameters
     ----------
-    panel : Panel
-        Markers (fluor, compartment) and nuclear stain. The panel's ``[synth]``
+    panel : Panel or path
+        Markers (fluor, compartment) and nuclear stain (a path is read with
+        :func:`read_synth_panel`). The panel's ``[synth]``
         table may set ``positive_fraction`` (marker → fraction of positive
         epithelial cells; default: clonal, nest by nest), ``brightness`` (marker →
         relative brightness, default 1), ``nuclear_brightness`` (default 1.5) and
@@ -763,7 +776,23 @@ def make_slide(
     Returns
     -------
     SynthSlide
+
+    Examples
+    --------
+    >>> from qdplex.panel import panel_from_dict
+    >>> from qdplex.synth import make_slide
+    >>> panel = panel_from_dict({"name": "p", "markers": [
+    ...     {"name": "HER2", "fluor": "QD655", "compartment": "membrane"}]})
+    >>> slide = make_slide(panel, shape=(64, 64), seed=1)
+    >>> slide.image.shape, slide.image.data.dtype.name
+    ((31, 64, 64), 'uint16')
+    >>> slide.abundances.channel_names
+    ['DAPI', 'QD655', 'AF']
+    >>> list(slide.truth.columns[:2])
+    ['CellID', 'HER2']
     """
+    if isinstance(panel, (str, os.PathLike)):
+        panel = read_synth_panel(panel)
     lib = _library(library, panel)
     px = float(pixel_size_um)
     shape = tuple(int(s) for s in shape)
