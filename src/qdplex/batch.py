@@ -174,15 +174,16 @@ def run_batch(
             row = _commit(dict(result), out, claimed, panel_sha, version)
             rows[i] = row
             progress.finish(row["slide"], row["status"], row.get("seconds"), row.get("error") or None,
-                            skipped=row["action"] == "skipped")
+                            skipped=row["action"] == "skipped", key=_slide_guess(Path(row["input"])))
             state.write_manifest()
 
         common = {"panel": panel, "fmt": fmt, "report": report, "known": known}
         if scheduler in _SYNC:
             for i, path in enumerate(slides):
                 stage = staging / f"{i:05d}-{uuid.uuid4().hex[:8]}"
-                progress.start(path.name)
-                done(i, _slide_task(path, stage_dir=stage, progress=progress.stage_callback(path.name), **common))
+                key = _slide_guess(path)
+                progress.start(key)
+                done(i, _slide_task(path, stage_dir=stage, progress=progress.stage_callback(key), **common))
         else:
             _run_distributed(slides, staging, common, scheduler, workers, progress, done)
 
@@ -310,7 +311,7 @@ def _worker_task(path, *, topic, threads, **kw) -> dict:
     from distributed import get_worker
 
     worker = get_worker()
-    name = Path(path).name
+    name = _slide_guess(Path(path))
 
     def report(stage, fraction):
         try:

@@ -70,6 +70,8 @@ class BatchProgress:
         self.log = logging.getLogger(LOGGER_NAME)
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
+        if not any(isinstance(h, logging.NullHandler) for h in self.log.handlers):
+            self.log.addHandler(logging.NullHandler())  # never logging's last-resort stderr output
         self._handlers: list[logging.Handler] = []
         if log_file is not None:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +86,10 @@ class BatchProgress:
             from tqdm.auto import tqdm
 
             self._tqdm = tqdm
+            # a terminal that reports no size (e.g. a bare pty) gets a fixed width, not an empty bar
+            self._bar_opts = {"dynamic_ncols": True} if _terminal_width(self.stream) >= 40 else {"ncols": 100, "nrows": 24}
             self._overall = tqdm(total=self.total, desc="slides", unit="slide", position=0,
-                                 file=self.stream, dynamic_ncols=True, leave=True)
+                                 file=self.stream, leave=True, **self._bar_opts)
 
     # ------------------------------------------------------------------ events
     def info(self, message: str) -> None:
@@ -102,8 +106,8 @@ class BatchProgress:
             if self._overall is not None and slide not in self._bars:
                 self._bars[slide] = self._tqdm(
                     total=100, desc=_short(slide), unit="%", position=len(self._bars) + 1, file=self.stream,
-                    leave=False, dynamic_ncols=True,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+                    leave=False, **self._bar_opts,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
                 )
 
     def stage(self, slide: str, stage: str, fraction: float) -> None:
@@ -116,12 +120,15 @@ class BatchProgress:
                 bar = self._bars.get(slide)
             if bar is not None:
                 target = max(0, min(100, int(round(100 * float(fraction)))))
+                bar.set_description_str(f"{_short(slide)} {stage}", refresh=False)
                 bar.update(max(0, target - bar.n))
-                bar.set_postfix_str(stage, refresh=True)
 
     def finish(self, slide: str, status: str, seconds: float | None = None, error: str | None = None,
-               *, skipped: bool = False) -> None:
-        """Slide ``slide`` ended with ``status`` (``"ok"``/``"failed"``); ``skipped`` = resumed."""
+               *, skipped: bool = False, key: str | None = None) -> None:
+        """Slide ``slide`` ended with ``status`` (``"ok"``/``"failed"``); ``skipped`` = resumed.
+
+        ``key`` is the name its :meth:`start`/:meth:`stage` events used, when not ``slide``.
+        """
         with self._lock:
             self.done += 1
             if status != "ok":
@@ -134,7 +141,7 @@ class BatchProgress:
                 self.log.error(msg)
             else:
                 self.log.info(msg + f"; {self._eta_text()}")
-            bar = self._bars.pop(slide, None)
+            bar = self._bars.pop(key or slide, None)
             if bar is not None:
                 bar.close()
             if self._overall is not None:
@@ -180,6 +187,15 @@ class BatchProgress:
             return "batch done" if left <= 0 else "ETA unknown"
         per = (time.monotonic() - self._t0) / self.done
         return f"ETA {_hms(per * left)}"
+
+
+def _terminal_width(stream) -> int:
+    import os
+
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _short(name: str, width: int = 24) -> str:
