@@ -82,6 +82,25 @@ def test_panel_reference_lists_every_key():
     assert "## `[[markers]]`" in page and "## `[scoring]`" in page and "## `[synth]`" in page
 
 
+def test_panel_reference_lists_scoring_and_synth_keys():
+    import inspect
+
+    from qdplex import score, synth
+
+    page = _read("panels.md")
+    src = inspect.getsource(score)
+    scoring = set(re.findall(r'(?:\bsc|_scoring\(panel\))\.get\("(\w+)"', src)) | set(re.findall(r'"(\w+)" in sc\b', src))
+    assert {"method", "cutoffs", "her2"} <= scoring  # the scorer still reads its settings this way
+    section = page[page.index("## `[scoring]`"):page.index("## `[synth]`")]
+    missing = sorted(k for k in scoring if f"`{k}`" not in section)
+    assert not missing, f"[scoring] keys read by qdplex.score but not documented: {missing}"
+    known = re.search(r"known = \{([^}]*)\}", inspect.getsource(synth._synth_options)).group(1)
+    synth_keys = set(re.findall(r'"(\w+)"', known))
+    section = page[page.index("## `[synth]`"):]
+    missing = sorted(k for k in synth_keys if f"`{k}`" not in section)
+    assert not missing, f"[synth] keys accepted by qdplex.synth but not documented: {missing}"
+
+
 def test_output_reference_lists_every_column():
     from qdplex.batch import MANIFEST_COLUMNS
     from qdplex.quantify import QC_COLUMNS
