@@ -164,9 +164,9 @@ def write_slide_outputs(result: SlideResult, slide_dir, *, fmt: str = "tiff", pr
         paths["unmixed"] = slide_dir / "unmixed.ome.zarr"
         qio.write_ome_zarr(paths["unmixed"], unmixed_img.data, unmixed_img.channels, pixel_size_um=px)
         paths["nuclei"] = slide_dir / "nuclei.ome.zarr"
-        qio.write_ome_zarr(paths["nuclei"], seg.nuclei[None], [Channel("nuclei")], pixel_size_um=px)
+        qio.write_labels_zarr(paths["nuclei"], seg.nuclei, pixel_size_um=px, name="nuclei")
         paths["cells"] = slide_dir / "cells.ome.zarr"
-        qio.write_ome_zarr(paths["cells"], seg.cells[None], [Channel("cells")], pixel_size_um=px)
+        qio.write_labels_zarr(paths["cells"], seg.cells, pixel_size_um=px, name="cells")
     elif fmt == "tiff":
         paths["unmixed"] = slide_dir / "unmixed.ome.tif"
         qio.write_ome_tiff(paths["unmixed"], unmixed_img.data.astype(np.float32), unmixed_img.channels, pixel_size_um=px)
