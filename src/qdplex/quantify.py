@@ -495,14 +495,15 @@ class Accumulator:
         if self.count is None:
             self._alloc(0)
 
-    def _alloc(self, n):
+    def _alloc(self, n, slots=4):
+        # 4 compartment slots; a block being accumulated has 2 more (see _accumulate)
         C = len(self.channel_names)
-        self.count = np.zeros((6, n), np.int64)
-        self.sum = np.zeros((6, n, C), np.float64)
-        self.sumsq = np.zeros((6, n, C), np.float64)
+        self.count = np.zeros((slots, n), np.int64)
+        self.sum = np.zeros((slots, n, C), np.float64)
+        self.sumsq = np.zeros((slots, n, C), np.float64)
         if self.minmax:
-            self.min = np.full((6, n, C), np.inf)
-            self.max = np.full((6, n, C), -np.inf)
+            self.min = np.full((4, n, C), np.inf)
+            self.max = np.full((4, n, C), -np.inf)
         self.geo = np.zeros((n, 5), np.float64)
         self.bbox = np.empty((n, 4), np.int64)
         self.bbox[:, 0::2] = np.iinfo(np.int64).max
@@ -648,17 +649,18 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
         lut = np.concatenate([[-1], np.arange(len(labels))]).astype(np.int64)
 
     part = Accumulator(acc.channel_names, acc.shape, acc.minmax)
-    part._alloc(len(labels))
+    part._alloc(len(labels), slots=6)
     part.labels = labels
     part.has_membrane = me is not None
     dummy = np.zeros((1, 1), cl.dtype)
-    mm = (part.min, part.max) if acc.minmax else (np.zeros((6, 1, 1)), np.zeros((6, 1, 1)))
+    mm = (part.min, part.max) if acc.minmax else (np.zeros((4, 1, 1)), np.zeros((4, 1, 1)))
     _accumulate(
         block, cl, nu if nu is not None else dummy, me if me is not None else dummy,
         nu is not None, me is not None, lut, hy, hx, acc.minmax,
         part.count, part.sum, part.sumsq, mm[0], mm[1],
     )
     _derive_cells(part.count, part.sum, part.sumsq)
+    part.count, part.sum, part.sumsq = part.count[:4].copy(), part.sum[:4].copy(), part.sumsq[:4].copy()
     runs = _shape(cl, lut, hy, hx, h, w, y0, x0, H, W, part.geo, part.bbox, part.perimeter, _PERIM_W)
     part.hull_start, part.hull_vertices = _hulls_from_runs(runs, len(labels))
     del runs
