@@ -273,41 +273,46 @@ def _cross(ox, oy, ax, ay, bx, by):
 
 
 @numba.njit(cache=True)
-def _chain(qy, qx):
-    """Convex hull (Andrew's monotone chain) of points whose coordinates are multiples of 0.5.
+def _chain(qy, qx, k, key, order, hy, hx):
+    """Convex hull (Andrew's monotone chain) of the first ``k`` points, whose
+    coordinates are multiples of 0.5, into the buffers ``hy``/``hx`` (≥ 2k+1 long).
 
-    Returns (hy, hx, h): the first ``h`` entries are the vertices, counter-clockwise,
-    without duplicate or collinear points.
+    Points are ordered by (row, column) with an insertion sort: points made run by
+    run, row after row, arrive almost in order. Returns the number of vertices
+    (no duplicate or collinear points).
     """
-    k = qy.shape[0]
-    ymin = qy.min()
-    xmin = qx.min()
-    span = np.int64(2 * (qy.max() - ymin) + 0.5) + 1
-    key = np.empty(k, dtype=np.int64)
+    ymin = qy[0]
+    xmin = qx[0]
+    xmax = qx[0]
     for t in range(k):
-        key[t] = np.int64(2 * (qx[t] - xmin) + 0.5) * span + np.int64(2 * (qy[t] - ymin) + 0.5)
-    order = np.argsort(key)
-    hx = np.empty(2 * k + 1, dtype=np.float64)
-    hy = np.empty(2 * k + 1, dtype=np.float64)
+        ymin = min(ymin, qy[t])
+        xmin = min(xmin, qx[t])
+        xmax = max(xmax, qx[t])
+    span = np.int64(2 * (xmax - xmin) + 0.5) + 1
+    for t in range(k):
+        kv = np.int64(2 * (qy[t] - ymin) + 0.5) * span + np.int64(2 * (qx[t] - xmin) + 0.5)
+        j = t - 1
+        while j >= 0 and key[j] > kv:
+            key[j + 1] = key[j]
+            order[j + 1] = order[j]
+            j -= 1
+        key[j + 1] = kv
+        order[j + 1] = t
     h = 0
-    last = np.int64(-1)
-    for t in range(k):  # lower chain
-        o = order[t]
-        if key[o] == last:
+    for t in range(k):  # one chain
+        if t > 0 and key[t] == key[t - 1]:
             continue
-        last = key[o]
+        o = order[t]
         while h >= 2 and _cross(hx[h - 2], hy[h - 2], hx[h - 1], hy[h - 1], qx[o], qy[o]) <= 0:
             h -= 1
         hx[h] = qx[o]
         hy[h] = qy[o]
         h += 1
     lower = h + 1
-    last = np.int64(-1)
-    for t in range(k - 1, -1, -1):  # upper chain
-        o = order[t]
-        if key[o] == last:
+    for t in range(k - 1, -1, -1):  # the other chain
+        if t < k - 1 and key[t] == key[t + 1]:
             continue
-        last = key[o]
+        o = order[t]
         while h >= lower and _cross(hx[h - 2], hy[h - 2], hx[h - 1], hy[h - 1], qx[o], qy[o]) <= 0:
             h -= 1
         hx[h] = qx[o]
@@ -315,7 +320,7 @@ def _chain(qy, qx):
         h += 1
     if h > 1:
         h -= 1  # the last point repeats the first
-    return hy, hx, h
+    return h
 
 
 @numba.njit(cache=True)
@@ -338,7 +343,7 @@ def _hulls_from_runs(runs, n_labels):
     As skimage.morphology.convex_hull_image, the hull is that of the pixels' edge
     midpoints ("diamond" offsets ±0.5); per run only its two end pixels can matter.
     Returns (start, vertices): label i's vertices (row, col) are
-    ``vertices[start[i]:start[i+1]]``, counter-clockwise.
+    ``vertices[start[i]:start[i+1]]``, in hull order.
     """
     m = runs.shape[0]
     first = np.zeros(n_labels + 1, dtype=np.int64)  # counting sort of the runs by label
@@ -354,28 +359,35 @@ def _hulls_from_runs(runs, n_labels):
         fill[L] += 1
     start = np.zeros(n_labels + 1, dtype=np.int64)
     verts = np.empty((16 * n_labels + 8, 2), dtype=np.float64)
+    kmax = 1
+    for L in range(n_labels):
+        kmax = max(kmax, first[L + 1] - first[L])
+    qy = np.empty(6 * kmax, dtype=np.float64)
+    qx = np.empty(6 * kmax, dtype=np.float64)
+    key = np.empty(6 * kmax, dtype=np.int64)
+    idx = np.empty(6 * kmax, dtype=np.int64)
+    hy = np.empty(12 * kmax + 1, dtype=np.float64)
+    hx = np.empty(12 * kmax + 1, dtype=np.float64)
     nv = 0
     for L in range(n_labels):
         start[L] = nv
         k = first[L + 1] - first[L]
         if k == 0:
             continue
-        qy = np.empty(6 * k, dtype=np.float64)
-        qx = np.empty(6 * k, dtype=np.float64)
         j = 0
         for t in range(first[L], first[L + 1]):
             r = order[t]
             row = np.float64(runs[r, 1])
             for e in range(2):
                 c = np.float64(runs[r, 2 + e])
-                qy[j] = row
-                qx[j] = c - 0.5 if e == 0 else c + 0.5
-                qy[j + 1] = row - 0.5
-                qx[j + 1] = c
+                qy[j] = row - 0.5
+                qx[j] = c
+                qy[j + 1] = row
+                qx[j + 1] = c - 0.5 if e == 0 else c + 0.5
                 qy[j + 2] = row + 0.5
                 qx[j + 2] = c
                 j += 3
-        hy, hx, h = _chain(qy, qx)
+        h = _chain(qy, qx, j, key, idx, hy, hx)
         verts, nv = _append(verts, nv, hy, hx, h)
     start[n_labels] = nv
     return start, verts[:nv].copy()
@@ -398,7 +410,10 @@ def _hulls(lab, py, px, n_labels):
         while b < m and lab[b] == L:
             b += 1
         if b > a:
-            hy, hx, h = _chain(py[a:b], px[a:b])
+            k = b - a
+            hy = np.empty(2 * k + 1, dtype=np.float64)
+            hx = np.empty(2 * k + 1, dtype=np.float64)
+            h = _chain(py[a:b], px[a:b], k, np.empty(k, np.int64), np.empty(k, np.int64), hy, hx)
             verts, nv = _append(verts, nv, hy, hx, h)
         a = b
     start[n_labels] = nv
