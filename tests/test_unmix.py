@@ -219,3 +219,30 @@ def test_bad_library_and_options():
         unmix(MultiplexImage(np.zeros((31, 4, 4)), lambda_grid()), twin)
     with pytest.raises(SpectraError, match="method"):
         unmix(np.zeros((3, 2, 2)), np.eye(3), "magic")
+
+
+def test_synthetic_slide_unstained_control_af_beats_none_and_generic():
+    """qdplex.synth slide whose tissue autofluorescence is red-shifted (not the generic
+    built-in): its unstained control's estimated AF gives the best marker abundances."""
+    from qdplex.panel import panel_from_dict
+    from qdplex.synth import CAMERA_OFFSET, make_slide
+
+    panel = panel_from_dict({"name": "t", "markers": [
+        {"name": "HER2", "fluor": "QD655", "compartment": "membrane"},
+        {"name": "ER", "fluor": "QD605", "compartment": "nucleus"},
+        {"name": "PR", "fluor": "QD565", "compartment": "nucleus"},
+        {"name": "mTOR", "fluor": "QD525", "compartment": "cytoplasm"}]})
+    wl = np.arange(350.0, 900.0, 1.0)
+    tissue_af = SpectralLibrary().add("AF", wl, np.exp(-0.5 * ((wl - 575) / 70) ** 2), source="lipofuscin-like")
+    slide = make_slide(panel, shape=(128, 128), library=SpectralLibrary.builtin().merge(tissue_af),
+                       autofluorescence=3.0, unstained=True, seed=3, name="afslide")
+    truth = slide.abundances.data.compute()[1:5]  # the four markers' QDs (after DAPI)
+    stain = SpectralLibrary.builtin(panel.fluors)
+    est = estimate_autofluorescence(slide.unstained, offset=CAMERA_OFFSET)
+    errs = {}
+    for label, lib in {"none": stain, "generic": stain.merge(SpectralLibrary.builtin(["AF"])),
+                       "estimated": stain.merge(est)}.items():
+        ab = unmix(slide.image, lib, "nnls", offset=CAMERA_OFFSET).abundances.data.compute()[1:5]
+        errs[label] = float(np.sqrt(np.mean((ab - truth) ** 2)))
+    assert errs["estimated"] < 0.5 * errs["none"], errs
+    assert errs["estimated"] < errs["generic"], errs

@@ -36,6 +36,7 @@ so memory stays bounded by the chunk size.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -236,19 +237,82 @@ def _nnls_pixels(X, need, G, tab):
         for k in range(K):
             X[k, n] = max(z[k], 0.0)
 """
-_BPP_KERNELS: dict = {}
-_BPP_LOCK = threading.Lock()
+# RMS misfit per pixel, y − offset − M x, in tiles (one pass over Y; K literal).
+_RMS_TEMPLATE = """
+def _rms_pixels(Y, off, M, X, rms):
+    K = {K}
+    C, N = Y.shape
+    T = 256
+    acc = np.empty(T)
+    pred = np.empty(T)
+    for n0 in range(0, N, T):
+        m = min(T, N - n0)
+        for i in range(m):
+            acc[i] = 0.0
+        for c in range(C):
+            for i in range(m):
+                pred[i] = off[c]
+            for k in range(K):
+                mck = M[c, k]
+                for i in range(m):
+                    pred[i] += mck * X[k, n0 + i]
+            for i in range(m):
+                d = Y[c, n0 + i] - pred[i]
+                acc[i] += d * d
+        for i in range(m):
+            rms[n0 + i] = np.sqrt(acc[i] / C)
+"""
+_TEMPLATES = {"nnls": (_BPP_TEMPLATE, "_nnls_pixels"), "rms": (_RMS_TEMPLATE, "_rms_pixels")}
+_KERNELS: dict = {}
+_KERNEL_LOCK = threading.Lock()
 
 
-def _bpp_kernel(K: int):
-    """The compiled per-pixel NNLS kernel for K endmembers (compiled once per process)."""
-    with _BPP_LOCK:
-        fn = _BPP_KERNELS.get(K)
+def _kernel_module(kind: str, K: int):
+    """Import the generated source of kernel ``kind`` for K from a cache folder (so numba
+    can cache its machine code on disk); None when no folder is writable."""
+    import hashlib
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    template, name = _TEMPLATES[kind]
+    src = "import numpy as np\nimport numba\n\n" + template.format(K=int(K)) + (
+        f"\n\n{name} = numba.njit(cache=True, nogil=True, fastmath={{'contract'}})({name})\n")
+    digest = hashlib.sha1(src.encode()).hexdigest()[:12]
+    for base in (os.environ.get("QDPLEX_KERNEL_DIR"), Path.home() / ".cache" / "qdplex" / "kernels",
+                 Path(tempfile.gettempdir()) / "qdplex-kernels"):
+        if not base:
+            continue
+        try:
+            folder = Path(base)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"qdplex_{kind}_k{K}_{digest}.py"
+            if not path.exists():
+                tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+                tmp.write_text(src, encoding="utf-8")
+                os.replace(tmp, path)
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # numba's disk cache looks the module up by name
+            spec.loader.exec_module(module)
+            return getattr(module, name)
+        except OSError:
+            continue
+    return None
+
+
+def _kernel(kind: str, K: int):
+    """The compiled kernel ``kind`` for K endmembers (disk-cached machine code when possible)."""
+    with _KERNEL_LOCK:
+        fn = _KERNELS.get((kind, K))
         if fn is None:
-            ns = {"np": np}
-            exec(_BPP_TEMPLATE.format(K=int(K)), ns)  # noqa: S102 - fixed template, K an int
-            fn = numba.njit(nogil=True, fastmath={"contract"})(ns["_nnls_pixels"])
-            _BPP_KERNELS[K] = fn
+            fn = _kernel_module(kind, K)
+            if fn is None:  # no writable folder: compile in memory
+                template, name = _TEMPLATES[kind]
+                ns = {"np": np}
+                exec(template.format(K=int(K)), ns)  # noqa: S102 - fixed template, K an int
+                fn = numba.njit(nogil=True, fastmath={"contract"})(ns[name])
+            _KERNELS[(kind, K)] = fn
         return fn
 
 
@@ -273,20 +337,6 @@ def _nnls_scalar(X, need, G):
         _nnls_gram(G, b, z, F, L, idx, yv)
         for k in range(K):
             X[k, n] = z[k]
-
-
-@numba.njit(cache=True, nogil=True)
-def _rms_pass(Y, off, R, rms):
-    """rms[n] = RMS over channels of Y[:, n] − off − R[:, n] (float64 sums)."""
-    C, N = Y.shape
-    acc = np.zeros(N)
-    for c in range(C):
-        o = off[c]
-        for n in range(N):
-            d = np.float64(Y[c, n]) - o - R[c, n]
-            acc[n] += d * d
-    for n in range(N):
-        rms[n] = np.sqrt(acc[n] / C)
 
 
 @_jit
@@ -411,12 +461,12 @@ def _fit_pixels(Y: np.ndarray, plan: _Plan, origin=None, want_resid: bool = True
         need = np.flatnonzero(X.min(axis=0) < 0.0)
         if need.size:
             if plan.tab.shape[0] > 1:
-                _bpp_kernel(plan.M.shape[1])(X, need, plan.G, plan.tab)
+                _kernel("nnls", plan.M.shape[1])(X, need, plan.G, plan.tab)
             else:
                 _nnls_scalar(X, need, plan.G)
     rms = np.full(N, np.nan, dtype=np.float32)
     if want_resid:
-        _rms_pass(Yf, plan.offset, plan.M32 @ X, rms)
+        _kernel("rms", plan.M.shape[1])(Y, plan.offset, plan.M, X, rms)
     if plan.nonfinite == "raise" and bad.any():
         loc = "" if origin is None else f" in the block at y {origin[0]}, x {origin[1]}"
         raise InputError(
