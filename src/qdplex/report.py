@@ -217,14 +217,27 @@ def summary_tables(summary: Mapping[str, Any], markers: Sequence[str] = ()) -> t
 
     flat("", summary, None)
     per_marker = pd.DataFrame.from_dict(rows, orient="index")
-    # drop the first path component (markers.HER2.h_score → h_score) where that stays unambiguous
+    # the main per-marker block loses its prefix (markers.HER2.h_score → h_score), others keep it (allred.total)
     cols = [str(c) for c in per_marker.columns]
-    short = [c.split(".", 1)[1] if "." in c else c for c in cols]
-    per_marker.columns = [sh if short.count(sh) == 1 else c for c, sh in zip(cols, short)]
+    prefixes = [c.split(".", 1)[0] for c in cols if "." in c]
+    if prefixes:
+        main = max(set(prefixes), key=prefixes.count)
+        short = [c.split(".", 1)[1] if c.startswith(main + ".") else c for c in cols]
+        per_marker.columns = [sh if short.count(sh) == 1 else c for c, sh in zip(cols, short)]
     if len(per_marker):
         per_marker = per_marker.reindex([m for m in markers if m in rows])
         per_marker.index.name = "marker"
     return per_marker, pd.DataFrame(scalars, columns=["key", "value"])
+
+
+def _drop_repeated_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop columns whose values repeat an earlier column (e.g. a summary's ``thresholds`` block)."""
+    keep: list[str] = []
+    for c in df.columns:
+        col = df[c].astype(str)
+        if not any(col.equals(df[k].astype(str)) for k in keep):
+            keep.append(c)
+    return df[keep]
 
 
 # --------------------------------------------------------------------------- library, crosstalk
@@ -345,6 +358,7 @@ def slide_report_html(
     )
     if len(per_marker):
         thr = thr.join(per_marker.drop(columns=[c for c in per_marker.columns if c in thr.columns]), how="left")
+        thr = _drop_repeated_columns(thr)
     parts.append(_table(thr, left=["fluor", "compartment"], index=True))
     if len(scalars):
         parts.append(_table(scalars, left=["key"]))
