@@ -117,6 +117,8 @@ def test_batch_records_failures_and_goes_on(reference, cohort):
     assert len(cohort_df) == N_GOOD
     log = (out / "qdplex.log").read_text()
     assert "truncated" in log and "slide2" in log
+    # per-slide stages reported by the dask workers reach the client's log
+    assert all(f"slide{i}: unmix done" in log for i in range(N_GOOD)), log
     assert not (out / ".qdplex-staging").exists() and not (out / ".qdplex.lock").exists()
 
 
@@ -171,7 +173,7 @@ def test_kill9_then_resume_equals_uninterrupted(reference, cohort, breast_panel_
 
     out = tmp_path / "killed"
     cmd = [str(BIN / "qdplex"), "run", str(cohort["good"]), "--panel", str(breast_panel_path),
-           "--out", str(out), "--workers", "1", "--no-report"]
+           "--out", str(out), "--scheduler", "synchronous", "--no-report"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 90

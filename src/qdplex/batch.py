@@ -149,7 +149,10 @@ def run_batch(
     if not slides:
         raise QdplexError(f"expected at least one slide in {[str(p) for p in inputs]}, found none")
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"expected a folder to write into, found {type(e).__name__}: {e.strerror or e}", path=out) from None
     lock = _acquire_lock(out)
     progress = None
     try:
@@ -379,6 +382,9 @@ def _connect(scheduler, workers, n_slides):
         return scheduler, None
     addr = str(scheduler)
     if "://" not in addr:
+        if ":" not in addr:
+            raise QdplexError(f"expected a scheduler address tcp://HOST:PORT (or 'local', 'synchronous'), "
+                              f"found {addr!r}")
         addr = "tcp://" + addr
     try:
         client = Client(addr, timeout="30s")
