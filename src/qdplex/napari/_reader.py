@@ -12,15 +12,22 @@ from ._layers import abundance_layers, label_layers, slide_layer
 __all__ = ["napari_get_reader", "read_slide", "read_output_folder", "is_output_folder"]
 
 _TIFF = (".tif", ".tiff")
-#: files that make a folder a qdplex slide output folder
-_UNMIXED = "unmixed.ome.tif"
-_CELLS = "cells.ome.tif"
+#: output images of a slide folder, in the two output formats (``--format tiff|zarr``)
+_SUFFIXES = (".ome.tif", ".ome.zarr")
+
+
+def _output(folder: Path, stem: str) -> Path | None:
+    for suffix in _SUFFIXES:
+        p = folder / f"{stem}{suffix}"
+        if p.exists():
+            return p
+    return None
 
 
 def is_output_folder(path) -> bool:
-    """True when ``path`` is a qdplex slide output folder (holds unmixed.ome.tif or cells.ome.tif)."""
+    """True when ``path`` is a qdplex slide output folder (holds unmixed.ome.tif/.zarr or cells.ome.tif/.zarr)."""
     p = Path(path)
-    return p.is_dir() and ((p / _UNMIXED).is_file() or (p / _CELLS).is_file())
+    return p.is_dir() and (_output(p, "unmixed") is not None or _output(p, "cells") is not None)
 
 
 def napari_get_reader(path):
@@ -31,7 +38,9 @@ def napari_get_reader(path):
         path = path[0]
     p = Path(path)
     if p.is_dir():
-        return read_output_folder if is_output_folder(p) else None
+        if is_output_folder(p):
+            return read_output_folder
+        return read_slide if p.suffix.lower() == ".zarr" else None
     if p.suffix.lower() in _TIFF and p.is_file():
         return read_slide
     return None
@@ -42,7 +51,7 @@ def _one(path):
 
 
 def read_slide(path) -> list[tuple]:
-    """Read one image file with :func:`qdplex.io.read_image`.
+    """Read one image file (or OME-Zarr folder) with :func:`qdplex.io.read_image`.
 
     A single-plane integer image is a label image (a labels layer); an image with
     fluor-named planes (an unmixed ``unmixed.ome.tif``) gives one coloured layer per
@@ -136,7 +145,6 @@ def read_output_folder(path) -> list[tuple]:
     thresholds and summary come from run.json and summary.json.
     """
     import pandas as pd
-    import tifffile
 
     from qdplex.io import read_image
 
@@ -151,15 +159,17 @@ def read_output_folder(path) -> list[tuple]:
     panel = _panel_from_run(run)
     library = _fit_library(panel, image)
     pixel_size = image.pixel_size_um if image is not None else None
-    if (folder / _UNMIXED).is_file():
-        ab = read_image(folder / _UNMIXED)
+    unmixed = _output(folder, "unmixed")
+    if unmixed is not None:
+        ab = read_image(unmixed)
         ab.name = slide
         pixel_size = pixel_size or ab.pixel_size_um
         layers += abundance_layers(ab, library=library, slide=slide)
-    if (folder / _CELLS).is_file():
-        cells = tifffile.imread(folder / _CELLS)
-        nuc_path = folder / "nuclei.ome.tif"
-        nuclei = tifffile.imread(nuc_path) if nuc_path.is_file() else np.zeros_like(cells)
+    cells_path = _output(folder, "cells")
+    if cells_path is not None:
+        cells = _labels(cells_path)
+        nuc_path = _output(folder, "nuclei")
+        nuclei = _labels(nuc_path) if nuc_path is not None else np.zeros_like(cells)
         table = pd.read_csv(folder / "cells.csv") if (folder / "cells.csv").is_file() else None
         thresholds = summary.get("thresholds") or run.get("thresholds") or {}
         state = {
@@ -172,3 +182,9 @@ def read_output_folder(path) -> list[tuple]:
         }
         layers += label_layers(nuclei, cells, table=table, state=state, pixel_size_um=pixel_size, slide=slide)
     return layers
+
+
+def _labels(path: Path) -> np.ndarray:
+    from qdplex.io import read_image
+
+    return np.asarray(read_image(path).data[0]).astype(np.uint32, copy=False)

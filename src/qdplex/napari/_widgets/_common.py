@@ -17,6 +17,7 @@ __all__ = [
     "meta",
     "kind",
     "LayerCombo",
+    "follow_clicks",
     "upsert_layers",
     "cell_ids",
     "set_base_colors",
@@ -64,9 +65,15 @@ class LayerCombo(QComboBox):
         self._current = None
         self.currentIndexChanged.connect(self._changed)
         ev = viewer.layers.events
-        ev.inserted.connect(self.refresh)
-        ev.removed.connect(self.refresh)
-        ev.reordered.connect(self.refresh)
+        for e in (ev.inserted, ev.removed, ev.reordered):
+            e.connect(self.refresh)
+        refresh = self.refresh
+
+        def _stop(*_):
+            for e in (ev.inserted, ev.removed, ev.reordered):
+                e.disconnect(refresh)
+
+        self.destroyed.connect(_stop)
         self.refresh()
 
     @property
@@ -94,17 +101,30 @@ class LayerCombo(QComboBox):
             self.layer_changed.emit(layer)
 
 
+def follow_clicks(widget, viewer, callback) -> None:
+    """Call ``callback(viewer, event)`` on mouse presses in the viewer until ``widget`` is destroyed."""
+    viewer.mouse_drag_callbacks.append(callback)
+
+    def _stop(*_):
+        if callback in viewer.mouse_drag_callbacks:
+            viewer.mouse_drag_callbacks.remove(callback)
+
+    widget.destroyed.connect(_stop)
+
+
 def upsert_layers(viewer, layer_tuples) -> list:
     """Add layer-data tuples to the viewer; a layer of the same name and type is updated in place.
 
     Updating in place (a re-run) keeps the user's layer order and view settings and
     avoids napari's costly layer removal.
     """
+    from napari import layers
+
     out = []
     for data, kwargs, ltype in layer_tuples:
         name = kwargs.get("name")
         old = viewer.layers[name] if name in viewer.layers else None
-        if old is not None and type(old).__name__.lower() == ltype:
+        if old is not None and isinstance(old, getattr(layers, ltype.capitalize())):
             _update_layer(old, data, kwargs)
             out.append(old)
             continue

@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QButtonGroup, QFormLayout, QHBoxLayout, QLabel, QRadi
 from qdplex.model import Channel
 
 from .._colors import emission_nm, wavelength_to_rgb
-from ._common import LayerCombo, is_cells, kind, meta
+from ._common import LayerCombo, follow_clicks, is_cells, kind, meta
 
 __all__ = ["SpectrumWidget", "fit_spectrum"]
 
@@ -100,7 +100,7 @@ class SpectrumWidget(QWidget):
         lay.addLayout(form)
         lay.addWidget(self.canvas, 1)
         lay.addWidget(self.info)
-        napari_viewer.mouse_drag_callbacks.append(self._on_click)
+        follow_clicks(self, napari_viewer, self._on_click)
 
     # -------------------------------------------------------------- data
     def _matrix(self, state, library, image):
@@ -185,7 +185,7 @@ class SpectrumWidget(QWidget):
     # -------------------------------------------------------------- clicks
     def _on_click(self, viewer, event):
         layer = self.cells.layer
-        if layer is None or event.button not in (None, 1):
+        if layer is None or event.button not in (None, 1) or not self.isVisible():
             return
         y, x = (int(round(v)) for v in layer.world_to_data(event.position)[-2:])
         h, w = layer.data.shape[-2:]

@@ -11,7 +11,7 @@ import numpy as np
 from qtpy.QtCore import QAbstractTableModel, QItemSelection, QItemSelectionModel, QModelIndex, Qt
 from qtpy.QtWidgets import QAbstractItemView, QFormLayout, QLabel, QTableView, QVBoxLayout, QWidget
 
-from ._common import LayerCombo, cell_ids, is_cells, show_selection
+from ._common import LayerCombo, follow_clicks, cell_ids, is_cells, show_selection
 
 __all__ = ["CellTableWidget", "DataFrameModel"]
 
@@ -109,7 +109,7 @@ class CellTableWidget(QWidget):
         lay.addWidget(self.info)
 
         self.cells.layer_changed.connect(self._set_layer)
-        napari_viewer.mouse_drag_callbacks.append(self._on_click)
+        follow_clicks(self, napari_viewer, self._on_click)
         self._set_layer(self.cells.layer)
 
     # ------------------------------------------------------------- layer
