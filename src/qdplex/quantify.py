@@ -104,62 +104,117 @@ def _accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_
     C = img.shape[0]
     h = img.shape[1]
     w = img.shape[2]
+    nl = s1.shape[1]
+    f1 = s1.reshape((s1.shape[0] * nl, C))  # flat (slot * nl + row, channel) views
+    f2 = s2.reshape((s2.shape[0] * nl, C))
+    prim = np.empty(w, dtype=np.int64)  # slot * nl + row of the pixel's nucleus / cytoplasm, or -1
+    memb = np.empty(w, dtype=np.int64)  # membrane row, or -1
+    oddn = np.empty(w, dtype=np.int64)  # nucleus row of a nucleus pixel outside its own cell, or -1
+    oddc = np.empty(w, dtype=np.int64)  # cell row of that pixel, or -1
     for y in range(h):
         ly = y + hy
+        any_mem = False
+        any_odd = False
+        # decode this row's labels once (and count pixels)
         for x in range(w):
             lx = x + hx
             c = cells[ly, lx]
             n = nuclei[ly, lx] if has_nuc else 0
             m = membrane[ly, lx] if has_mem else 0
-            if c == 0 and n == 0 and m == 0:
-                continue
             ic = lut[c] if c != 0 else -1
-            im = lut[m] if m != 0 else -1
             if n != 0:
-                slot = _NUC
-                row = lut[n]
+                r = lut[n]
+                p = _NUC * nl + r
+                cnt[_NUC, r] += 1
             elif ic >= 0:
-                slot = _CYT
-                row = ic
+                p = _CYT * nl + ic
+                cnt[_CYT, ic] += 1
             else:
-                slot = -1
-                row = -1
-            odd = n != 0 and c != n
-            if row >= 0:
-                cnt[slot, row] += 1
-                for k in range(C):
-                    v = np.float64(img[k, y, x])
-                    s1[slot, row, k] += v
-                    s2[slot, row, k] += v * v
+                p = -1
+            prim[x] = p
+            im = lut[m] if m != 0 else -1
+            memb[x] = im
             if im >= 0:
                 cnt[_MEM, im] += 1
-                for k in range(C):
-                    v = np.float64(img[k, y, x])
-                    s1[_MEM, im, k] += v
-                    s2[_MEM, im, k] += v * v
-            if odd:
+                any_mem = True
+            if n != 0 and c != n:
                 inn = lut[n]
+                oddn[x] = inn
+                oddc[x] = ic
                 cnt[_NOUT, inn] += 1
                 if ic >= 0:
                     cnt[_CX, ic] += 1
-                for k in range(C):
+                any_odd = True
+            else:
+                oddn[x] = -1
+                oddc[x] = -1
+        # per channel: contiguous reads, sums kept in registers along each run of one label
+        for k in range(C):
+            cur = -1
+            a1 = 0.0
+            a2 = 0.0
+            for x in range(w):
+                p = prim[x]
+                if p != cur:
+                    if cur >= 0:
+                        f1[cur, k] += a1
+                        f2[cur, k] += a2
+                    cur = p
+                    a1 = 0.0
+                    a2 = 0.0
+                if p >= 0:
+                    v = np.float64(img[k, y, x])
+                    a1 += v
+                    a2 += v * v
+            if cur >= 0:
+                f1[cur, k] += a1
+                f2[cur, k] += a2
+            if any_mem:
+                cur = -1
+                a1 = 0.0
+                a2 = 0.0
+                for x in range(w):
+                    p = memb[x]
+                    if p != cur:
+                        if cur >= 0:
+                            s1[_MEM, cur, k] += a1
+                            s2[_MEM, cur, k] += a2
+                        cur = p
+                        a1 = 0.0
+                        a2 = 0.0
+                    if p >= 0:
+                        v = np.float64(img[k, y, x])
+                        a1 += v
+                        a2 += v * v
+                if cur >= 0:
+                    s1[_MEM, cur, k] += a1
+                    s2[_MEM, cur, k] += a2
+            if any_odd:
+                for x in range(w):
+                    inn = oddn[x]
+                    if inn < 0:
+                        continue
                     v = np.float64(img[k, y, x])
                     s1[_NOUT, inn, k] += v
                     s2[_NOUT, inn, k] += v * v
+                    ic = oddc[x]
                     if ic >= 0:
                         s1[_CX, ic, k] += v
                         s2[_CX, ic, k] += v * v
             if do_minmax:
-                for k in range(C):
+                for x in range(w):
+                    lx = x + hx
+                    c = cells[ly, lx]
+                    n = nuclei[ly, lx] if has_nuc else 0
                     v = np.float64(img[k, y, x])
-                    if ic >= 0:
-                        _minmax(mn, mx, _CELL, ic, k, v)
+                    if c != 0:
+                        _minmax(mn, mx, _CELL, lut[c], k, v)
                         if n == 0:
-                            _minmax(mn, mx, _CYT, ic, k, v)
+                            _minmax(mn, mx, _CYT, lut[c], k, v)
                     if n != 0:
                         _minmax(mn, mx, _NUC, lut[n], k, v)
-                    if im >= 0:
-                        _minmax(mn, mx, _MEM, im, k, v)
+                    if memb[x] >= 0:
+                        _minmax(mn, mx, _MEM, memb[x], k, v)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
