@@ -303,3 +303,26 @@ def test_progress_plain_lines_and_log(tmp_path):
     p.finish("a", "ok", 1.0)
     p.close()
     assert "slides" in t.getvalue() and "50%" in t.getvalue()
+
+
+def test_ome_zarr_slide_in_zarr_out(reference, cohort, panel, tmp_path):
+    """An OME-Zarr slide (a folder) goes through the batch like its TIFF twin; --format zarr output."""
+    from qdplex.batch import run_batch
+    from qdplex.io import read_image, write_ome_zarr
+
+    img = read_image(cohort["good"] / "slide0.ome.tif")
+    src = tmp_path / "zarr_in"
+    write_ome_zarr(src / "slide0.ome.zarr", img.data, img.channels, pixel_size_um=img.pixel_size_um)
+    out = tmp_path / "out"
+    manifest = run_batch([src], panel, out, scheduler="synchronous", fmt="zarr", quiet=True, report=False)
+    assert list(manifest["slide"]) == ["slide0"] and list(manifest["status"]) == ["ok"]
+    got = pd.read_csv(out / "slide0" / "cells.csv")
+    ref = pd.read_csv(reference[0] / "slide0" / "cells.csv")
+    pd.testing.assert_frame_equal(got, ref, check_exact=True)
+    unmixed = read_image(out / "slide0" / "unmixed.ome.zarr")
+    assert unmixed.shape[1:] == img.shape[1:] and "residual" in unmixed.channel_names
+    # a folder slide is hashed by content; rerunning skips it
+    again = run_batch([src], panel, out, scheduler="synchronous", fmt="zarr", quiet=True, report=False)
+    assert list(again["action"]) == ["skipped"]
+    with pytest.raises(OutputError):
+        run_batch([src / "slide0.ome.zarr"], panel, src / "slide0.ome.zarr" / "out", scheduler="synchronous")
