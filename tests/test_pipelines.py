@@ -1,22 +1,23 @@
 """Every ready pipeline in pipelines/ runs end to end on a synthetic slide made for its panel,
 and its per-cell measurements agree with the slide's ground truth.
 
-Accuracy bounds, per marker, on the cells matched one-to-one to true cells (IoU ≥ 0.5):
+Accuracy bounds, per marker, on the cells matched one-to-one to true cells (IoU ≥ 0.5).
+"Measured" is the minimum over the six panels and seeds 0–4 (the test uses seed 3):
 
 * Pearson correlation of the measured mean (the marker's own column of the cell table)
   with the true mean abundance in the marker's compartment:
-  - ≥ 0.90 for nucleus, cytoplasm and whole-cell markers: these compartments are tens
-    to hundreds of pixels, so unmixing noise averages out and a pixel of boundary error
-    moves the mean little (measured 0.95–1.00 on seeds 0–2);
-  - ≥ 0.80 for membrane markers: the ring is 1 µm (2 px) wide, so a one-pixel shift of
-    the segmented border against the true one swaps a large part of the ring for
-    cytoplasm or background (measured 0.85–0.99 on seeds 0–2).
-* ≥ 85 % of the true cells matched (segmentation recall at IoU 0.5; measured 90–100 %).
-* The measured values separate the truly positive from the truly negative cells: area under
-  the ROC curve ≥ 0.95 (synthetic positives and negatives are log-normal populations an
-  order of magnitude apart). This checks what the measurements allow, independent of the
-  automatic threshold; the agreement of the scorer's calls (``<marker>_positive``) with the
-  truth is printed, and tested with the scorer.
+  - ≥ 0.95 for nucleus, cytoplasm and whole-cell markers (measured ≥ 0.99): these
+    compartments are tens to hundreds of pixels, so unmixing noise averages out and a
+    pixel of boundary error moves the mean little;
+  - ≥ 0.90 for membrane markers (measured ≥ 0.967): the ring is 1 µm (2 px) wide, so a
+    one-pixel shift of the segmented border against the true one swaps a large part of
+    the ring for cytoplasm, background or the neighbour's membrane.
+* ≥ 90 % of the true cells matched (segmentation recall at IoU 0.5; measured ≥ 96.8 %).
+* The measured values separate the truly positive from the truly negative cells: area
+  under the ROC curve ≥ 0.95 (measured ≥ 0.994), independent of the automatic threshold;
+* and the scorer's calls (``<marker>_positive``, automatic threshold) equal the truth's
+  for ≥ 80 % of the matched cells (measured ≥ 83 %, lowest for membrane markers whose
+  negative and positive cells touch).
 
 ``pytest tests/test_pipelines.py -s`` prints the measured values.
 """
@@ -36,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PANELS = sorted((ROOT / "pipelines").glob("*.toml"))
 WORKFLOWS = {"breast-5plex", "her2-qdihc", "ovarian-ca125", "pancreatic-claudin4", "prostate-ar-psa", "gi-5plex"}
 
-MIN_R = {"nucleus": 0.90, "cytoplasm": 0.90, "cell": 0.90, "membrane": 0.80}
-MIN_MATCHED = 0.85
+MIN_R = {"nucleus": 0.95, "cytoplasm": 0.95, "cell": 0.95, "membrane": 0.90}
+MIN_MATCHED = 0.90
 MIN_AUC = 0.95
+MIN_AGREEMENT = 0.80
 
 
 def test_every_workflow_has_a_panel():
@@ -101,6 +103,7 @@ def test_pipeline_end_to_end_accuracy(path):
     for name, v in m["markers"].items():
         assert v["r"] >= MIN_R[v["compartment"]], (name, v)
         assert np.isnan(v["auc"]) or v["auc"] >= MIN_AUC, (name, v)
+        assert v["positive_agreement"] >= MIN_AGREEMENT, (name, v)
     # every stage ran and reported its time, and the scores name every marker
     assert {"unmix", "segment", "quantify", "score"} <= set(res.timings)
     assert set(res.thresholds) == set(panel.marker_names)
