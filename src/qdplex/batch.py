@@ -82,6 +82,7 @@ def run_batch(
     quiet: bool = False,
     fmt: str = "tiff",
     report: bool = True,
+    tile: int | None = None,
     stream=None,
 ) -> pd.DataFrame:
     """Run the pipeline on every slide found in ``inputs``, one dask task per slide.
@@ -113,6 +114,9 @@ def run_batch(
         Image output format (tiled pyramidal OME-TIFF, or OME-Zarr).
     report : bool
         Write each slide's QC report.
+    tile : int, optional
+        Process every slide tile by tile (:mod:`qdplex.wholeslide`) with this tile size;
+        by default only slides above :data:`qdplex.wholeslide.WHOLESLIDE_PIXELS` are.
     stream : file-like, optional
         Where progress goes (default ``sys.stderr``).
 
@@ -165,7 +169,7 @@ def run_batch(
         progress = BatchProgress(len(slides), log_file=out / "qdplex.log", quiet=quiet, stream=stream)
         params = {
             "scheduler": _describe(scheduler), "workers": workers, "include": include, "exclude": exclude,
-            "force": force, "fmt": fmt, "report": report,
+            "force": force, "fmt": fmt, "report": report, "tile": tile,
         }
         progress.info(f"batch of {len(slides)} slides into {out} ({json.dumps(params, default=str)})")
 
@@ -180,7 +184,7 @@ def run_batch(
                             skipped=row["action"] == "skipped", key=_slide_guess(Path(row["input"])))
             state.write_manifest()
 
-        common = {"panel": panel, "fmt": fmt, "report": report, "known": known}
+        common = {"panel": panel, "fmt": fmt, "report": report, "known": known, "tile": tile}
         if scheduler in _SYNC:
             for i, path in enumerate(slides):
                 stage = staging / f"{i:05d}-{uuid.uuid4().hex[:8]}"
@@ -260,7 +264,7 @@ def completed_slides(out, *, panel_sha256: str, qdplex_version: str) -> dict[tup
 
 
 # --------------------------------------------------------------------------- the task
-def _slide_task(path, *, panel, fmt, report, known, stage_dir, progress=None, threads=None) -> dict:
+def _slide_task(path, *, panel, fmt, report, known, stage_dir, progress=None, threads=None, tile=None) -> dict:
     """Run one slide (on a worker): hash it, skip it if complete, else process it into ``stage_dir``.
 
     Never raises: any failure becomes a ``failed`` row with a one-line error.
@@ -282,8 +286,13 @@ def _slide_task(path, *, panel, fmt, report, known, stage_dir, progress=None, th
         from .pipeline import process_slide
 
         kwargs = {"fmt": fmt, "report": report}
-        if progress is not None and "progress" in inspect.signature(process_slide).parameters:
+        accepted = inspect.signature(process_slide).parameters
+        if progress is not None and "progress" in accepted:
             kwargs["progress"] = progress
+        if tile is not None:
+            if "tile" not in accepted:
+                raise QdplexError("expected qdplex.pipeline.process_slide to accept tile=, found it does not")
+            kwargs["tile"] = int(tile)
         Path(stage_dir).mkdir(parents=True, exist_ok=True)
         import dask
 
