@@ -282,6 +282,14 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     assert "nuclei" in viewer.layers and "residual" in viewer.layers
     assert np.allclose(viewer.layers["HER2"].colormap.colors[-1][:3], her2.colormap.colors[-1][:3])
     assert cells.metadata["qdplex"]["panel"].marker_names == markers
+    # single output files open on their own too: unmixed planes coloured by marker, labels as labels
+    from qdplex.napari._reader import read_slide
+
+    planes = {kw["name"]: (kw, t) for _, kw, t in read_slide(out / "unmixed.ome.tif")}
+    assert set(markers + ["DAPI", "residual"]) <= set(planes) and planes["HER2"][1] == "image"
+    assert not planes["residual"][0]["visible"]
+    (labels_data, _, ltype), = read_slide(out / "cells.ome.tif")
+    assert ltype == "labels" and np.array_equal(labels_data, cells.data)
     # the spectrum view works from the folder too: the raw slide comes from run.json
     spec.cells.setCurrentText("cells")
     spec.pixel.setChecked(True)

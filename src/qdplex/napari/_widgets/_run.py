@@ -23,6 +23,14 @@ from ._common import LayerCombo, kind, meta, upsert_layers
 __all__ = ["RunWidget"]
 
 
+def _pipelines_dir() -> str:
+    """The project's pipelines/ folder (ready panels) when running from a checkout, else ""."""
+    import qdplex
+
+    p = Path(qdplex.__file__).resolve().parents[2] / "pipelines"
+    return str(p) if p.is_dir() else ""
+
+
 class _Relay(QObject):
     """Carries progress from the worker thread to the GUI thread (queued signal)."""
 
@@ -93,7 +101,7 @@ class RunWidget(QWidget):
 
     # ------------------------------------------------------------------ inputs
     def _browse(self):
-        path, _ = QFileDialog.getOpenFileName(self, "Panel file", "", "Panel (*.toml)")
+        path, _ = QFileDialog.getOpenFileName(self, "Panel file", _pipelines_dir(), "Panel (*.toml)")
         if path:
             self.panel_edit.setText(path)
 
