@@ -260,3 +260,22 @@ def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
 
     shot = _screenshot(out / "s0" / "qc" / "report.html", tmp_path)[..., :3]
     assert float(shot.std()) > 0.08 and np.mean(np.all(shot < 0.15, axis=-1)) > 0.02
+
+
+def test_report_of_a_tiled_whole_slide_run_reads_a_reduced_pyramid_level(tmp_path):
+    from qdplex.io import read_image, write_ome_tiff
+    from qdplex.pipeline import process_slide
+    from qdplex.synth import make_slide, write_slide
+
+    panel = read_panel(ROOT / "pipelines" / "prostate-ar-psa.toml")
+    paths = write_slide(make_slide(panel, shape=(160, 160), seed=2, name="ws"), tmp_path / "syn")
+    row = process_slide(paths["slide"], panel, tmp_path / "out", tile=96)  # the tiled whole-slide path
+    assert row["status"] == "ok"
+    page = report.slide_report_from_outputs(tmp_path / "out" / "ws").read_text(encoding="utf-8")
+    assert "not drawn" not in page and len(_images(page)) == 5 and "image 160×160 px" in page
+
+    # a pyramidal image is previewed from its coarsest level that still has max_side pixels
+    write_ome_tiff(tmp_path / "pyr.ome.tif", read_image(paths["slide"]), pyramid=2)
+    assert report._read_for_preview(tmp_path / "pyr.ome.tif", 64).shape[1:] == (80, 80)
+    assert report._read_for_preview(tmp_path / "pyr.ome.tif", 40).shape[1:] == (40, 40)
+    assert report._read_for_preview(tmp_path / "pyr.ome.tif", 1024).shape[1:] == (160, 160)

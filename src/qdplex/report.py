@@ -294,6 +294,7 @@ def slide_report_html(
     channels=None,
     timings: Mapping[str, float] | None = None,
     source: str | None = None,
+    image_shape: tuple[int, int] | None = None,
     max_side: int = 1024,
 ) -> str:
     """The QC report of one slide as a self-contained HTML page.
@@ -323,6 +324,8 @@ def slide_report_html(
     timings : mapping stage → seconds, optional
     source : str, optional
         The input file.
+    image_shape : (int, int), optional
+        Full-resolution Y×X size, when ``abundances`` is a reduced pyramid level.
     max_side : int
         Longest side of image previews in pixels.
 
@@ -340,7 +343,7 @@ def slide_report_html(
 
     parts = [f"<h1>QC report: {_e(name)}</h1>"]
     meta = [f"panel <b>{_e(panel.name)}</b>", f"{n_cells} cells",
-            f"image {abundances.shape[1]}×{abundances.shape[2]} px"]
+            "image {}×{} px".format(*(image_shape or abundances.shape[1:]))]
     if source:
         meta.append(f"input {_e(source)}")
     from . import __version__
@@ -488,6 +491,25 @@ def _first(slide_dir: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+def _read_for_preview(path: Path, max_side: int):
+    """Read ``path`` lazily at the coarsest pyramid level still ≥ ``max_side`` on its longer side.
+
+    Whole-slide outputs are pyramidal OME-TIFFs (see :mod:`qdplex.io.writers`); reading a
+    reduced level makes a report of a 50,000² slide read a few MB instead of the slide.
+    """
+    from .io import read_image
+
+    img = read_image(path)
+    for level in range(int(img.metadata.get("levels") or 1) - 1, 0, -1):
+        try:
+            low = read_image(path, level=level)
+        except Exception:  # a level the reader cannot give: the full resolution still works
+            continue
+        if max(low.shape[1:]) >= max_side:
+            return low
+    return img
+
+
 def _panel_from_record(rec: Mapping[str, Any], where: Path):
     """The Panel recorded in ``run.json`` (re-read from its file when that still exists)."""
     from .panel import panel_from_dict, read_panel
@@ -558,9 +580,9 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
         summary = json.loads((slide_dir / "summary.json").read_text(encoding="utf-8"))
     panel = _panel_from_record(rec, slide_dir / "run.json")
 
-    abundances = read_image(unmixed_path)
-    nuclei = read_image(nuclei_path).data[0]  # lazy: only previews are computed
-    cells = read_image(cells_path).data[0]
+    abundances = _read_for_preview(unmixed_path, max_side)  # lazy: only previews are computed
+    nuclei = _read_for_preview(nuclei_path, max_side).data[0]
+    cells = _read_for_preview(cells_path, max_side).data[0]
     table = pd.read_parquet(table_path) if table_path.suffix == ".parquet" else pd.read_csv(table_path)
     residual = abundances.plane("residual") if "residual" in abundances.channel_names else None
 
@@ -584,7 +606,7 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
         name=slide_dir.name, panel=panel, abundances=abundances, nuclei=nuclei, cells=cells, table=table,
         thresholds={k: float(v) for k, v in thresholds.items() if v is not None},
         summary=summary, residual=residual, library=library, channels=channels, timings=timings,
-        source=source, max_side=max_side,
+        source=source, image_shape=read_image(unmixed_path).shape[1:], max_side=max_side,
     )
     path = _atomic_write_text(slide_dir / "qc" / REPORT_NAME, text)
     _refresh_recorded_size(slide_dir, path)
