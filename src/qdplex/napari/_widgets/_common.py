@@ -167,10 +167,15 @@ def set_base_colors(layer, rgba=None) -> None:
     if rgba is None:
         layer.colormap = m["_default_colormap"]
         return
-    transparent = np.zeros(4)
-    colors = dict(zip(cell_ids(layer).tolist(), np.asarray(rgba, dtype=float)))
-    colors[None] = transparent
-    colors[0] = transparent
+    # colours as '#rrggbbaa' strings: napari caches their parsing, so the few distinct
+    # colours of a quantised colormap are parsed once, not once per cell
+    from matplotlib.colors import to_hex
+
+    uniq, inverse = np.unique(np.clip(np.asarray(rgba, dtype=float), 0, 1), axis=0, return_inverse=True)
+    hexes = np.array([to_hex(c, keep_alpha=True) for c in uniq], dtype=object)[inverse.ravel()]
+    colors = dict(zip(cell_ids(layer).tolist(), hexes.tolist()))
+    colors[None] = "transparent"
+    colors[0] = "transparent"
     layer.colormap = DirectLabelColormap(color_dict=colors)
 
 
