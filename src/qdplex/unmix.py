@@ -179,18 +179,28 @@ def _inverse_table(G: np.ndarray) -> np.ndarray:
 # so the compiler unrolls the K×K loops and keeps each pixel's small problem in
 # registers: about twice as fast as the same code with a run-time K.
 _BPP_TEMPLATE = """
-def _nnls_pixels(X, need, G, tab):
+def _nnls_pixels(X, offx, G, tab, nonneg, bad):
     K = {K}
     b = np.empty(K)
     z = np.empty(K)
     xv = np.empty(K)
-    for q in range(need.shape[0]):
-        n = need[q]
+    for n in range(X.shape[1]):
         code = 0
+        s = 0.0
         for k in range(K):
-            xv[k] = X[k, n]
+            xv[k] = X[k, n] - offx[k]
+            s += xv[k]
             if xv[k] > 0.0:
                 code |= 1 << k
+        if not np.isfinite(s):
+            bad[n] = True
+            for k in range(K):
+                X[k, n] = 0.0
+            continue
+        if not nonneg or code == (1 << K) - 1:
+            for k in range(K):
+                X[k, n] = xv[k]
+            continue
         bs = 0.0
         for k in range(K):
             t = 0.0
@@ -445,24 +455,33 @@ def _fit_pixels(Y: np.ndarray, plan: _Plan, origin=None, want_resid: bool = True
     """Fit C×N pixel spectra; returns (X K×N float32, rms N float32, saturated N bool).
 
     The unconstrained solutions come from one float32 matrix product (BLAS); the
-    pixels with a negative component then get the exact NNLS.
+    pixels with a negative component then get the exact NNLS (:func:`_finish_pixels`).
+    """
+    X = plan.P32 @ (Y if Y.dtype == np.float32 else Y.astype(np.float32))
+    return _finish_pixels(Y, X, plan, origin, want_resid)
+
+
+def _finish_pixels(Y: np.ndarray, X: np.ndarray, plan: _Plan, origin=None, want_resid: bool = True):
+    """Complete the fit of C×N pixels whose X (K×N, in place) holds ``P @ y``.
+
+    Removes the offset, flags non-finite and saturated pixels, solves NNLS where a
+    component is negative, refits excluded-channel / Poisson pixels, and computes
+    the RMS residual when asked. Returns (X, rms, saturated).
     """
     C, N = Y.shape
     sat = plan.saturation
-    Yf = Y if Y.dtype == np.float32 else Y.astype(np.float32)
-    X = plan.P32 @ Yf
-    if plan.offset.any():
-        X -= plan.offx32[:, None]
-    bad = ~np.isfinite(X.sum(axis=0))
-    if bad.any():
-        X[:, bad] = 0.0
+    bad = np.zeros(N, dtype=bool)
     satd = Y.max(axis=0) >= sat if sat < np.inf else np.zeros(N, dtype=bool)
-    if plan.method != "ols":
-        need = np.flatnonzero(X.min(axis=0) < 0.0)
-        if need.size:
-            if plan.tab.shape[0] > 1:
-                _kernel("nnls", plan.M.shape[1])(X, need, plan.G, plan.tab)
-            else:
+    if plan.tab.shape[0] > 1:
+        # one pass: offset, non-finite flags, exact NNLS where a component is negative
+        _kernel("nnls", plan.M.shape[1])(X, plan.offx32, plan.G, plan.tab, plan.method != "ols", bad)
+    else:
+        X -= plan.offx32[:, None]
+        bad = ~np.isfinite(X.sum(axis=0))
+        X[:, bad] = 0.0
+        if plan.method != "ols":
+            need = np.flatnonzero(X.min(axis=0) < 0.0)
+            if need.size:
                 _nnls_scalar(X, need, plan.G)
     rms = np.full(N, np.nan, dtype=np.float32)
     if want_resid:
@@ -591,8 +610,9 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
                 **options) -> np.ndarray:
     """Unmix a plain C×Y×X (or C×N) numpy array with a C×K matrix; returns K×Y×X float32.
 
-    Runs on row blocks of about ``chunk²`` pixels in a thread pool (the kernels
-    release the GIL), writing into one output array. Options as in :func:`unmix`.
+    One float32 matrix product gives every unconstrained solution; the rest of the
+    fit runs on spans of at most ``chunk²`` pixels in a thread pool (the kernels
+    release the GIL), in place in the output array. Options as in :func:`unmix`.
     """
     arr = np.asarray(data)
     flat = arr.ndim == 2
@@ -609,20 +629,25 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
     K = M.shape[1]
     C, H, W = arr.shape
     out = np.empty((K, H, W), dtype=np.float32)
+    Yf, X = arr.reshape(C, -1), out.reshape(K, -1)
+    N = Yf.shape[1]
     workers = os.cpu_count() or 1
-    rows = max(1, min((chunk * chunk) // max(W, 1), -(-H // (4 * workers))))
-    starts = list(range(0, H, rows))
+    step = max(1, min(chunk * chunk, -(-N // (4 * workers))))
+    spans = [(a, min(N, a + step)) for a in range(0, N, step)]
+    if Yf.dtype == np.float32:
+        np.matmul(plan.P32, Yf, out=X)  # one BLAS call (itself multi-threaded)
 
-    def work(y0):
-        y1 = min(H, y0 + rows)
-        X, _, _ = _fit_pixels(arr[:, y0:y1, :].reshape(C, -1), plan, (y0, 0), want_resid=False)
-        out[:, y0:y1, :] = X.reshape(K, y1 - y0, W)
+    def work(span):
+        a, b = span
+        if Yf.dtype != np.float32:
+            X[:, a:b] = plan.P32 @ Yf[:, a:b].astype(np.float32)
+        _finish_pixels(Yf[:, a:b], X[:, a:b], plan, (a // W, a % W), want_resid=False)
 
-    if len(starts) == 1:
-        work(0)
+    if len(spans) == 1:
+        work(spans[0])
     else:
-        with ThreadPoolExecutor(max_workers=min(len(starts), workers)) as pool:
-            list(pool.map(work, starts))
+        with ThreadPoolExecutor(max_workers=min(len(spans), workers)) as pool:
+            list(pool.map(work, spans))
     return out[:, 0, :] if flat else out
 
 
