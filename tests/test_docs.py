@@ -134,3 +134,23 @@ def test_tutorial_runs(tmp_path):
     assert (tmp_path / "out" / "tutorial" / "qc" / "report.html").is_file()
     assert (tmp_path / "out" / "tutorial" / "cells.csv").is_file()
     assert "nucleus F1" in proc.stdout
+
+
+def test_output_reference_matches_a_real_run():
+    from qdplex.model import COMPARTMENTS
+    from qdplex.panel import read_panel
+    from qdplex.pipeline import run_slide
+    from qdplex.synth import make_slide
+
+    panel = read_panel(ROOT / "pipelines" / "prostate-ar-psa.toml")
+    res = run_slide(make_slide(panel, shape=(96, 96), seed=0).image, panel)
+    page = _read("outputs.md")
+    for key in res.summary:
+        assert f"`{key}`" in page, f"summary.json key {key!r} not documented in docs/outputs.md"
+    planes = res.unmixed.abundances.channel_names
+    per_cell = re.compile(rf"^({'|'.join(map(re.escape, planes))})_({'|'.join(COMPARTMENTS)})_\w+$")
+    for col in res.table.columns:
+        if col == "CellID" or col in panel.marker_names or per_cell.match(col):
+            continue
+        name = "<marker>_positive" if col.endswith("_positive") else col
+        assert name in page, f"cells.csv column {col!r} not documented in docs/outputs.md"
