@@ -73,6 +73,9 @@ QC_COLUMNS = ("residual_mean", "af_fraction", "saturated_fraction")
 # compartment slots in the accumulator arrays (fixed order = model.COMPARTMENTS)
 _NUC, _CYT, _MEM, _CELL, _NOUT, _CX = range(6)
 
+# accumulate by label ID directly (no dense relabelling pass) while the arrays stay this small
+_DIRECT_BYTES = 64 << 20
+
 _PERIM_W = np.zeros(50, dtype=np.float64)
 _PERIM_W[[5, 7, 15, 17, 25, 27]] = 1.0
 _PERIM_W[[21, 33]] = sqrt(2.0)
@@ -699,7 +702,12 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
     for a in (nu_core, me_core):
         if a is not None:
             maxlab = max(maxlab, int(a.max(initial=0)))
-    if maxlab < max(1 << 22, 4 * h * w):
+    C = len(acc.channel_names)
+    direct = (maxlab + 1) * (12 * C + 12) * 8 <= _DIRECT_BYTES
+    if direct:  # accumulate by label ID itself, drop the absent IDs afterwards
+        labels = np.arange(1, maxlab + 1, dtype=np.uint64)
+        lut = np.arange(-1, maxlab, dtype=np.int64)
+    elif maxlab < max(1 << 22, 4 * h * w):
         flags = np.zeros(maxlab + 1, np.uint8)
         for a in (cl[core], nu_core, me_core):
             if a is not None:
@@ -734,7 +742,24 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
     runs = _shape(cl, lut, hy, hx, h, w, y0, x0, H, W, part.geo, part.bbox, part.perimeter, _PERIM_W)
     part.hull_start, part.hull_vertices = _hulls_from_runs(runs, len(labels))
     del runs
+    if direct:
+        _keep(part, np.flatnonzero((part.count > 0).any(axis=0)))
     return acc.merge(part)
+
+
+def _keep(part: Accumulator, rows) -> None:
+    """Keep only ``rows`` of a block's accumulator (labels without any pixel have no hull vertices)."""
+    part.labels = part.labels[rows]
+    part.count = part.count[:, rows]
+    part.sum = part.sum[:, rows]
+    part.sumsq = part.sumsq[:, rows]
+    if part.minmax:
+        part.min = part.min[:, rows]
+        part.max = part.max[:, rows]
+    part.geo = part.geo[rows]
+    part.bbox = part.bbox[rows]
+    part.perimeter = part.perimeter[rows]
+    part.hull_start = np.append(part.hull_start[rows], part.hull_start[-1])
 
 
 def _dense(a, labels):
