@@ -10,7 +10,7 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QPushButton, QVBoxLayout, QWidget
 
 from .._colors import values_to_rgba
-from ._common import LayerCombo, is_cells, set_base_colors
+from ._common import LayerCombo, is_cells, meta, set_base_colors
 
 __all__ = ["ColorByWidget", "CMAPS"]
 
@@ -56,6 +56,7 @@ class ColorByWidget(QWidget):
         self.viewer = napari_viewer
         self.layer = None
         self.limits = None
+        self._applied = None
         self.cells = LayerCombo(napari_viewer, is_cells)
         self.column = QComboBox()
         self.cmap = QComboBox()
@@ -111,12 +112,18 @@ class ColorByWidget(QWidget):
         """Colour the cells by the chosen column (no column: napari's default colours)."""
         name = self.column.currentText()
         if self.layer is None or not name:
+            self._applied = None
             self.colorbar.clear()
             self.limits = None
             if self.layer is not None:
                 set_base_colors(self.layer, None)
             return
         v = self.layer.features[name].to_numpy(dtype=float)
+        key = (id(self.layer), name, self.cmap.currentText(), self.log.isChecked())
+        same = self._applied is not None and self._applied[0] == key
+        if same and meta(self.layer).get("_colored") and np.array_equal(self._applied[1], v, equal_nan=True):
+            return  # the table changed elsewhere (e.g. a threshold): these colours still hold
+        self._applied = (key, v)
         label = name
         if self.log.isChecked():
             v = np.log10(1.0 + np.clip(v, 0, None))

@@ -164,6 +164,7 @@ def set_base_colors(layer, rgba=None) -> None:
     m = layer.metadata.setdefault("qdplex", {})
     if "_default_colormap" not in m:
         m["_default_colormap"] = layer.colormap
+    m["_colored"] = rgba is not None
     if rgba is None:
         layer.colormap = m["_default_colormap"]
         return
