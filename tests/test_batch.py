@@ -326,3 +326,22 @@ def test_ome_zarr_slide_in_zarr_out(reference, cohort, panel, tmp_path):
     assert list(again["action"]) == ["skipped"]
     with pytest.raises(OutputError):
         run_batch([src / "slide0.ome.zarr"], panel, src / "slide0.ome.zarr" / "out", scheduler="synchronous")
+
+
+def test_two_slides_with_one_name(cohort, panel, tmp_path):
+    """Two inputs that would both write OUT/slide0: the second fails up front, the first is kept."""
+    import shutil
+
+    from qdplex.batch import run_batch
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(cohort["good"] / "slide0.ome.tif", other / "slide0.ome.tif")
+    out = tmp_path / "out"
+    m = run_batch([cohort["good"], other], panel, out, include=["slide0*"], scheduler="synchronous",
+                  quiet=True, report=False)
+    assert list(m["status"]) == (["ok", "failed"] if str(cohort["good"]) < str(other) else ["failed", "ok"])
+    bad = m[m["status"] == "failed"].iloc[0]
+    assert "unique slide name" in bad["error"] and "slide0" in bad["error"]
+    rec = json.loads((out / "slide0" / "run.json").read_text())["batch"]
+    assert rec["input"] == m[m["status"] == "ok"].iloc[0]["input"]

@@ -184,15 +184,31 @@ def run_batch(
                             skipped=row["action"] == "skipped", key=_slide_guess(Path(row["input"])))
             state.write_manifest()
 
+        # two inputs named alike would write one OUT/<slide>: the later ones fail, up front
+        todo = []
+        first: dict[str, Path] = {}
+        for i, path in enumerate(slides):
+            name = _slide_guess(path)
+            if name in first:
+                err = OutputError(f"expected a unique slide name, found {name!r} also made from {first[name]}; "
+                                  f"rename one of the two inputs", path=path)
+                done(i, {"slide": name, "input": str(path), "status": "failed", "action": "failed",
+                         "error": _one_line(str(err))})
+            else:
+                first[name] = path
+                todo.append((i, path))
+
         common = {"panel": panel, "fmt": fmt, "report": report, "known": known, "tile": tile}
-        if scheduler in _SYNC:
-            for i, path in enumerate(slides):
+        if not todo:
+            pass
+        elif scheduler in _SYNC:
+            for i, path in todo:
                 stage = staging / f"{i:05d}-{uuid.uuid4().hex[:8]}"
                 key = _slide_guess(path)
                 progress.start(key)
                 done(i, _slide_task(path, stage_dir=stage, progress=progress.stage_callback(key), **common))
         else:
-            _run_distributed(slides, staging, common, scheduler, workers, progress, done)
+            _run_distributed(todo, staging, common, scheduler, workers, progress, done)
 
         manifest = state.write_manifest()
         _write_cohort_summary(out, manifest, panel, progress)
@@ -335,10 +351,10 @@ def _worker_task(path, *, topic, threads, **kw) -> dict:
     return _slide_task(path, progress=report, threads=threads, **kw)
 
 
-def _run_distributed(slides, staging, common, scheduler, workers, progress, done) -> None:
+def _run_distributed(todo, staging, common, scheduler, workers, progress, done) -> None:
     from distributed import as_completed
 
-    client, cluster = _connect(scheduler, workers, len(slides))
+    client, cluster = _connect(scheduler, workers, len(todo))
     topic = f"qdplex-progress-{uuid.uuid4().hex[:8]}"
 
     def on_event(event):
@@ -353,7 +369,7 @@ def _run_distributed(slides, staging, common, scheduler, workers, progress, done
         nworkers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) or 1)
         threads = max(1, (os.cpu_count() or 1) // nworkers) if cluster is not None else None
         futures = {}
-        for i, path in enumerate(slides):
+        for i, path in todo:
             stage = staging / f"{i:05d}-{uuid.uuid4().hex[:8]}"
             fut = client.submit(_worker_task, str(path), topic=topic, threads=threads, stage_dir=str(stage),
                                 pure=False, key=f"qdplex-slide-{i:05d}-{uuid.uuid4().hex[:8]}", **common)
@@ -436,7 +452,8 @@ def _commit(result: dict, out: Path, claimed: dict, panel_sha: str, version: str
             files = _seal(made, row, timings, stage_outputs)
             _swap_into_place(made, out / slide, out / STAGING)
             row["outputs"] = ";".join(f"{slide}/{f}" for f in files)
-        claimed[slide] = row["input"]
+        if row["status"] == "ok":
+            claimed[slide] = row["input"]
     except QdplexError as e:
         row.update(status="failed", action="failed", error=_one_line(str(e)))
     except OSError as e:
