@@ -253,21 +253,21 @@ def _rms_pixels(Y, off, M, X, rms):
     K = {K}
     C, N = Y.shape
     T = 256
-    acc = np.empty(T)
-    pred = np.empty(T)
+    acc = np.empty(T, dtype=np.float32)
+    pred = np.empty(T, dtype=np.float32)
     for n0 in range(0, N, T):
         m = min(T, N - n0)
         for i in range(m):
             acc[i] = 0.0
         for c in range(C):
             for i in range(m):
-                pred[i] = off[c]
+                pred[i] = np.float32(off[c])
             for k in range(K):
-                mck = M[c, k]
+                mck = np.float32(M[c, k])
                 for i in range(m):
                     pred[i] += mck * X[k, n0 + i]
             for i in range(m):
-                d = Y[c, n0 + i] - pred[i]
+                d = np.float32(Y[c, n0 + i]) - pred[i]
                 acc[i] += d * d
         for i in range(m):
             rms[n0 + i] = np.sqrt(acc[i] / C)
@@ -349,17 +349,21 @@ def _nnls_scalar(X, need, G):
             X[k, n] = z[k]
 
 
-@_jit
-def _pixel_fit(Y, off, M, X, rms, pix, sat, exclude_saturated, nonneg, reweight, gain, read_var):
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _pixel_fit(Y, off, M, MM, X, rms, pix, sat, exclude_saturated, nonneg, reweight, gain, read_var, warm):
     """Per-pixel (weighted) fits for the pixels ``pix``: channel exclusion and Poisson weights.
 
     Usable channels: finite, and below ``sat`` when ``exclude_saturated``. The first
-    pass is unweighted; each of ``reweight`` further passes uses weights
-    1 / (gain · max(M a, 0) + read_var). Writes X[:, n] and rms[n].
+    pass is unweighted (skipped when ``warm``: X already holds that fit); each of
+    ``reweight`` further passes uses weights 1 / (gain · max(M a, 0) + read_var),
+    starting the active-set solver from the previous passive set. ``MM`` holds the
+    per-channel outer products M[c]ᵀM[c] (C×K²). Writes X[:, n] and rms[n].
     """
     C, N = Y.shape
     K = M.shape[1]
-    G = np.empty((K, K))
+    KK = K * K
+    Gf = np.empty(KK)
+    G = Gf.reshape((K, K))
     b = np.empty(K)
     z = np.empty(K)
     yv = np.empty(K)
@@ -379,7 +383,16 @@ def _pixel_fit(Y, off, M, X, rms, pix, sat, exclude_saturated, nonneg, reweight,
             if ok:
                 nvalid += 1
         good = nvalid >= K
-        for it in range(reweight + 1):
+        first = 0
+        if good and warm:
+            for k in range(K):
+                z[k] = X[k, n]
+                F[k] = z[k] > 0.0
+            first = 1
+        else:
+            for k in range(K):
+                F[k] = True
+        for it in range(first, reweight + 1):
             if not good:
                 break
             if it > 0:
@@ -389,27 +402,27 @@ def _pixel_fit(Y, off, M, X, rms, pix, sat, exclude_saturated, nonneg, reweight,
                         for k in range(K):
                             mu += M[c, k] * z[k]
                         w[c] = 1.0 / (gain * max(mu, 0.0) + read_var)
-            for i in range(K):
-                s = 0.0
-                for c in range(C):
-                    s += w[c] * M[c, i] * yc[c]
-                b[i] = s
-                for j in range(i + 1):
-                    s = 0.0
-                    for c in range(C):
-                        s += w[c] * M[c, i] * M[c, j]
-                    G[i, j] = s
-                    G[j, i] = s
-                F[i] = True
-            if not _solve_passive(G, b, F, z, L, idx):
-                good = False
-                break
+            for p in range(KK):
+                Gf[p] = 0.0
+            for k in range(K):
+                b[k] = 0.0
+            for c in range(C):
+                wc = w[c]
+                if wc > 0.0:
+                    wy = wc * yc[c]
+                    for k in range(K):
+                        b[k] += wy * M[c, k]
+                    for p in range(KK):
+                        Gf[p] += wc * MM[c, p]
             if nonneg:
-                for k in range(K):
-                    F[k] = z[k] > 0.0
                 if not _nnls_gram(G, b, z, F, L, idx, yv):
                     good = False
                     break
+                for k in range(K):
+                    F[k] = z[k] > 0.0
+            elif not _solve_passive(G, b, F, z, L, idx):
+                good = False
+                break
         if not good:
             for k in range(K):
                 X[k, n] = 0.0
@@ -438,6 +451,7 @@ class _Plan:
     P32: np.ndarray        # K×C float32 pseudo-inverse
     offx32: np.ndarray     # K float32: P @ offset
     M32: np.ndarray        # C×K float32
+    MM: np.ndarray         # C×K² per-channel outer products (weighted fits)
     G: np.ndarray          # K×K float64 Gram matrix MᵀM
     tab: np.ndarray        # passive-set inverses (2^K×K×K) or a 1×1×1 dummy
     offset: np.ndarray     # C float64
@@ -492,14 +506,18 @@ def _finish_pixels(Y: np.ndarray, X: np.ndarray, plan: _Plan, origin=None, want_
             f"expected finite pixel values, found {int(bad.sum())} pixels with NaN/inf{loc}; "
             f"pass nonfinite='exclude' to fit them from their finite channels", path=plan.where)
     redo = bad | satd if plan.exclude_saturated else bad
+    pix = np.flatnonzero(redo).astype(np.int64)
     if plan.method == "poisson":
-        pix = np.arange(N, dtype=np.int64)
-    else:
-        pix = np.flatnonzero(redo).astype(np.int64)
-    if pix.size:
-        _pixel_fit(Y, plan.offset, plan.M, X, rms, pix, sat, plan.exclude_saturated,
-                   plan.method != "ols", plan.poisson_iterations if plan.method == "poisson" else 0,
-                   plan.gain, plan.read_var)
+        # IRLS from the NNLS fit already in X, except where channels must be excluded
+        warm = ~redo
+        for sel, is_warm in ((np.flatnonzero(warm), True), (np.flatnonzero(redo), False)):
+            if sel.size:
+                _pixel_fit(Y, plan.offset, plan.M, plan.MM, X, rms, sel.astype(np.int64), sat,
+                           plan.exclude_saturated, True, plan.poisson_iterations, plan.gain, plan.read_var,
+                           is_warm)
+    elif pix.size:
+        _pixel_fit(Y, plan.offset, plan.M, plan.MM, X, rms, pix, sat, plan.exclude_saturated,
+                   plan.method != "ols", 0, plan.gain, plan.read_var, False)
     return X, rms, satd
 
 
@@ -560,6 +578,7 @@ def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, p
     tab = _inverse_table(G) if K <= _MAX_TABLE_K else np.zeros((1, 1, 1))
     P = np.linalg.pinv(M)
     return _Plan(M=M, P32=P.astype(np.float32), offx32=(P @ off).astype(np.float32), M32=M.astype(np.float32),
+                 MM=np.einsum("ci,cj->cij", M, M).reshape(C, K * K),
                  G=G, tab=tab, offset=off,
                  saturation=float(saturation), method=method, exclude_saturated=bool(exclude_saturated),
                  nonfinite=nonfinite, poisson_iterations=int(poisson_iterations), gain=float(gain),
