@@ -50,6 +50,12 @@ def cohort(tmp_path_factory, panel):
     data = (good / "slide0.ome.tif").read_bytes()
     (bad / "truncated.ome.tif").write_bytes(data[: len(data) // 3])
     (bad / "garbage.tif").write_bytes(np.random.default_rng(0).bytes(4096))
+    import tifffile
+
+    planes = np.zeros((3, 64, 64), np.uint16)
+    tifffile.imwrite(bad / "nometa.tif", planes)  # plain TIFF, no channel names anywhere
+    tifffile.imwrite(bad / "wrongcount.tif", planes)  # its sidecar names 2 channels for 3 planes
+    (bad / "wrongcount.channels.csv").write_text("channel,name\n1,DAPI\n2,HER2\n")
     return {"good": good, "bad": bad, "root": root}
 
 
@@ -91,14 +97,15 @@ def test_batch_records_failures_and_goes_on(reference, cohort):
     out, manifest = reference
     assert list(manifest["input"]) == sorted(manifest["input"])  # the order slides were found in
     by = manifest.set_index("slide")
-    assert set(by.index) == {"slide0", "slide1", "slide2", "truncated", "garbage"}
+    assert set(by.index) == {"slide0", "slide1", "slide2", "truncated", "garbage", "nometa", "wrongcount"}
     ok = by[by["status"] == "ok"]
     bad = by[by["status"] == "failed"]
     assert sorted(ok.index) == ["slide0", "slide1", "slide2"]
-    assert sorted(bad.index) == ["garbage", "truncated"]
+    assert sorted(bad.index) == ["garbage", "nometa", "truncated", "wrongcount"]
     for name, row in bad.iterrows():
         assert name in row["error"] and "\n" not in row["error"]  # one line naming the file
         assert not (out / name).exists()
+    assert "channel" in bad.loc["nometa", "error"] and "3" in bad.loc["wrongcount", "error"]
     # the manifest on disk is the returned one
     disk = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert list(disk["slide"]) == list(manifest["slide"])
@@ -134,7 +141,7 @@ def test_rerun_skips_complete_slides_and_exits_nonzero(reference, cohort, breast
     before = {p: p.stat().st_mtime_ns for p in copy.glob("slide*/cells.csv")}
     code = main(["run", str(cohort["good"]), str(cohort["bad"]), "--panel", str(breast_panel_path),
                  "--out", str(copy), "--scheduler", "synchronous", "--quiet", "--no-report"])
-    assert code == 1  # two corrupt slides
+    assert code == 1  # the bad slides
     err = capsys.readouterr().err
     assert "truncated" in err and "garbage" in err
     m = pd.read_csv(copy / "manifest.csv", keep_default_na=False).set_index("slide")
