@@ -246,3 +246,17 @@ def test_fraction_above_equals_numpy():
     want = [np.mean(plane[seg.membrane == i] >= 0.7) for i in ids]
     np.testing.assert_allclose(got[:-1], want)
     assert np.isnan(got[-1])
+
+
+@pytest.mark.parametrize("factor", [1, 97, 100_003])  # direct IDs, flag-mapped IDs, sparse huge IDs
+def test_label_id_ranges_give_the_same_table(factor):
+    seg = _synthetic_seg((90, 110), n=30, seed=17)
+    img = np.random.default_rng(5).random((2,) + seg.cells.shape).astype(np.float32)
+    base = quantify(img, seg, channel_names=["a", "b"])
+    big = Segmentation(seg.nuclei.astype(np.uint64) * factor, seg.cells.astype(np.uint64) * factor)
+    big.__dict__["membrane"] = seg.membrane.astype(np.uint64) * factor
+    mi = MultiplexImage(img, [Channel("a"), Channel("b")])
+    mi.data = mi.data.rechunk((2, 40, 50))
+    got = quantify(mi, big)
+    np.testing.assert_array_equal(got.index.to_numpy(), base.index.to_numpy() * factor)
+    np.testing.assert_allclose(got.to_numpy(), base.to_numpy(), rtol=1e-9, atol=1e-9)

@@ -110,6 +110,7 @@ def _accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_
     nl = s1.shape[1]
     f1 = s1.reshape((s1.shape[0] * nl, C))  # flat (slot * nl + row, channel) views
     f2 = s2.reshape((s2.shape[0] * nl, C))
+    zero = cells[0, 0] - cells[0, 0]  # a 0 of the labels' type (keeps numba's typing unsigned)
     prim = np.empty(w, dtype=np.int64)  # slot * nl + row of the pixel's nucleus / cytoplasm, or -1
     memb = np.empty(w, dtype=np.int64)  # membrane row, or -1
     oddn = np.empty(w, dtype=np.int64)  # nucleus row of a nucleus pixel outside its own cell, or -1
@@ -122,8 +123,8 @@ def _accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_
         for x in range(w):
             lx = x + hx
             c = cells[ly, lx]
-            n = nuclei[ly, lx] if has_nuc else 0
-            m = membrane[ly, lx] if has_mem else 0
+            n = nuclei[ly, lx] if has_nuc else zero
+            m = membrane[ly, lx] if has_mem else zero
             ic = lut[c] if c != 0 else -1
             if n != 0:
                 r = lut[n]
@@ -208,7 +209,7 @@ def _accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_
                 for x in range(w):
                     lx = x + hx
                     c = cells[ly, lx]
-                    n = nuclei[ly, lx] if has_nuc else 0
+                    n = nuclei[ly, lx] if has_nuc else zero
                     v = np.float64(img[k, y, x])
                     if c != 0:
                         _minmax(mn, mx, _CELL, lut[c], k, v)
@@ -694,6 +695,10 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
     cl = _as_labels(cl, "cells")
     nu = _as_labels(nu, "nuclei") if nu is not None else None
     me = _as_labels(me, "membrane") if me is not None else None
+    common = np.result_type(*[a.dtype for a in (cl, nu, me) if a is not None])
+    if common.kind != "u":  # e.g. uint64 with a smaller type: numpy promotes to float
+        common = np.dtype(np.uint64)
+    cl, nu, me = (None if a is None else a.astype(common, copy=False) for a in (cl, nu, me))
 
     # dense indices for the labels of this block
     nu_core = nu[core] if nu is not None else None
@@ -730,7 +735,7 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
     part._alloc(len(labels), slots=6)
     part.labels = labels
     part.has_membrane = me is not None
-    dummy = np.zeros((1, 1), cl.dtype)
+    dummy = np.zeros((1, 1), common)
     mm = (part.min, part.max) if acc.minmax else (np.zeros((4, 1, 1)), np.zeros((4, 1, 1)))
     _accumulate(
         block, cl, nu if nu is not None else dummy, me if me is not None else dummy,
