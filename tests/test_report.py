@@ -29,8 +29,9 @@ def _images(page: str) -> list[np.ndarray]:
     from matplotlib.image import imread
 
     out = []
-    for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
-        out.append(imread(io.BytesIO(base64.b64decode(b64)), format="png"))
+    for fmt, b64 in re.findall(r'src="data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)"', page):
+        im = imread(io.BytesIO(base64.b64decode(b64)), format=fmt)
+        out.append(im / 255.0 if im.dtype == np.uint8 else im)
     return out
 
 

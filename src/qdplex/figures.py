@@ -1,13 +1,15 @@
-"""QC figures for the HTML reports: plain functions from arrays to matplotlib figures.
+"""QC pictures for the HTML reports: plain functions from arrays to pictures.
 
-Every function takes plain numpy / dask arrays, pandas tables or dicts and returns
-a :class:`matplotlib.figure.Figure` built on the Agg canvas (no pyplot, no global
-state, no display: safe on dask workers). :func:`to_data_uri` turns a figure into
-an inline ``data:image/png;base64,...`` string for a self-contained HTML page.
+Image previews (composite, segmentation outlines, residual) are built as RGB arrays
+(:func:`composite_rgb`, :func:`segmentation_rgb`, :func:`residual_rgb`) and inlined
+pixel for pixel by :func:`rgb_to_data_uri`, with no plotting machinery. Charts
+(histograms, spectra, score distributions) are :class:`matplotlib.figure.Figure`
+objects on the Agg canvas (no pyplot, no global state, no display: safe on dask
+workers), inlined by :func:`to_data_uri`.
 
 Images are shown at most ``max_side`` pixels on their longer side:
 :func:`preview` subsamples a (lazy) plane by striding before computing it, so a
-whole-slide image never has to be loaded in full to draw its QC figure.
+whole-slide image never has to be loaded in full to draw its QC picture.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "NUCLEAR_RGB",
     "AF_RGB",
     "preview",
+    "previews",
     "stretch",
     "composite_rgb",
     "segmentation_rgb",
@@ -78,12 +81,30 @@ def preview(plane, max_side: int = 1024) -> np.ndarray:
     numpy.ndarray
         The subsampled plane (nearest-neighbour, so label images stay labels).
     """
-    shape = plane.shape[-2:]
-    step = max(1, math.ceil(max(shape) / max_side))
-    sub = plane[..., ::step, ::step]
-    if hasattr(sub, "compute"):
-        sub = sub.compute()
-    return np.asarray(sub)
+    return previews([plane], max_side)[0]
+
+
+def previews(planes: Sequence, max_side: int = 1024) -> list[np.ndarray | None]:
+    """:func:`preview` of several planes in one dask computation.
+
+    Planes that share a lazy graph (abundance planes, residual and saturation mask of one
+    unmixing) are computed once, not once per plane. ``None`` entries stay ``None``.
+    """
+    import dask
+
+    subs = []
+    for plane in planes:
+        if plane is None:
+            subs.append(None)
+            continue
+        step = max(1, math.ceil(max(plane.shape[-2:]) / max_side))
+        subs.append(plane[..., ::step, ::step])
+    lazy = [i for i, a in enumerate(subs) if a is not None and hasattr(a, "dask")]
+    if lazy:
+        done = dask.compute(*[subs[i] for i in lazy])
+        for i, a in zip(lazy, done):
+            subs[i] = a
+    return [None if a is None else np.asarray(a) for a in subs]
 
 
 def stretch(plane: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
@@ -166,13 +187,23 @@ def colormap_css(cmap: str = "magma", steps: int = 8) -> str:
     return f"linear-gradient(to right, {stops})"
 
 
-def rgb_to_data_uri(rgb: np.ndarray) -> str:
-    """An RGB image (Y×X×3 floats in [0, 1]) as an inline PNG ``data:`` URI, pixel for pixel."""
+def rgb_to_data_uri(rgb: np.ndarray, fmt: str = "png", *, quality: int = 88) -> str:
+    """An RGB image (Y×X×3 floats in [0, 1]) as an inline ``data:`` URI, pixel for pixel.
+
+    ``fmt="png"`` is lossless (crisp outlines); ``fmt="jpeg"`` is 5–10× smaller for noisy
+    fluorescence pictures, where a report of a whole slide would otherwise weigh tens of MB.
+    """
     from matplotlib.image import imsave
 
+    if fmt not in ("png", "jpeg"):
+        raise ValueError(f"expected fmt 'png' or 'jpeg', found {fmt!r}")
     buf = io.BytesIO()
-    imsave(buf, np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0), format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    img = np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0)
+    if fmt == "jpeg":
+        imsave(buf, img, format="jpeg", pil_kwargs={"quality": int(quality)})
+    else:
+        imsave(buf, img, format="png")
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def histogram_figure(values: Mapping[str, np.ndarray], thresholds: Mapping[str, float] | None = None, *,

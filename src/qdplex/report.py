@@ -116,10 +116,10 @@ def _figure_html(make, caption: str) -> str:
     return f"<figure><img alt=\"{_e(caption)}\" src=\"{uri}\"><figcaption>{_e(caption)}</figcaption></figure>"
 
 
-def _image_html(make_rgb, title: str, caption_html: str) -> str:
+def _image_html(make_rgb, title: str, caption_html: str, fmt: str = "png") -> str:
     """Inline an RGB preview (``make_rgb()`` → Y×X×3) pixel for pixel; a failure becomes an error box."""
     try:
-        uri = figures.rgb_to_data_uri(make_rgb())
+        uri = figures.rgb_to_data_uri(make_rgb(), fmt)
     except Exception as e:  # a QC figure must not sink the slide; say what went wrong instead
         return f"<div class=err>{_e(title)}: not drawn ({_e(type(e).__name__)}: {_e(e)})</div>"
     return (f"<figure><figcaption class=t>{_e(title)}</figcaption><img class=px alt=\"{_e(title)}\" src=\"{uri}\">"
@@ -369,44 +369,44 @@ def slide_report_html(
         t = pd.DataFrame({"stage": list(timings), "seconds": [float(v) for v in timings.values()]})
         parts.append(_table(t, left=["stage"]))
 
-    # images
+    # images: every preview in one computation (lazy planes of one unmixing share their graph)
     parts.append("<h2>Images</h2><div class=grid>")
     shown = [m for m in markers if m in present]
     colors = [figures.PALETTE[i % len(figures.PALETTE)] for i in range(len(shown))]
     nuc_color = tuple(0.6 * c for c in figures.NUCLEAR_RGB)
+    has_nuc = nuclear_name in present
+    try:
+        *marker_prev, nuc_prev, nuclei_prev, cells_prev, res, sat = figures.previews(
+            [abundances.plane(m) for m in shown] + [abundances.plane(nuclear_name) if has_nuc else None,
+                                                    nuclei, cells, residual, saturated], max_side)
+    except Exception as e:  # unreadable planes: the rest of the report still helps
+        parts.append(f"<div class=err>images not drawn ({_e(type(e).__name__)}: {_e(e)})</div></div>")
+    else:
+        def composite():
+            planes = list(marker_prev) + ([nuc_prev] if has_nuc else [])
+            return figures.composite_rgb(planes, list(colors) + ([nuc_color] if has_nuc else []))
 
-    def composite():
-        planes = [figures.preview(abundances.plane(m), max_side) for m in shown]
-        cols = list(colors)
-        if nuclear_name in present:
-            planes.append(figures.preview(abundances.plane(nuclear_name), max_side))
-            cols.append(nuc_color)
-        return figures.composite_rgb(planes, cols)
-
-    def overlay():
-        nuc = figures.preview(abundances.plane(nuclear_name), max_side)
-        return figures.segmentation_rgb(nuc, figures.preview(nuclei, max_side), figures.preview(cells, max_side))
-
-    legend = _legend(list(zip(shown, colors)) + ([(nuclear_name, nuc_color)] if nuclear_name in present else []))
-    parts.append(_image_html(composite, "Unmixed channels", legend +
-                             "<br>each marker plane stretched to its 1st–99.5th percentile, over the nuclear stain"))
-    parts.append(_image_html(overlay, "Segmentation", _legend([("nuclei", figures.NUCLEUS_EDGE),
-                                                               ("cells", figures.CELL_EDGE)]) +
-                             f"<br>{n_cells} cells on the {_e(nuclear_name)} plane"))
-    if residual is not None:
-        res = figures.preview(residual, max_side).astype(np.float32)
-        sat = None if saturated is None else figures.preview(saturated, max_side)
-        finite = res[np.isfinite(res)]
-        vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-        stats = f"median {np.median(finite):.4g}, 99th percentile {np.percentile(finite, 99):.4g}" if finite.size else ""
-        if sat is not None:
-            stats += f"; {float(np.mean(sat)) * 100:.2f}% of pixels saturated" + \
-                _legend([("saturated", figures.SATURATED_RGB)])
-        bar = (f"<div class=cbar><span>0</span><span class=grad style=\"background:{figures.colormap_css('magma')}\">"
-               f"</span><span>{vmax:.3g}</span></div>")
-        parts.append(_image_html(lambda: figures.residual_rgb(res, sat, vmax=vmax)[0],
-                                 "Unmixing residual (RMS misfit per pixel)", bar + stats))
-    parts.append("</div>")
+        legend = _legend(list(zip(shown, colors)) + ([(nuclear_name, nuc_color)] if has_nuc else []))
+        parts.append(_image_html(composite, "Unmixed channels", legend +
+                                 "<br>each marker plane stretched to its 1st–99.5th percentile, over the nuclear stain",
+                                 fmt="jpeg"))
+        parts.append(_image_html(lambda: figures.segmentation_rgb(nuc_prev, nuclei_prev, cells_prev), "Segmentation",
+                                 _legend([("nuclei", figures.NUCLEUS_EDGE), ("cells", figures.CELL_EDGE)]) +
+                                 f"<br>{n_cells} cells on the {_e(nuclear_name)} plane"))
+        if res is not None:
+            res = res.astype(np.float32)
+            finite = res[np.isfinite(res)]
+            vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+            stats = (f"median {np.median(finite):.4g}, 99th percentile {np.percentile(finite, 99):.4g}"
+                     if finite.size else "")
+            if sat is not None:
+                stats += f"; {float(np.mean(sat)) * 100:.2f}% of pixels saturated" + \
+                    _legend([("saturated", figures.SATURATED_RGB)])
+            bar = (f"<div class=cbar><span>0</span><span class=grad style=\"background:"
+                   f"{figures.colormap_css('magma')}\"></span><span>{vmax:.3g}</span></div>")
+            parts.append(_image_html(lambda: figures.residual_rgb(res, sat, vmax=vmax)[0],
+                                     "Unmixing residual (RMS misfit per pixel)", bar + stats, fmt="jpeg"))
+        parts.append("</div>")
 
     # histograms
     parts.append("<h2>Per-cell intensities</h2>")
