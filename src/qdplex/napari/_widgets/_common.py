@@ -192,6 +192,7 @@ def show_selection(viewer, layer, ids) -> None:
     overlay = np.where(np.isin(data, ids), data, 0) if ids.size else np.zeros_like(data)
     if SELECTION_LAYER in viewer.layers:
         sel = viewer.layers[SELECTION_LAYER]
+        sel.scale, sel.translate = layer.scale, layer.translate
         sel.data = overlay
         sel.visible = bool(ids.size)
         return
