@@ -273,3 +273,29 @@ def test_lazy_unmixing_is_blockwise_with_bounded_memory():
     np.testing.assert_allclose(sums / size**2, truth, rtol=1e-4)
     assert worst < 1e-2
     assert peak < 0.15 * full_bytes, f"peak {peak / 1e6:.0f} MB for a {full_bytes / 1e6:.0f} MB image"
+
+
+def test_real_spectral_stack_blind_unmixing(shared_data):
+    """Real data: the Leica 3-dye spectral stack (3 excitations × 4 bands). A 3-component NMF
+    of its pixels gives the mixing matrix; qdplex NNLS equals scipy's on real pixels and the
+    three endmembers explain the stack."""
+    from sklearn.decomposition import NMF
+
+    from qdplex.io import read_image
+
+    img = read_image(shared_data / "spectral_stack" / "neherlab_leica_3dye")
+    Y = np.asarray(img.data[:, ::2, ::2].compute(), dtype=np.float32)  # 12×256×256 uint8 → float
+    C = Y.shape[0]
+    pix = Y.reshape(C, -1)
+    H = NMF(3, init="nndsvda", max_iter=500, random_state=0).fit(pix.T[::7]).components_  # 3×C
+    X = unmix(Y, H.T, "nnls")
+    assert X.shape == (3, 256, 256) and X.min() >= 0
+    rng = np.random.default_rng(0)
+    idx = rng.choice(pix.shape[1], 1500, replace=False)
+    Xf = X.reshape(3, -1)
+    for n in idx:
+        ref = nnls(H.T, pix[:, n].astype(float))[0]
+        assert np.abs(Xf[:, n] - ref).max() <= 1e-4 * max(ref.max(), 1e-9)
+    fit = H.T @ Xf
+    explained = 1.0 - np.sum((pix - fit) ** 2) / np.sum(pix.astype(float) ** 2)
+    assert explained > 0.95, explained
