@@ -215,3 +215,13 @@ def test_measured_membrane_completeness(synthetic_table):
     # positive cells have mostly complete membranes, negative cells almost none
     pos = truth["HER2_positive"].to_numpy()
     assert frac[pos].mean() > 0.8 and frac[~pos].mean() < 0.1
+
+
+@pytest.mark.parametrize("method", ["otsu", "gmm"])
+def test_no_signal_means_no_positive_cells(method):
+    assert marker_threshold(np.zeros(100), method) > 0
+    table = pd.DataFrame({"ER": np.zeros(50), "Area": np.full(50, 10.0)})
+    s = score_slide(table, Panel("z", [Marker("ER", "QD605", "nucleus", method)]))
+    assert s["markers"]["ER"]["percent_positive"] == 0 and s["allred"]["ER"]["total"] == 0
+    empty = score_slide(table.iloc[:0], Panel("z", [Marker("ER", "QD605", "nucleus", method)]))
+    assert empty["n_cells"] == 0 and empty["markers"]["ER"]["percent_positive"] is None

@@ -138,7 +138,10 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
         raise InputError(f"expected a threshold number or one of {METHODS}, found {method!r}")
     logv, c = _log(values)
     if logv.size < 2 or np.ptp(logv) == 0:
-        return float(np.exp(logv.max()) - c) if logv.size else 0.0
+        # nothing to separate (no cells, or one value everywhere, e.g. an absent stain):
+        # a threshold just above the largest value, so that no cell is called positive
+        top = float(np.exp(logv.max()) - c) if logv.size else 0.0
+        return float(np.nextafter(max(top, 0.0), np.inf))
     if method == "otsu":
         from skimage.filters import threshold_otsu
 
