@@ -243,3 +243,26 @@ def test_cli_check_panel(tmp_path, capsys):
     assert main(["check-panel", str(panel)]) == 2
     err = capsys.readouterr().err
     assert "QD655 and Twin" in err and err.count("\n") == 1
+
+
+def test_library_for_panel_estimates_af_from_unstained_control_file(tmp_path):
+    from qdplex.io import write_ome_tiff
+
+    chans = lambda_grid(420, 720, 10)
+    wl = np.arange(380, 760, 1.0)
+    truth = SpectralLibrary()
+    truth.add("flavin", wl, np.exp(-0.5 * ((wl - 520) / 35) ** 2), source="t")
+    truth.add("lipo", wl, np.exp(-0.5 * ((wl - 640) / 45) ** 2), source="t")
+    rng = np.random.default_rng(5)
+    ab = np.stack([rng.gamma(2.0, 10.0, (64, 64)), rng.gamma(1.0, 10.0, (64, 64))])
+    ctrl = _control(truth, ab, chans, offset=100)
+    write_ome_tiff(tmp_path / "unstained.ome.tif", ctrl.data, ctrl.channels, pixel_size_um=0.5)
+    raw = {"name": "p", "markers": [{"name": "HER2", "fluor": "QD655"}],
+           "unmixing": {"offset": 100}, "autofluorescence": {"control": "unstained.ome.tif", "components": 2}}
+    lib = library_for_panel(panel_from_dict(raw, base_dir=tmp_path), chans)
+    assert lib.names == ["DAPI", "QD655", "AF", "AF2"]
+    assert "unstained.ome.tif" in lib["AF"].source and "NMF component 1 of 2" in lib["AF"].source
+    Mt = truth.matrix(chans)
+    Me = lib.subset(["AF", "AF2"]).matrix(chans)
+    cos = (Me / np.linalg.norm(Me, axis=0)).T @ (Mt / np.linalg.norm(Mt, axis=0))
+    assert cos[0, 0] > 0.99 and cos[1, 1] > 0.99, cos

@@ -574,7 +574,8 @@ def library_for_panel(panel, channels=None) -> SpectralLibrary:
 
     Built-in spectra are overridden by the panel's ``[spectra] files`` (in order).
     Autofluorescence comes from the panel's unstained control
-    (``[autofluorescence] control``, ``components`` spectra) or else the built-in
+    (``[autofluorescence] control``, ``components`` spectra; camera offset from
+    ``[unmixing] offset``, else the control's metadata) or else the built-in
     generic ``"AF"``. The result holds ``panel.fluors`` then the AF names, in order.
 
     Parameters
@@ -595,8 +596,8 @@ def library_for_panel(panel, channels=None) -> SpectralLibrary:
         from .io import read_image
 
         control = read_image(panel.autofluorescence_control)
-        af = estimate_autofluorescence(control, panel.autofluorescence_components,
-                                       offset=(panel.unmixing or {}).get("offset"))
+        offset = (panel.unmixing or {}).get("offset", control.metadata.get("camera_offset"))
+        af = estimate_autofluorescence(control, panel.autofluorescence_components, offset=offset)
     else:
         af = SpectralLibrary.builtin([AUTOFLUORESCENCE])
     lib = lib.merge(af)
