@@ -253,6 +253,18 @@ def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
     assert len(_images(page)) == 5 and "not drawn" not in page
     assert (out / "report.html").is_file()
 
+    # an unreadable slide folder is named, and the other reports are still written
+    (out / "s1" / "cells.parquet").rename(out / "s1" / "cells.parquet.bak")
+    (out / "s1" / "cells.csv").rename(out / "s1" / "cells.csv.bak")
+    (out / "report.html").unlink()
+    from qdplex.errors import InputError
+
+    with pytest.raises(InputError, match=r"s1.*cells\.csv"):
+        report.report_from_outputs(out)
+    assert (out / "report.html").is_file()
+    (out / "s1" / "cells.parquet.bak").rename(out / "s1" / "cells.parquet")
+    (out / "s1" / "cells.csv.bak").rename(out / "s1" / "cells.csv")
+
     # a rebuilt report does not make the batch think the slides are incomplete
     from qdplex.pipeline import run
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from . import figures
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, QdplexError
 
 __all__ = [
     "slide_report_html",
@@ -743,6 +743,12 @@ def report_from_outputs(out, *, max_side: int = 1024) -> list[Path]:
     Slides whose status in ``manifest.csv`` is not ``ok`` are listed in the cohort
     report only. This is what ``qdplex report OUT`` runs.
 
+    Raises
+    ------
+    InputError
+        When OUT has no manifest, or when some slide folders are unreadable (after
+        writing every other report; the message names each folder and what is missing).
+
     Returns
     -------
     list of Path
@@ -753,10 +759,16 @@ def report_from_outputs(out, *, max_side: int = 1024) -> list[Path]:
     if not mpath.is_file():
         raise InputError("expected a qdplex output folder holding manifest.csv, found no manifest.csv", path=out)
     manifest = pd.read_csv(mpath, dtype={"slide": str})
-    written = []
+    written, failed = [], []
     for _, row in manifest.iterrows():
         if str(row.get("status")) != "ok":
             continue
-        written.append(slide_report_from_outputs(out / str(row["slide"]), max_side=max_side))
+        try:
+            written.append(slide_report_from_outputs(out / str(row["slide"]), max_side=max_side))
+        except QdplexError as e:  # one unreadable slide folder must not stop the others
+            failed.append(str(e))
     written.append(write_cohort_report(out))
+    if failed:
+        raise InputError(f"expected readable outputs for every successful slide, found {len(failed)} "
+                         f"that are not (the other reports were written): " + "; ".join(failed), path=out)
     return written
