@@ -8,11 +8,15 @@ and K abundances ``a``. Methods:
     ``a = M⁺ y`` (unconstrained least squares).
 ``"nnls"``
     exact non-negative least squares, ``min ‖y − M a‖`` subject to ``a ≥ 0``.
-    All pixels of a block are solved together: one matrix product gives the
-    unconstrained solutions; only pixels with a negative component go on to a
-    compiled (numba) block-principal-pivoting active-set solver on the K×K normal
-    equations, started from the unconstrained solution's sign pattern and stopped
-    when the KKT conditions hold, so the result equals :func:`scipy.optimize.nnls`.
+    One float32 matrix product (BLAS) gives every pixel's unconstrained solution
+    ``x``; pixels with a negative component then go through a compiled (numba)
+    block-principal-pivoting active-set solver (Kim & Park 2011) on the K×K normal
+    equations (``b = MᵀM x``), in float64, started from the sign pattern of ``x``,
+    using precomputed inverses of every passive set (K ≤ 12) and stopped when the
+    KKT conditions hold. The result equals :func:`scipy.optimize.nnls` to ~1e-6 of
+    the largest abundance (the float32 product sets that limit). The kernels are
+    generated for each K (so the compiler unrolls the small loops) and cached on
+    disk (``$QDPLEX_KERNEL_DIR``, else ``~/.cache/qdplex/kernels``).
 ``"poisson"``
     non-negative, weighted by the inverse variance of each channel
     (``gain · max(M a, 0) + read_noise²``), re-weighted ``poisson_iterations``
@@ -450,7 +454,6 @@ class _Plan:
     M: np.ndarray          # C×K float64 mixing matrix
     P32: np.ndarray        # K×C float32 pseudo-inverse
     offx32: np.ndarray     # K float32: P @ offset
-    M32: np.ndarray        # C×K float32
     MM: np.ndarray         # C×K² per-channel outer products (weighted fits)
     G: np.ndarray          # K×K float64 Gram matrix MᵀM
     tab: np.ndarray        # passive-set inverses (2^K×K×K) or a 1×1×1 dummy
@@ -540,14 +543,6 @@ def _unmix_block(block, plan: _Plan, block_info=None):
     return out.reshape(K + 2, h, w)
 
 
-def _abundance_block(block, plan: _Plan, block_info=None):
-    """C×h×w block → K×h×w float32 abundances only (no residual pass)."""
-    C, h, w = block.shape
-    X, _, _ = _fit_pixels(np.ascontiguousarray(block).reshape(C, h * w), plan, _block_origin(block_info),
-                          want_resid=False)
-    return X.reshape(-1, h, w)
-
-
 def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, poisson_iterations,
                gain, read_noise, dtype, names, where) -> _Plan:
     if method not in METHODS:
@@ -577,7 +572,7 @@ def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, p
     G = M.T @ M
     tab = _inverse_table(G) if K <= _MAX_TABLE_K else np.zeros((1, 1, 1))
     P = np.linalg.pinv(M)
-    return _Plan(M=M, P32=P.astype(np.float32), offx32=(P @ off).astype(np.float32), M32=M.astype(np.float32),
+    return _Plan(M=M, P32=P.astype(np.float32), offx32=(P @ off).astype(np.float32),
                  MM=np.einsum("ci,cj->cij", M, M).reshape(C, K * K),
                  G=G, tab=tab, offset=off,
                  saturation=float(saturation), method=method, exclude_saturated=bool(exclude_saturated),
