@@ -292,3 +292,17 @@ def test_report_of_a_tiled_whole_slide_run_reads_a_reduced_pyramid_level(tmp_pat
     assert report._read_for_preview(tmp_path / "pyr.ome.tif", 64).shape[1:] == (80, 80)
     assert report._read_for_preview(tmp_path / "pyr.ome.tif", 40).shape[1:] == (40, 40)
     assert report._read_for_preview(tmp_path / "pyr.ome.tif", 1024).shape[1:] == (160, 160)
+
+
+def test_composite_keeps_a_negative_marker_dark():
+    from qdplex.figures import composite_rgb
+
+    rng = np.random.default_rng(0)
+    noise = rng.random((64, 64)).astype(np.float32) * 0.1  # background only, far below the threshold
+    bright = np.zeros((64, 64), np.float32)
+    bright[20:40, 20:40] = 5.0
+    stretched = composite_rgb([noise, bright], [(1, 0, 0), (0, 1, 0)])
+    floored = composite_rgb([noise, bright], [(1, 0, 0), (0, 1, 0)], [2.0 * 1.0, 2.0 * 1.0])
+    assert stretched[..., 0].mean() > 0.3  # plain percentile stretch: noise fills the red channel
+    assert floored[..., 0].max() <= 0.05  # floored at twice the threshold: red stays dark
+    assert floored[30, 30, 1] == 1.0  # the positive square stays at full colour

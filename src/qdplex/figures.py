@@ -107,23 +107,28 @@ def previews(planes: Sequence, max_side: int = 1024) -> list[np.ndarray | None]:
     return [None if a is None else np.asarray(a) for a in subs]
 
 
-def stretch(plane: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
+def stretch(plane: np.ndarray, low: float = 1.0, high: float = 99.5, *, min_top: float | None = None) -> np.ndarray:
     """Contrast-stretch a plane to [0, 1] between its ``low`` and ``high`` percentiles.
 
-    Non-finite pixels become 0. A constant plane becomes all zeros.
+    ``min_top`` sets a floor for the top of the range (e.g. twice a marker's positivity
+    threshold), so that a plane holding only background is not stretched into a
+    bright picture of its noise. Non-finite pixels become 0; a constant plane, all zeros.
     """
     a = np.asarray(plane, dtype=np.float32)
     finite = np.isfinite(a)
     if not finite.any():
         return np.zeros(a.shape, np.float32)
     lo, hi = np.percentile(a[finite], [low, high])
+    if min_top is not None and np.isfinite(min_top):
+        hi = max(hi, float(min_top))
     if not hi > lo:
         return np.zeros(a.shape, np.float32)
     out = (np.where(finite, a, lo) - lo) / (hi - lo)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def composite_rgb(planes: Sequence[np.ndarray], colors: Sequence[Sequence[float]]) -> np.ndarray:
+def composite_rgb(planes: Sequence[np.ndarray], colors: Sequence[Sequence[float]],
+                  min_tops: Sequence[float | None] | None = None) -> np.ndarray:
     """Additive colour composite of contrast-stretched planes.
 
     Parameters
@@ -132,6 +137,8 @@ def composite_rgb(planes: Sequence[np.ndarray], colors: Sequence[Sequence[float]
         One plane per colour.
     colors : sequence of RGB triples in [0, 1]
         The colour of each plane.
+    min_tops : sequence of float or None, optional
+        Per plane, a floor for the top of its stretch (see :func:`stretch`).
 
     Returns
     -------
@@ -142,9 +149,10 @@ def composite_rgb(planes: Sequence[np.ndarray], colors: Sequence[Sequence[float]
         raise ValueError(f"expected one colour per plane, found {len(colors)} colours for {len(planes)} planes")
     if not planes:
         raise ValueError("expected at least one plane, found none")
+    tops = list(min_tops) if min_tops is not None else [None] * len(planes)
     rgb = np.zeros(np.asarray(planes[0]).shape + (3,), np.float32)
-    for plane, color in zip(planes, colors):
-        rgb += stretch(plane)[..., None] * np.asarray(color, np.float32)
+    for plane, color, top in zip(planes, colors, tops):
+        rgb += stretch(plane, min_top=top)[..., None] * np.asarray(color, np.float32)
     return np.clip(rgb, 0.0, 1.0)
 
 

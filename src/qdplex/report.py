@@ -384,12 +384,15 @@ def slide_report_html(
     else:
         def composite():
             planes = list(marker_prev) + ([nuc_prev] if has_nuc else [])
-            return figures.composite_rgb(planes, list(colors) + ([nuc_color] if has_nuc else []))
+            tops = [2.0 * thresholds[m] if thresholds.get(m) is not None else None for m in shown]
+            return figures.composite_rgb(planes, list(colors) + ([nuc_color] if has_nuc else []),
+                                         tops + ([None] if has_nuc else []))
 
         legend = _legend(list(zip(shown, colors)) + ([(nuclear_name, nuc_color)] if has_nuc else []))
         parts.append(_image_html(composite, "Unmixed channels", legend +
-                                 "<br>each marker plane stretched to its 1st–99.5th percentile, over the nuclear stain",
-                                 fmt="jpeg"))
+                                 "<br>each marker plane from its 1st percentile (black) to the larger of its 99.5th "
+                                 "percentile and twice its positivity threshold (full colour), so a marker without "
+                                 "positive cells stays dark; over the nuclear stain", fmt="jpeg"))
         parts.append(_image_html(lambda: figures.segmentation_rgb(nuc_prev, nuclei_prev, cells_prev), "Segmentation",
                                  _legend([("nuclei", figures.NUCLEUS_EDGE), ("cells", figures.CELL_EDGE)]) +
                                  f"<br>{n_cells} cells on the {_e(nuclear_name)} plane"))
