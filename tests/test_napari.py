@@ -31,15 +31,25 @@ def _need_display():
 
 
 @pytest.fixture
-def viewer(qtbot):
+def qt(request):
+    """pytest-qt's ``qtbot``, requested only once a display is known to exist.
+
+    (Taking ``qtbot`` directly would create the session's QApplication before the
+    skip, and Qt aborts the process without a display.)
+    """
     _need_display()
+    return request.getfixturevalue("qtbot")
+
+
+@pytest.fixture
+def viewer(qt):
     import napari
 
     v = napari.Viewer(show=True, title="qdplex")
     v.window._qt_window.resize(1600, 1000)
     yield v
     v.close()
-    qtbot.wait(10)
+    qt.wait(10)
 
 
 def _write_panel(path: Path, panel: dict) -> Path:
@@ -101,7 +111,7 @@ def test_reader_dispatch(tmp_path):
 
 # ---------------------------------------------------------------- GUI
 @pytest.mark.napari
-def test_plugin_end_to_end(viewer, qtbot, tmp_path):
+def test_plugin_end_to_end(viewer, qt, tmp_path):
     """Open the sample, run the pipeline from the widget, click a cell, move a threshold, screenshot."""
     for mod in ("qdplex.unmix", "qdplex.score", "qdplex.io"):
         pytest.importorskip(mod, reason=f"{mod} (another module of the pipeline) is not there yet")
@@ -140,7 +150,7 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     run.run_button.click()
     returned = []
     run.worker.returned.connect(lambda _: returned.append(time.perf_counter()))
-    qtbot.waitUntil(lambda: run.result is not None, timeout=180_000)
+    qt.waitUntil(lambda: run.result is not None, timeout=180_000)
     timer.stop()
     assert run.run_button.isEnabled()
     assert {25, 50, 75, 100} <= set(seen)
@@ -200,7 +210,7 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     row = thr.rows["HER2"]
     before = row.pct.text()
     row.slider.setValue(int(row.slider.value() * 0.5) + 1)
-    qtbot.waitUntil(lambda: row.pct.text() != before, timeout=5000)
+    qt.waitUntil(lambda: row.pct.text() != before, timeout=5000)
     expect = score_slide(cells.features, result.panel, thresholds=thr.thresholds)
     pct, h = marker_scores(expect, "HER2")
     assert row.pct.text() == f"{pct:.1f}" and row.h.text() == f"{h:.0f}"
@@ -214,7 +224,7 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     n_layers = len(viewer.layers)
     run.result = None
     run._done((result, result_layers(result)))
-    qtbot.waitUntil(lambda: run.result is not None, timeout=30_000)
+    qt.waitUntil(lambda: run.result is not None, timeout=30_000)
     assert len(viewer.layers) == n_layers and viewer.layers["cells"] is cells
     assert thr._run_id == cells.metadata["qdplex"]["run_id"]
     assert thr.rows["HER2"].value == pytest.approx(result.thresholds["HER2"], rel=1e-3)
@@ -244,7 +254,7 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
     cells.contour = 2  # cell outlines coloured by HER2 over the unmixed composite
     win.resizeDocks([dock_table], [300], Qt.Vertical)
     viewer.reset_view()
-    qtbot.wait(200)
+    qt.wait(200)
     canvas = viewer.screenshot(canvas_only=True, flash=False)
     assert canvas[..., :3].std() > 10
     shot = viewer.screenshot(canvas_only=False, flash=False)
@@ -298,7 +308,7 @@ def test_plugin_end_to_end(viewer, qtbot, tmp_path):
 
 
 @pytest.mark.napari
-def test_fifty_thousand_cells(viewer, qtbot):
+def test_fifty_thousand_cells(viewer, qt):
     """Colouring, selecting and clicking stay interactive with 50,000 cells."""
     from napari.utils._test_utils import read_only_mouse_event
     from napari.utils.interactions import mouse_press_callbacks
@@ -315,8 +325,8 @@ def test_fifty_thousand_cells(viewer, qtbot):
     viewer.add_labels(labels, name="cells", features=feats)
     colorby = ColorByWidget(viewer)
     table = CellTableWidget(viewer)
-    qtbot.addWidget(colorby)
-    qtbot.addWidget(table)
+    qt.addWidget(colorby)
+    qt.addWidget(table)
     t = time.perf_counter()
     colorby.color_by("HER2")
     viewer.screenshot(canvas_only=True, flash=False)
@@ -354,7 +364,7 @@ def test_fifty_thousand_cells(viewer, qtbot):
         {"name": "one", "markers": [{"name": "HER2", "fluor": "QD655", "compartment": "membrane"}]}
     )}
     thr = ThresholdWidget(viewer)
-    qtbot.addWidget(thr)
+    qt.addWidget(thr)
     t = time.perf_counter()
     thr.set_threshold("HER2", 2.0)
     thr.rescore()
