@@ -230,12 +230,6 @@ def test_plugin_end_to_end(viewer, qt, tmp_path):
     assert thr.rows["HER2"].value == pytest.approx(result.thresholds["HER2"], rel=1e-3)
     assert np.allclose(cells.colormap.map(top), colormaps["viridis"](1.0), atol=1 / 255)  # still coloured by HER2
 
-    # a missing panel file: a one-line message, nothing started
-    good = run.panel_edit.text()
-    run.panel_edit.setText(str(tmp_path / "missing.toml"))
-    assert run.run() is None and "missing.toml" in run.status.text() and "no such file" in run.status.text()
-    run.panel_edit.setText(good)
-
     # 6. spectrum of a bright HER2 pixel: the fitted mixture explains the measurement
     ab = np.asarray(viewer.layers["HER2"].data)
     y, x = np.unravel_index(np.argmax(ab), ab.shape)
@@ -265,6 +259,12 @@ def test_plugin_end_to_end(viewer, qt, tmp_path):
 
     imsave(tmp, shot, check_contrast=False)
     os.replace(tmp, SCREENSHOT)
+
+    # a missing panel file: a one-line message, nothing started
+    good = run.panel_edit.text()
+    run.panel_edit.setText(str(tmp_path / "missing.toml"))
+    assert run.run() is None and "missing.toml" in run.status.text() and "no such file" in run.status.text()
+    run.panel_edit.setText(good)
 
     # 8. the CLI's path: a slide file opened with the plugin's reader, processed by
     #    process_slide, and its output folder opened with the reader
