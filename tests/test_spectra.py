@@ -53,6 +53,8 @@ def test_builtin_names_and_order():
                          "DAPI", "Hoechst", "AF"]
     assert tuple(lib.names) == BUILTIN_NAMES
     sub = SpectralLibrary.builtin(["Qdot 655", "dapi", "AF"])
+    assert SpectralLibrary.builtin(["Hoechst 33342"]).names == ["Hoechst"] and "hoechst-33258" in lib
+    assert lib.subset(["Hoechst 33342", "qdot 605"]).names == ["Hoechst 33342", "QD605"]
     assert sub.names == ["QD655", "DAPI", "AF"]
     for n in BUILTIN_NAMES:
         assert lib[n].source.startswith("builtin:")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -305,12 +305,13 @@ class SpectralLibrary:
         return out
 
     def subset(self, names: Sequence[str]) -> "SpectralLibrary":
-        """A new library holding ``names`` in the order given; SpectraError lists missing ones."""
+        """A new library holding ``names`` in the order given, under those names; SpectraError lists missing ones."""
         keys = [self._key(n) for n in names]
         missing = [n for n, k in zip(names, keys) if k is None]
         if missing:
             raise SpectraError(f"expected spectra for {missing} in the library, found only {self.names}")
-        return SpectralLibrary(self._spectra[k] for k in keys)
+        # spectra take the caller's spelling (e.g. a panel's "Hoechst 33342" for the built-in "Hoechst")
+        return SpectralLibrary(replace(self._spectra[k], name=canonical_fluor(n)) for n, k in zip(names, keys))
 
     # --- access ------------------------------------------------------------
     @property
@@ -339,9 +340,9 @@ class SpectralLibrary:
         n = canonical_fluor(str(name))
         if n in self._spectra:
             return n
-        low = n.lower()
+        low = _ALIASES.get(_squash(n), _squash(n))
         for k in self._spectra:
-            if k.lower() == low:
+            if _squash(k) == low:
                 return k
         return None
 
@@ -404,10 +405,19 @@ class SpectralLibrary:
         return out
 
 
+def _squash(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+# other spellings of built-in names (after lower-casing and dropping spaces and dashes)
+_ALIASES = {"hoechst33342": "hoechst", "hoechst33258": "hoechst", "autofluorescence": "af"}
+
+
 def _builtin_key(name: str) -> str:
     n = canonical_fluor(name)
+    low = _ALIASES.get(_squash(n), _squash(n))
     for k in BUILTIN_NAMES:
-        if k.lower() == n.lower():
+        if _squash(k) == low:
             return k
     raise SpectraError(f"expected a built-in spectrum name in {list(BUILTIN_NAMES)}, found {name!r}")
 
