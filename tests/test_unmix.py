@@ -299,3 +299,21 @@ def test_real_spectral_stack_blind_unmixing(shared_data):
     fit = H.T @ Xf
     explained = 1.0 - np.sum((pix - fit) ** 2) / np.sum(pix.astype(float) ** 2)
     assert explained > 0.95, explained
+
+
+@pytest.mark.parametrize("K", [1, 14])
+def test_nnls_exact_for_one_and_many_endmembers(K):
+    """K = 1, and K = 14 (beyond the passive-set table: the Cholesky active-set path)."""
+    rng = np.random.default_rng(K)
+    wl = np.arange(400.0, 800.0, 1.0)
+    lib = SpectralLibrary()
+    for k in range(K):
+        lib.add(f"F{k}", wl, np.exp(-0.5 * ((wl - 450 - 22 * k) / 14) ** 2), source="test")
+    M = lib.matrix(lambda_grid(420, 780, 8))
+    A = _sparse_abundances(K, (20, 30), rng, scale=30.0)
+    Y = rng.poisson(M @ A.reshape(K, -1) + 50.0).astype(np.float32) - 50.0
+    X = unmix(Y, M, "nnls")
+    assert X.shape == (K, 600) and X.min() >= 0
+    for n in range(0, 600, 3):
+        ref = nnls(M, Y[:, n].astype(float))[0]
+        assert np.abs(X[:, n] - ref).max() <= 1e-4 * max(ref.max(), 1e-9)
