@@ -61,6 +61,14 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+# ``unmix``, ``segment`` and ``quantify`` name both a submodule and its main function.
+# Importing a submodule sets the package attribute to the module, which would shadow
+# the lazy function; binding the three functions here keeps ``qdplex.unmix(...)`` a call.
+from .quantify import quantify  # noqa: E402
+from .segment import segment  # noqa: E402
+from .unmix import unmix  # noqa: E402
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)

@@ -212,6 +212,8 @@ def run_batch(
 
         manifest = state.write_manifest()
         _write_cohort_summary(out, manifest, panel, progress)
+        if report:
+            _write_cohort_report(out, progress)
         n_bad = int((manifest["status"] != "ok").sum())
         n_skip = int((manifest["action"] == "skipped").sum())
         total_s = time.perf_counter() - t_start
@@ -572,6 +574,16 @@ def _write_cohort_summary(out: Path, manifest: pd.DataFrame, panel, progress: Ba
     df = cohort_summary(summaries, panel)
     with atomic_path(out / "cohort_summary.csv") as tmp:
         df.to_csv(tmp, index=False)
+
+
+def _write_cohort_report(out: Path, progress: BatchProgress) -> None:
+    """``OUT/report.html`` across slides; a report failure is logged, never fatal."""
+    from .report import write_cohort_report
+
+    try:
+        progress.info(f"cohort QC report: {write_cohort_report(out)}")
+    except Exception as e:  # the tables are what matter; the report must not lose them
+        progress.info(f"cohort QC report not written: {type(e).__name__}: {e}")
 
 
 def _write_batch_record(out: Path, panel, manifest: pd.DataFrame, params: dict, total_s: float, prov) -> None:

@@ -21,7 +21,8 @@ from .errors import InputError, QdplexError
 from .model import Channel, MultiplexImage, Segmentation
 from .panel import Panel
 
-__all__ = ["SlideResult", "run_slide", "process_slide", "write_slide_outputs", "run", "name_planes_by_marker"]
+__all__ = ["SlideResult", "run_slide", "process_slide", "write_slide_outputs", "run", "name_planes_by_marker",
+           "unmix_options", "quantify_and_score", "write_json"]
 
 Progress = Callable[[str, float], None]
 
@@ -79,11 +80,8 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
     -------
     SlideResult
     """
-    from .quantify import quantify
-    from .score import score_table
     from .segment import segment
     from .spectra import library_for_panel
-    from .tables import cell_table
     from .unmix import unmix
 
     report = progress or (lambda stage, frac: None)
@@ -92,16 +90,7 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
 
     t = time.perf_counter()
     lib = library if library is not None else library_for_panel(panel, image.channels)
-    opts = panel.unmixing
-    unmixed = unmix(
-        image,
-        lib,
-        method=opts.get("method", "nnls"),
-        offset=opts.get("offset", image.metadata.get("camera_offset")),
-        saturation=opts.get("saturation"),
-        exclude_saturated=opts.get("exclude_saturated", False),
-    )
-    unmixed = name_planes_by_marker(unmixed, panel)
+    unmixed = name_planes_by_marker(unmix(image, lib, **unmix_options(image, panel)), panel)
     timings["unmix"] = time.perf_counter() - t
     report("unmix", 0.25)
 
@@ -125,6 +114,56 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
     timings["segment"] = time.perf_counter() - t
     report("segment", 0.5)
 
+    table, thresholds, summary = quantify_and_score(
+        unmixed, seg, panel, px, timings=timings, progress=report, measured_completeness=True)
+    return SlideResult(image, panel, lib, unmixed, seg, table, summary, thresholds, timings)
+
+
+def unmix_options(image: MultiplexImage, panel: Panel) -> dict:
+    """Keyword options for :func:`qdplex.unmix.unmix` from the panel's ``[unmixing]`` table.
+
+    The camera offset is the panel's ``offset``, else the image's
+    ``metadata["camera_offset"]`` when the reader (or :mod:`qdplex.synth`) knows it.
+    """
+    opts = panel.unmixing
+    return {
+        "method": opts.get("method", "nnls"),
+        "offset": opts.get("offset", image.metadata.get("camera_offset")),
+        "saturation": opts.get("saturation"),
+        "exclude_saturated": opts.get("exclude_saturated", False),
+    }
+
+
+def quantify_and_score(unmixed, seg: Segmentation, panel: Panel, pixel_size_um: float, *,
+                       timings: dict | None = None, progress: Progress | None = None,
+                       measured_completeness: bool = False):
+    """Per-cell table (MCQuant order), positivity thresholds and slide summary.
+
+    Parameters
+    ----------
+    unmixed : UnmixResult or MultiplexImage
+        Abundance planes named by marker (see :func:`name_planes_by_marker`).
+    seg : Segmentation
+    panel : Panel
+    pixel_size_um : float
+    timings : dict, optional
+        Receives ``quantify`` and ``score`` seconds.
+    progress : callable, optional
+        ``progress(stage, fraction)``.
+    measured_completeness : bool
+        Measure HER2 membrane completeness on the membrane ring's pixels (needs the
+        whole marker plane; the tiled whole-slide path uses the score's estimate).
+
+    Returns
+    -------
+    (table, thresholds, summary)
+    """
+    from .quantify import fraction_above, quantify
+    from .score import score_table
+    from .tables import cell_table
+
+    timings = {} if timings is None else timings
+    report = progress or (lambda stage, frac: None)
     t = time.perf_counter()
     q = panel.quantification
     quant = quantify(
@@ -133,17 +172,26 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
         panel,
         stats=tuple(q.get("stats", ("mean", "std", "sum"))),
         quantiles=tuple(q.get("quantiles", ())),
-        pixel_size_um=px,
+        pixel_size_um=pixel_size_um,
     )
     table = cell_table(quant, panel)
     timings["quantify"] = time.perf_counter() - t
     report("quantify", 0.75)
 
     t = time.perf_counter()
-    table, thresholds, summary = score_table(table, panel)
+    completeness = None
+    if measured_completeness:
+        ids = table["CellID"].to_numpy()
+        planes = unmixed.abundances if hasattr(unmixed, "abundances") else unmixed
+
+        def completeness(marker, threshold):
+            # HER2 membrane completeness measured on the membrane ring's pixels
+            return fraction_above(planes.plane(marker), seg.membrane, threshold, ids=ids)
+
+    table, thresholds, summary = score_table(table, panel, completeness=completeness)
     timings["score"] = time.perf_counter() - t
     report("score", 1.0)
-    return SlideResult(image, panel, lib, unmixed, seg, table, summary, thresholds, timings)
+    return table, thresholds, summary
 
 
 def write_slide_outputs(result: SlideResult, slide_dir, *, fmt: str = "tiff", provenance: dict | None = None) -> dict:
@@ -181,11 +229,11 @@ def write_slide_outputs(result: SlideResult, slide_dir, *, fmt: str = "tiff", pr
     prov.setdefault("thresholds", result.thresholds)
     paths.update(write_tables(result.table, slide_dir, result.panel, provenance=prov))
     paths["summary"] = slide_dir / "summary.json"
-    _write_json(paths["summary"], result.summary)
+    write_json(paths["summary"], result.summary)
     return paths
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     from .io import atomic_path
 
     with atomic_path(path) as tmp:
@@ -256,12 +304,14 @@ def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = Tru
         ws = run_wholeslide(image, panel, slide_dir, fmt=fmt, progress=progress, tile=tile or 1024)
         timings, paths = ws.timings, dict(ws.paths)
         record = prov.run_record(panel=panel, inputs=[path], parameters=params, timings=timings)
+        record["thresholds"] = ws.thresholds
     else:
         params["mode"] = "in-memory"
         result = run_slide(image, panel, progress=progress)
         t = time.perf_counter()
         record = prov.run_record(panel=panel, inputs=[path], parameters=params, timings=result.timings,
                                  library=result.library)
+        record["thresholds"] = result.thresholds
         paths = write_slide_outputs(result, slide_dir, fmt=fmt, provenance=record)
         result.timings["write"] = time.perf_counter() - t
         if report:
@@ -273,7 +323,11 @@ def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = Tru
         timings = result.timings
         record["timings"] = {k: round(float(v), 4) for k, v in timings.items()}
     paths["run"] = slide_dir / "run.json"
-    _write_json(paths["run"], record)
+    write_json(paths["run"], record)
+    if report and params["mode"] == "wholeslide":
+        from .report import slide_report_from_outputs
+
+        paths["report"] = slide_report_from_outputs(slide_dir)  # reads the tiled outputs' pyramids
     return {
         "slide": image.name,
         "input": str(path),

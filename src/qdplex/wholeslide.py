@@ -153,12 +153,9 @@ def run_wholeslide(
     -------
     WholeSlideResult
     """
-    from .pipeline import name_planes_by_marker
-    from .quantify import quantify
-    from .score import score_table
+    from .pipeline import name_planes_by_marker, quantify_and_score, unmix_options
     from .segment import expand_nuclei, membrane_ring, segment_tiled
     from .spectra import library_for_panel
-    from .tables import cell_table
     from .unmix import unmix
 
     if fmt not in ("tiff", "zarr"):
@@ -188,15 +185,7 @@ def run_wholeslide(
             t = time.perf_counter()
             lib = library if library is not None else library_for_panel(panel, image.channels)
             raw = image
-            opts = panel.unmixing
-            res = unmix(
-                raw, lib,
-                method=opts.get("method", "nnls"),
-                offset=opts.get("offset", image.metadata.get("camera_offset")),  # as pipeline.run_slide
-                saturation=opts.get("saturation"),
-                exclude_saturated=opts.get("exclude_saturated", False),
-                chunk=tile,
-            )
+            res = unmix(raw, lib, chunk=tile, **unmix_options(image, panel))
             res = name_planes_by_marker(res, panel)
             abund = res.abundances
             K = len(abund.channels)
@@ -258,27 +247,13 @@ def run_wholeslide(
             report("segment", 0.5)
 
             # 3. quantify one tile at a time -------------------------------------------------
-            t = time.perf_counter()
-            q = panel.quantification
-            quant = quantify(
-                lazy, seg, panel,
-                stats=tuple(q.get("stats", ("mean", "std", "sum"))),
-                quantiles=tuple(q.get("quantiles", ())),
-                pixel_size_um=px,
-            )
-            table = cell_table(quant, panel)
-            timings["quantify"] = time.perf_counter() - t
-            report("quantify", 0.75)
-
-            t = time.perf_counter()
-            table, thresholds, summary = score_table(table, panel)
-            timings["score"] = time.perf_counter() - t
+            table, thresholds, summary = quantify_and_score(lazy, seg, panel, px, timings=timings, progress=report)
 
             # 4. write the outputs from the scratch arrays ----------------------------------
             t = time.perf_counter()
             paths = _write_images(slide_dir, lazy, z_nuc, z_cel, px, fmt)
             timings["write"] = time.perf_counter() - t
-        from .pipeline import _write_json  # atomic JSON writer shared with the in-memory path
+        from .pipeline import write_json
         from .tables import write_tables
 
         prov = dict(provenance or {})
@@ -287,7 +262,7 @@ def run_wholeslide(
         prov.setdefault("wholeslide", {"tile": tile, "workers": nw, "shape": [C, H, W]})
         paths.update(write_tables(table, slide_dir, panel, provenance=prov))
         paths["summary"] = slide_dir / "summary.json"
-        _write_json(paths["summary"], summary)
+        write_json(paths["summary"], summary)
         report("score", 1.0)
         return WholeSlideResult(table, summary, thresholds, paths, timings, n_cells=len(table), shape=(C, H, W))
     finally:
