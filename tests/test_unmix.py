@@ -162,6 +162,10 @@ def test_multiplex_result_structure_and_dask_blocks():
     np.testing.assert_allclose(ab.data.compute(), whole, atol=1e-4 * whole.max())
     out = res.to_image()
     assert out.channel_names[-1] == "residual" and out.shape == (5, 70, 90)
+    kept = res.persist()
+    assert len(kept.abundances.data.dask) == len(ab.data.chunks[1]) * len(ab.data.chunks[2])  # in memory
+    np.testing.assert_array_equal(kept.abundances.data.compute(), ab.data.compute())
+    np.testing.assert_array_equal(kept.saturated.compute(), res.saturated.compute())
     rms = res.residual.compute()
     pred = np.einsum("ck,kyx->cyx", lib.matrix(chans), whole) + 10
     np.testing.assert_allclose(rms, np.sqrt(np.mean((Y - pred) ** 2, axis=0)), rtol=1e-3)

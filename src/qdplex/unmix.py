@@ -43,7 +43,7 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask.array as da
 import numba
@@ -610,6 +610,18 @@ class UnmixResult:
     library: object
     method: str
     matrix: np.ndarray | None = None
+
+    def persist(self) -> "UnmixResult":
+        """This result with abundances, residual and mask computed once and held in memory.
+
+        One pass over the image (the three share their blocks); use it when a slide
+        fits in memory and its planes are read several times (segmentation, then
+        quantification, then writing), instead of recomputing the unmixing each time.
+        """
+        import dask
+
+        ab, res, sat = dask.persist(self.abundances.data, self.residual, self.saturated)
+        return replace(self, abundances=replace(self.abundances, data=ab), residual=res, saturated=sat)
 
     def to_image(self) -> MultiplexImage:
         """Abundances plus a ``"residual"`` plane, as one image for writing (one compute)."""
