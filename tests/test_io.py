@@ -500,3 +500,23 @@ def test_real_leica_spectral_folder(shared_data):
     assert img.channels[11].band == (620.0, 640.0)
     np.testing.assert_array_equal(img.data[5].compute(), tifffile.imread(folder / "03_Series004_z000_ch05.tif"))
     assert find_slides(folder) == [folder.resolve()]
+
+
+def test_camera_offset_round_trips_as_ome_detector_offset(tmp_path):
+    """The camera dark level survives a write/read (OME DetectorSettings/@Offset), with bands kept."""
+    import tifffile
+
+    from qdplex.io import read_image, write_ome_tiff
+    from qdplex.model import Channel, MultiplexImage
+
+    chans = [Channel(f"{w}nm", float(w), 10.0) for w in (500, 510, 520)]
+    img = MultiplexImage(np.full((3, 16, 16), 105, np.uint16), chans, 0.5, "dark", metadata={"camera_offset": 100.0})
+    path = write_ome_tiff(tmp_path / "dark.ome.tif", img)
+    back = read_image(path)
+    assert back.metadata["camera_offset"] == 100.0
+    assert back.channels == chans
+    with tifffile.TiffFile(path) as tif:
+        assert 'Offset="100.0"' in tif.ome_metadata
+    # without an offset nothing is claimed
+    path2 = write_ome_tiff(tmp_path / "plain.ome.tif", np.zeros((3, 8, 8), np.uint16), chans)
+    assert "camera_offset" not in read_image(path2).metadata

@@ -146,6 +146,8 @@ def parse_ome(xml: str, *, image_index: int = 0, path=None) -> dict:
             channels.extend(Channel(f"{name}:{s}", em, bw, fluor) for s in suffixes)
         counts.append(samples)
 
+    offsets = {float(ds.get("Offset")) for ch in _children(pixels, "Channel")
+               for ds in _children(ch, "DetectorSettings") if ds.get("Offset") is not None}
     size = {k: int(pixels.get(f"Size{k}", 1)) for k in "XYZCT"}
     px = to_um(pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit"), path=path)
     py = to_um(pixels.get("PhysicalSizeY"), pixels.get("PhysicalSizeYUnit"), path=path, what="PhysicalSizeY")
@@ -157,6 +159,7 @@ def parse_ome(xml: str, *, image_index: int = 0, path=None) -> dict:
         "pixel_size_y_um": py,
         "name": image.get("Name"),
         "size": size,
+        "camera_offset": offsets.pop() if len(offsets) == 1 else None,
     }
 
 
@@ -167,8 +170,13 @@ def build_ome(
     *,
     pixel_size_um: float | None = None,
     name: str | None = None,
+    camera_offset: float | None = None,
 ) -> str:
-    """OME-XML for a C×Y×X image with named channels, emission bands, fluors and pixel size."""
+    """OME-XML for a C×Y×X image with named channels, emission bands, fluors and pixel size.
+
+    A ``camera_offset`` (the detector's dark level in counts) is stored as the standard
+    ``Channel/DetectorSettings/@Offset`` of one ``Instrument/Detector``.
+    """
     c, y, x = (int(s) for s in shape)
     chan_meta = []
     for ch in channels:
@@ -193,7 +201,7 @@ def build_ome(
     ox.addimage(np.dtype(dtype), (c, y, x), (c, 1, 1, y, x, 1), axes="CYX", **meta)
     xml = ox.tostring(declaration=True)
     banded = [(i, ch) for i, ch in enumerate(channels) if ch.emission_nm is not None and ch.bandwidth_nm]
-    if not banded:
+    if not banded and camera_offset is None:
         return xml
     # add an emission Filter per banded channel (OME has no band width attribute on Channel)
     ns = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
@@ -202,6 +210,8 @@ def build_ome(
     root = ET.fromstring(xml.split("?>", 1)[1] if xml.startswith("<?xml") else xml)
     q = lambda t: f"{{{ns}}}{t}"  # noqa: E731
     instrument = ET.Element(q("Instrument"), {"ID": "Instrument:0"})
+    if camera_offset is not None:  # schema order: Detector before Filter
+        ET.SubElement(instrument, q("Detector"), {"ID": "Detector:0", "Offset": repr(float(camera_offset))})
     for i, ch in banded:
         flt = ET.SubElement(instrument, q("Filter"), {"ID": f"Filter:0:{i}", "Type": "BandPass"})
         lo, hi = ch.band
@@ -215,6 +225,9 @@ def build_ome(
     pixels = image.find(q("Pixels"))
     image.insert(list(image).index(pixels), ET.Element(q("InstrumentRef"), {"ID": "Instrument:0"}))
     chans = pixels.findall(q("Channel"))
+    if camera_offset is not None:  # schema order in Channel: DetectorSettings before LightPath
+        for ch in chans:
+            ch.insert(0, ET.Element(q("DetectorSettings"), {"ID": "Detector:0", "Offset": repr(float(camera_offset))}))
     for i, _ in banded:
         light = chans[i].find(q("LightPath"))
         if light is None:

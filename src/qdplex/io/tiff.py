@@ -278,7 +278,8 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
         name=name or slide_stem(path),
         source=str(path),
         metadata={"format": fmt, "axes": axes, "dtype": str(dtype), "levels": n_levels, "level": level,
-                  "ome_name": image_name},
+                  "ome_name": image_name,
+                  **({"camera_offset": ome["camera_offset"]} if ome and ome.get("camera_offset") is not None else {})},
     )
 
 

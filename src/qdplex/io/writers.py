@@ -328,6 +328,7 @@ def write_ome_tiff(
     pyramid=None,
     compression=None,
     name: str | None = None,
+    camera_offset: float | None = None,
 ) -> Path:
     """Write a C×Y×X image as OME-TIFF with named channels, atomically.
 
@@ -353,6 +354,10 @@ def write_ome_tiff(
         A tifffile compression (e.g. ``"zlib"``); None writes uncompressed.
     name : str, optional
         OME Image name.
+    camera_offset : float, optional
+        The camera's dark level in counts, stored as OME ``DetectorSettings/@Offset``
+        (read back into ``MultiplexImage.metadata["camera_offset"]``). Taken from a
+        MultiplexImage's metadata when not given.
 
     Returns
     -------
@@ -362,6 +367,8 @@ def write_ome_tiff(
         channels = data.channels if channels is None else channels
         pixel_size_um = data.pixel_size_um if pixel_size_um is None else pixel_size_um
         name = name or data.name
+        if camera_offset is None:
+            camera_offset = data.metadata.get("camera_offset")
         data = data.data
     if channels is None:
         raise OutputError("expected channel names for the planes, found channels=None", path=path)
@@ -380,7 +387,8 @@ def write_ome_tiff(
     chans = _as_channels(channels, data.shape[0], path)
     from .discover import slide_stem
 
-    xml = build_ome(data.shape, data.dtype, chans, pixel_size_um=pixel_size_um, name=name or slide_stem(path))
+    xml = build_ome(data.shape, data.dtype, chans, pixel_size_um=pixel_size_um, name=name or slide_stem(path),
+                    camera_offset=camera_offset)
     return _write_tiff(path, data, xml=xml, pixel_size_um=pixel_size_um, tile=tile, pyramid=pyramid,
                        compression=compression, labels=False)
 
