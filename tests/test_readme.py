@@ -1,0 +1,33 @@
+"""The README's Python example runs as written, on the bundled sample."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from conftest import ROOT
+
+
+def test_readme_python_example_runs(monkeypatch):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    monkeypatch.chdir(ROOT)
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)  # noqa: S102 - our own README
+    # what the example promises
+    assert ns["result"].table.shape[0] > 10
+    assert list(ns["result"].table.columns[:6]) == ["CellID", "HER2", "ER", "PR", "EGFR", "mTOR"]
+    assert ns["nuclei"].dtype == np.uint32 and ns["nuclei"].max() > 10
+    assert len(ns["table"]) == ns["seg"].n_cells
+
+
+def test_readme_commands_exist():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for target in ("demo", "test"):
+        assert f"make {target}" in text and re.search(rf"^{target}:", make, flags=re.M)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci and os.access(ROOT / ".ci" / "run", os.X_OK)
