@@ -229,3 +229,21 @@ def test_napari_guide_names_the_real_controls():
         assert cmap in page, f"colormap {cmap!r} not in docs/napari.md"
     for button in re.findall(r'QPushButton\("([^"…]+)"\)', colorby + (widgets / "_run.py").read_text(encoding="utf-8")):
         assert f"**{button}**" in page, f"button {button!r} not in docs/napari.md"
+
+
+def test_panel_page_examples_are_real(tmp_path):
+    """The minimal panel of docs/panels.md reads; its typo example gives the error the page shows."""
+    from qdplex.errors import PanelError
+    from qdplex.panel import read_panel
+
+    page = _read("panels.md")
+    toml = re.search(r"```toml\n(.*?)```", page, re.S).group(1)
+    (tmp_path / "ok.toml").write_text(toml, encoding="utf-8")
+    panel = read_panel(tmp_path / "ok.toml")
+    assert [(m.name, m.fluor, m.compartment) for m in panel.markers] == [
+        ("HER2", "QD655", "membrane"), ("ER", "QD605", "nucleus")]
+    shown = re.search(r"```text\nqdplex: error: panels/my\.toml: (.*?)\n```", page).group(1)
+    (tmp_path / "my.toml").write_text(toml.replace('"nucleus"', '"membrame"'), encoding="utf-8")
+    with pytest.raises(PanelError) as err:
+        read_panel(tmp_path / "my.toml")
+    assert shown in str(err.value)
