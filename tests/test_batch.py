@@ -109,6 +109,9 @@ def test_batch_records_failures_and_goes_on(reference, cohort):
     # the manifest on disk is the returned one
     disk = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert list(disk["slide"]) == list(manifest["slide"])
+    # hashes on disk carry a prefix so no CSV reader takes them for numbers
+    assert all(v == "sha256:" + manifest.loc[i, "input_sha256"]
+               for i, v in zip(manifest.index, disk["input_sha256"]) if v)
     # provenance: input hash recorded and correct, outputs complete
     for name, row in ok.iterrows():
         assert row["input_sha256"] == provenance.file_sha256(row["input"])
@@ -319,7 +322,8 @@ def test_ome_zarr_slide_in_zarr_out(reference, cohort, panel, tmp_path):
 
     img = read_image(cohort["good"] / "slide0.ome.tif")
     src = tmp_path / "zarr_in"
-    write_ome_zarr(src / "slide0.ome.zarr", img.data, img.channels, pixel_size_um=img.pixel_size_um)
+    write_ome_zarr(src / "slide0.ome.zarr", img)  # channels, pixel size and camera offset from the image
+    assert read_image(src / "slide0.ome.zarr").metadata["camera_offset"] == img.metadata["camera_offset"]
     out = tmp_path / "out"
     manifest = run_batch([src], panel, out, scheduler="synchronous", fmt="zarr", quiet=True, report=False)
     assert list(manifest["slide"]) == ["slide0"] and list(manifest["status"]) == ["ok"]
@@ -352,3 +356,18 @@ def test_two_slides_with_one_name(cohort, panel, tmp_path):
     assert "unique slide name" in bad["error"] and "slide0" in bad["error"]
     rec = json.loads((out / "slide0" / "run.json").read_text())["batch"]
     assert rec["input"] == m[m["status"] == "ok"].iloc[0]["input"]
+
+
+def test_manifest_hashes_never_read_as_numbers(tmp_path):
+    """A digest like 86e2417… is a float with a huge exponent to a CSV sniffer; the prefix prevents that."""
+    from qdplex.batch import MANIFEST_COLUMNS, _manifest_for_csv
+
+    row = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row.update(slide="s", status="ok", input_sha256="86e24171728200f00bbe17c2" + "0" * 40,
+               panel_sha256="1e5" + "0" * 61)
+    path = tmp_path / "manifest.csv"
+    _manifest_for_csv(pd.DataFrame([row], columns=MANIFEST_COLUMNS)).to_csv(path, index=False)
+    text = path.read_text()
+    assert "sha256:86e24171728200f00bbe17c2" in text and "sha256:1e5" in text
+    back = pd.read_csv(path)
+    assert back.loc[0, "panel_sha256"] == "sha256:1e5" + "0" * 61

@@ -160,7 +160,9 @@ def test_plugin_end_to_end(viewer, qt, tmp_path):
     during = np.array([t0, *[t for t in ticks if t < returned[0]], returned[0]])
     stall = np.diff(during).max()
     print(f"pipeline {compute:.1f} s in the background; {during.size - 2} GUI ticks, longest stall {stall:.2f} s")
-    assert during.size - 2 >= 10 and stall < 0.75 * compute
+    # a fast (warm, small) run leaves little time to tick: ask for ticks in proportion
+    assert during.size - 2 >= min(10, int(compute / 0.1))
+    assert stall < max(0.25, 0.75 * compute)
 
     result = run.result
     markers = [m["name"] for m in SAMPLE_PANEL["markers"]]

@@ -70,6 +70,7 @@ def test_canonical_fluor(name, expected):
         ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[unmixing]\nmethod="pca"', "unmixing.method", "'pca'"),
         ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[segmentation]\nexpand_um="far"', "segmentation.expand_um", "'far'"),
         ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[autofluorescence]\ncontrol="none.tif"', "autofluorescence.control", "none.tif"),
+        ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[image]\ncamera_offset=-5', "image.camera_offset", "-5"),
     ],
 )
 def test_errors_name_file_key_expected_found(tmp_path, body, key, found):

@@ -555,8 +555,23 @@ class _State:
         recs = [self.rows[i] for i in sorted(self.rows)]
         df = pd.DataFrame(recs, columns=MANIFEST_COLUMNS)
         with atomic_path(self.out / "manifest.csv") as tmp:
-            df.to_csv(tmp, index=False)
+            _manifest_for_csv(df).to_csv(tmp, index=False)
         return df
+
+
+def _manifest_for_csv(df: pd.DataFrame) -> pd.DataFrame:
+    """Hash columns written as ``sha256:<hex>``.
+
+    A bare hex digest such as ``86e24171…`` looks like a float with a huge exponent to
+    CSV readers: pandas' C parser infers a number and (pandas 2.3) crashes on it. The
+    prefix keeps the column text for every reader; run.json keeps the bare digest.
+    """
+    out = df.copy()
+    for col in ("input_sha256", "panel_sha256"):
+        vals = out[col].astype("object")
+        mask = vals.notna() & (vals.astype(str) != "")
+        out[col] = vals.where(~mask, "sha256:" + vals[mask].astype(str))
+    return out
 
 
 def _write_cohort_summary(out: Path, manifest: pd.DataFrame, panel, progress: BatchProgress) -> None:

@@ -104,6 +104,7 @@ class Panel:
     autofluorescence_control: Path | None = None
     autofluorescence_components: int = 1
     pixel_size_um: float | None = None
+    camera_offset: float | None = None
     unmixing: dict[str, Any] = field(default_factory=dict)
     segmentation: dict[str, Any] = field(default_factory=dict)
     quantification: dict[str, Any] = field(default_factory=dict)
@@ -150,6 +151,7 @@ class Panel:
             "autofluorescence_control": None if self.autofluorescence_control is None else str(self.autofluorescence_control),
             "autofluorescence_components": self.autofluorescence_components,
             "pixel_size_um": self.pixel_size_um,
+            "camera_offset": self.camera_offset,
             "unmixing": dict(self.unmixing),
             "segmentation": dict(self.segmentation),
             "quantification": dict(self.quantification),
@@ -300,6 +302,9 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
     components = _number(af, "components", path, "autofluorescence.", integer=True, default=1)
 
     pixel_size = _number(sections["image"], "pixel_size_um", path, "image.", default=None)
+    camera_offset = _number(sections["image"], "camera_offset", path, "image.", positive=False, default=None)
+    if camera_offset is not None and camera_offset < 0:
+        raise _err(path, "image.camera_offset", "a number ≥ 0 (the camera's dark level in counts)", camera_offset)
 
     unm = dict(sections["unmixing"])
     if "method" in unm and unm["method"] not in ("nnls", "ols", "poisson"):
@@ -316,6 +321,7 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
         autofluorescence_control=control,
         autofluorescence_components=int(components),
         pixel_size_um=None if pixel_size is None else float(pixel_size),
+        camera_offset=None if camera_offset is None else float(camera_offset),
         unmixing=unm,
         segmentation=seg,
         quantification=dict(sections["quantification"]),

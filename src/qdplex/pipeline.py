@@ -91,6 +91,8 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
     t = time.perf_counter()
     lib = library if library is not None else library_for_panel(panel, image.channels)
     unmixed = name_planes_by_marker(unmix(image, lib, **unmix_options(image, panel)), panel)
+    # in memory: unmix once; segmentation, quantification and writing all read the planes
+    unmixed = unmixed.persist()
     timings["unmix"] = time.perf_counter() - t
     report("unmix", 0.25)
 
@@ -122,13 +124,17 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
 def unmix_options(image: MultiplexImage, panel: Panel) -> dict:
     """Keyword options for :func:`qdplex.unmix.unmix` from the panel's ``[unmixing]`` table.
 
-    The camera offset is the panel's ``offset``, else the image's
-    ``metadata["camera_offset"]`` when the reader (or :mod:`qdplex.synth`) knows it.
+    The camera offset is the panel's ``[unmixing] offset``, else its ``[image]
+    camera_offset``, else the image's ``metadata["camera_offset"]`` (OME
+    ``DetectorSettings/@Offset``, or :mod:`qdplex.synth`), else none.
     """
     opts = panel.unmixing
+    offset = opts.get("offset")
+    if offset is None:
+        offset = panel.camera_offset if panel.camera_offset is not None else image.metadata.get("camera_offset")
     return {
         "method": opts.get("method", "nnls"),
-        "offset": opts.get("offset", image.metadata.get("camera_offset")),
+        "offset": offset,
         "saturation": opts.get("saturation"),
         "exclude_saturated": opts.get("exclude_saturated", False),
     }

@@ -159,7 +159,8 @@ def read_ome_zarr(path, *, channels=None, name=None, level: int = 0) -> Multiple
         arr = arr.transpose([axes.index(a) for a in "cyx"])
     n = arr.shape[0]
     found = None
-    ours = attrs.get("qdplex", {}).get("channels") if isinstance(attrs.get("qdplex"), dict) else None
+    ours_meta = attrs.get("qdplex") if isinstance(attrs.get("qdplex"), dict) else {}
+    ours = ours_meta.get("channels")
     omero = (attrs.get("omero") or {}).get("channels") or []
     if ours and len(ours) == n:
         found = [Channel(str(c["name"]), _opt_float(c.get("emission_nm")), _opt_float(c.get("bandwidth_nm")),
@@ -176,7 +177,9 @@ def read_ome_zarr(path, *, channels=None, name=None, level: int = 0) -> Multiple
         name=name or slide_stem(path),
         source=str(path),
         metadata={"format": "ome-zarr", "levels": len(ms["datasets"]), "level": level,
-                  "ngff_version": ms.get("version") or attrs.get("version")},
+                  "ngff_version": ms.get("version") or attrs.get("version"),
+                  **({"camera_offset": float(ours_meta["camera_offset"])}
+                     if ours_meta.get("camera_offset") is not None else {})},
     )
 
 
@@ -203,7 +206,8 @@ def _store_level(group, key: str, arr: da.Array, chunk) -> da.Array:
     return da.from_zarr(z)
 
 
-def _write(path, data, chans: list[Channel], *, pixel_size_um, levels, chunk, labels: bool, name) -> Path:
+def _write(path, data, chans: list[Channel], *, pixel_size_um, levels, chunk, labels: bool, name,
+           camera_offset: float | None = None) -> Path:
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_multiscales_metadata
 
@@ -235,6 +239,8 @@ def _write(path, data, chans: list[Channel], *, pixel_size_um, levels, chunk, la
                 ]},
             }
             extra["qdplex"]["labels"] = bool(labels)
+            if camera_offset is not None:
+                extra["qdplex"]["camera_offset"] = float(camera_offset)
             group.attrs.update(extra)
     except OSError as err:
         raise OutputError(f"expected to write an OME-Zarr here, found {err}", path=path) from err
@@ -251,6 +257,7 @@ def write_ome_zarr(
     chunk: int = ZARR_CHUNK,
     name: str | None = None,
     labels: bool = False,
+    camera_offset: float | None = None,
 ) -> Path:
     """Write a C×Y×X image as a multiscale OME-Zarr (NGFF 0.4), atomically.
 
@@ -272,11 +279,17 @@ def write_ome_zarr(
     labels : bool
         The planes are label images: reduced levels are nearest-neighbour
         downsampled instead of averaged (see also :func:`write_labels_zarr`).
+    camera_offset : float, optional
+        The camera's dark level in counts (``qdplex.camera_offset`` in the group
+        attributes; NGFF has no field for it). Taken from a MultiplexImage's metadata
+        when not given.
     """
     if isinstance(data, MultiplexImage):
         channels = data.channels if channels is None else channels
         pixel_size_um = data.pixel_size_um if pixel_size_um is None else pixel_size_um
         name = name or data.name
+        if camera_offset is None:
+            camera_offset = data.metadata.get("camera_offset")
         data = data.data
     if channels is None:
         raise OutputError("expected channel names for the planes, found channels=None", path=path)
@@ -290,7 +303,7 @@ def write_ome_zarr(
     if len(chans) != data.shape[0]:
         raise OutputError(f"expected one channel per plane ({data.shape[0]}), found {len(chans)}", path=path)
     return _write(path, data, chans, pixel_size_um=pixel_size_um, levels=levels, chunk=chunk, labels=labels,
-                  name=name or slide_stem(path))
+                  name=name or slide_stem(path), camera_offset=camera_offset)
 
 
 def write_labels_zarr(path, labels, *, pixel_size_um: float | None = None, name: str = "labels",
