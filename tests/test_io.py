@@ -377,6 +377,14 @@ def test_ome_zarr_written_by_ome_zarr_py(tmp_path, version):
             {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
     write_image(data, group, scale_factors=(2, 4), axes=axes, fmt=fmt, coordinate_transformations=scales)
     attrs = group.attrs.asdict()
+    # ome-zarr-py ≥ 0.18 ignores the given transformations and units (and names levels s0, s1, …):
+    # state the physical scale in the metadata ourselves, as a microscope exporter would
+    ms = (attrs["ome"] if "ome" in attrs else attrs)["multiscales"][0]
+    ms["axes"] = axes
+    for k, ds in enumerate(ms["datasets"]):
+        ds["coordinateTransformations"] = scales[k]
+    group.attrs.update({"ome": attrs["ome"]} if "ome" in attrs else {"multiscales": attrs["multiscales"]})
+    attrs = group.attrs.asdict()
     key = {"ome": {**attrs.get("ome", {})}} if "ome" in attrs else {}
     omero = {"channels": [{"label": "DAPI"}, {"label": "QD655"}]}
     if key:
