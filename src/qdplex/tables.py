@@ -25,21 +25,12 @@ import pandas as pd
 
 from .errors import InputError, OutputError
 from .model import COMPARTMENTS
+from .quantify import MORPHOLOGY_COLUMNS
 
 __all__ = ["cell_table", "write_tables", "to_anndata", "MCQUANT_MORPHOLOGY", "marker_columns"]
 
 #: The morphology block MCQuant writes after the markers, in its order.
-MCQUANT_MORPHOLOGY = (
-    "X_centroid",
-    "Y_centroid",
-    "Area",
-    "MajorAxisLength",
-    "MinorAxisLength",
-    "Eccentricity",
-    "Solidity",
-    "Extent",
-    "Orientation",
-)
+MCQUANT_MORPHOLOGY = MORPHOLOGY_COLUMNS[:9]
 
 
 _STAT_RE = re.compile(r"^(mean|std|var|sum|count|min|max|median|q\d+(_\d+)?)$")

@@ -284,15 +284,10 @@ def write_ome_zarr(
         attributes; NGFF has no field for it). Taken from a MultiplexImage's metadata
         when not given.
     """
-    if isinstance(data, MultiplexImage):
-        channels = data.channels if channels is None else channels
-        pixel_size_um = data.pixel_size_um if pixel_size_um is None else pixel_size_um
-        name = name or data.name
-        if camera_offset is None:
-            camera_offset = data.metadata.get("camera_offset")
-        data = data.data
-    if channels is None:
-        raise OutputError("expected channel names for the planes, found channels=None", path=path)
+    from .writers import unpack_image
+
+    data, channels, pixel_size_um, name, camera_offset = unpack_image(
+        data, channels, pixel_size_um, name, camera_offset, path=path)
     if data.ndim == 2:
         data = data[None]
     if data.ndim != 3:

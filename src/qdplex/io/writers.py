@@ -318,6 +318,24 @@ class _TileTarget:
                         os.pwrite(fd, np.ascontiguousarray(blk).tobytes(), int(off))
 
 
+def unpack_image(data, channels, pixel_size_um, name, camera_offset, *, path):
+    """Writer arguments with blanks filled from ``data`` when it is a MultiplexImage.
+
+    Returns ``(array, channels, pixel_size_um, name, camera_offset)``; raises
+    OutputError when no channel names are known.
+    """
+    if isinstance(data, MultiplexImage):
+        channels = data.channels if channels is None else channels
+        pixel_size_um = data.pixel_size_um if pixel_size_um is None else pixel_size_um
+        name = name or data.name
+        if camera_offset is None:
+            camera_offset = data.metadata.get("camera_offset")
+        data = data.data
+    if channels is None:
+        raise OutputError("expected channel names for the planes, found channels=None", path=path)
+    return data, channels, pixel_size_um, name, camera_offset
+
+
 def write_ome_tiff(
     path,
     data,
@@ -363,15 +381,8 @@ def write_ome_tiff(
     -------
     pathlib.Path
     """
-    if isinstance(data, MultiplexImage):
-        channels = data.channels if channels is None else channels
-        pixel_size_um = data.pixel_size_um if pixel_size_um is None else pixel_size_um
-        name = name or data.name
-        if camera_offset is None:
-            camera_offset = data.metadata.get("camera_offset")
-        data = data.data
-    if channels is None:
-        raise OutputError("expected channel names for the planes, found channels=None", path=path)
+    data, channels, pixel_size_um, name, camera_offset = unpack_image(
+        data, channels, pixel_size_um, name, camera_offset, path=path)
     if not isinstance(data, da.Array):
         data = np.asarray(data)
     if data.ndim == 2:
