@@ -165,134 +165,202 @@ def _nnls_gram(G, b, z, F, L, idx, yv):
     return True
 
 
-_MAX_TABLE_K = 12  # precompute (G_FF)⁻¹ for all 2^K passive sets up to this many endmembers
+_MAX_TABLE_K = 12  # precompute a pivoting table for all 2^K passive sets up to this many endmembers
+_TILE = 256  # pixels per tile of the fused kernel
 
 
-def _inverse_table(G: np.ndarray) -> np.ndarray:
-    """(G_FF)⁻¹ zero-padded to K×K, for every passive set F (bit j of the index = endmember j)."""
+def _pivot_table(G: np.ndarray) -> np.ndarray:
+    """Per passive set F (bit j of the index = endmember j), the K×K matrix R_F with ``R_F x``
+    = the passive-set solution z_j (j ∈ F) and the gradient (G z − b)_j (j ∉ F), where x is
+    the unconstrained solution (so b = G x): one matrix–vector product per pivoting step.
+
+    z_F = (G_FF)⁻¹ G_F: x and G z − b = G (A_F − I) x with A_F the rows z = A_F x.
+    """
     K = G.shape[0]
+    eye = np.eye(K)
     tab = np.zeros((1 << K, K, K))
-    for code in range(1, 1 << K):
+    for code in range(1 << K):
         f = np.array([(code >> j) & 1 for j in range(K)], dtype=bool)
-        tab[code][np.ix_(f, f)] = np.linalg.inv(G[np.ix_(f, f)])
-    return tab
+        A = np.zeros((K, K))
+        if f.any():
+            A[f] = np.linalg.solve(G[np.ix_(f, f)], G[f])
+        tab[code][f] = A[f]
+        tab[code][~f] = (G @ (A - eye))[~f]
+    out = np.zeros((1 << K, K, _padded(K)))  # [code, p, j]: the product runs down columns
+    out[:, :, :K] = tab.transpose(0, 2, 1)
+    return out
 
 
-# Per-pixel block principal pivoting (Kim & Park 2011) with precomputed passive-set
-# inverses. The source is specialised for each number of endmembers K (a literal),
-# so the compiler unrolls the K×K loops and keeps each pixel's small problem in
-# registers: about twice as fast as the same code with a run-time K.
-_BPP_TEMPLATE = """
-def _nnls_pixels(X, offx, G, tab, nonneg, bad):
-    K = {K}
-    b = np.empty(K)
-    z = np.empty(K)
-    xv = np.empty(K)
-    for n in range(X.shape[1]):
-        code = 0
-        s = 0.0
-        for k in range(K):
-            xv[k] = X[k, n] - offx[k]
-            s += xv[k]
-            if xv[k] > 0.0:
-                code |= 1 << k
-        if not np.isfinite(s):
-            bad[n] = True
-            for k in range(K):
-                X[k, n] = 0.0
-            continue
-        if not nonneg or code == (1 << K) - 1:
-            for k in range(K):
-                X[k, n] = xv[k]
-            continue
-        bs = 0.0
-        for k in range(K):
-            t = 0.0
-            for p in range(K):
-                t += G[k, p] * xv[p]
-            b[k] = t
-            bs = max(bs, abs(t))
-        tol_y = -1e-11 * bs
-        alpha = 3
-        beta = K + 1
-        for _ in range(10 * K + 50):
-            zs = 0.0
-            for i in range(K):
-                t = 0.0
-                for j in range(K):
-                    t += tab[code, i, j] * b[j]
-                z[i] = t
-                zs = max(zs, abs(t))
-            tol_z = -1e-11 * zs
-            flip = 0
-            for j in range(K):
-                g = -b[j]
-                for p in range(K):
-                    g += G[j, p] * z[p]
-                inf_ = (code >> j) & 1
-                flip |= ((inf_ & np.int64(z[j] < tol_z)) | ((1 - inf_) & np.int64(g < tol_y))) << j
-            if flip == 0:
-                break
-            nv = 0
-            last = 0
-            for j in range(K):
-                if (flip >> j) & 1:
-                    nv += 1
-                    last = j
-            if nv < beta:
-                beta = nv
-                alpha = 3
-                code ^= flip
-            elif alpha >= 1:
-                alpha -= 1
-                code ^= flip
-            else:
-                code ^= 1 << last
-        for k in range(K):
-            X[k, n] = max(z[k], 0.0)
-"""
-# RMS misfit per pixel, y − offset − M x, in tiles (one pass over Y; K literal).
-_RMS_TEMPLATE = """
-def _rms_pixels(Y, off, M, X, rms):
-    K = {K}
-    C, N = Y.shape
-    T = 256
-    acc = np.empty(T, dtype=np.float32)
-    pred = np.empty(T, dtype=np.float32)
-    for n0 in range(0, N, T):
-        m = min(T, N - n0)
-        for i in range(m):
-            acc[i] = 0.0
-        for c in range(C):
-            for i in range(m):
-                pred[i] = np.float32(off[c])
-            for k in range(K):
-                mck = np.float32(M[c, k])
-                for i in range(m):
-                    pred[i] += mck * X[k, n0 + i]
-            for i in range(m):
-                d = np.float32(Y[c, n0 + i]) - pred[i]
-                acc[i] += d * d
-        for i in range(m):
-            rms[n0 + i] = np.sqrt(acc[i] / C)
-"""
-_TEMPLATES = {"nnls": (_BPP_TEMPLATE, "_nnls_pixels"), "rms": (_RMS_TEMPLATE, "_rms_pixels")}
+# One fused pass per block of pixels, generated for each number of endmembers K (the
+# K-loops written out, so the compiler keeps each pixel's small problem in registers):
+# the projection x = P y − P·offset in float32 (vectorised across a tile of pixels, four
+# channels per sweep; each spectrum read once from memory, integer input converted on
+# the fly), the saturation and non-finite flags, the exact NNLS of every pixel with a
+# negative component by block principal pivoting (Kim & Park 2011) on the precomputed
+# passive-set table (float64, one K×K matrix–vector product per step, started from the
+# sign pattern of x, stopped when the KKT conditions hold), and the RMS residual
+# y − offset − M a while the tile is still in cache. Y is C×H×W with any strides (a dask
+# block may be a view) but unit stride along x.
+def _padded(K: int) -> int:
+    """Row length of the pivoting table (K rounded up to 4: aligned rows)."""
+    return -(-K // 4) * 4
+
+
+def _fused_source(K: int) -> str:
+    """Source of the fused kernel for K endmembers (see ``_FUSED_DOC``); loops over the
+    K endmembers and the channel groups are written out so that the compiler keeps the
+    small per-pixel problem in (vector) registers."""
+    K = int(K)
+    ks = range(K)
+    L = []
+    a = L.append
+    a("def _fused(Y, P, offx, M, off, R, gscale, nonneg, sat, want_rms, X, rms, flag, y0, y1, x0, x1):")
+    a("    C = Y.shape[0]")
+    a("    C4 = C - C % 4")
+    a(f"    T = {_TILE}")
+    a(f"    acc = np.empty(({K}, T), dtype=np.float32)")
+    a("    mx = np.empty(T, dtype=np.float32)")
+    a("    sq = np.empty(T, dtype=np.float32)")
+    a("    pred = np.empty(T, dtype=np.float32)")
+    a(f"    full = {(1 << K) - 1}")
+    a("    check_sat = sat < np.inf")
+    a("    sat32 = np.float32(sat) if check_sat else np.float32(0.0)")
+    a("    nbad = 0")
+    a("    for yy in range(y0, y1):")
+    a("        for t0 in range(x0, x1, T):")
+    a("            m = min(T, x1 - t0)")
+    # projection, four channels per sweep over the tile
+    for k in ks:
+        a(f"            o{k} = -offx[{k}]")
+    a("            for i in range(m):")
+    for k in ks:
+        a(f"                acc[{k}, i] = o{k}")
+    a("                mx[i] = -np.inf")
+    a("            for c in range(0, C4, 4):")
+    for j in range(4):
+        a(f"                r{j} = Y[c + {j}, yy, t0:t0 + m]")
+    for k in ks:
+        for j in range(4):
+            a(f"                p{k}_{j} = P[{k}, c + {j}]")
+    a("                for i in range(m):")
+    for j in range(4):
+        a(f"                    v{j} = np.float32(r{j}[i])")
+    for k in ks:
+        a(f"                    acc[{k}, i] += (p{k}_0 * v0 + p{k}_1 * v1) + (p{k}_2 * v2 + p{k}_3 * v3)")
+    a("                    mx[i] = max(mx[i], max(max(v0, v1), max(v2, v3)))")
+    a("            for c in range(C4, C):")
+    a("                r0 = Y[c, yy, t0:t0 + m]")
+    for k in ks:
+        a(f"                p{k}_0 = P[{k}, c]")
+    a("                for i in range(m):")
+    a("                    v0 = np.float32(r0[i])")
+    for k in ks:
+        a(f"                    acc[{k}, i] += p{k}_0 * v0")
+    a("                    mx[i] = max(mx[i], v0)")
+    # per pixel: flags, then exact NNLS by block principal pivoting
+    a("            for i in range(m):")
+    for k in ks:
+        a(f"                u{k} = np.float64(acc[{k}, i])")
+    a("                s = " + " + ".join(f"u{k}" for k in ks))
+    a("                code = " + " | ".join(f"(np.int64(u{k} > 0.0) << {k})" for k in ks))
+    a("                xmax = max(" + ", ".join(f"abs(u{k})" for k in ks) + (", 0.0)" if K == 1 else ")"))
+    a("                fl = np.uint8(2) if check_sat and mx[i] >= sat32 else np.uint8(0)")
+    a("                if not np.isfinite(s):")
+    a("                    flag[yy, t0 + i] = fl | np.uint8(1)")
+    a("                    nbad += 1")
+    for k in ks:
+        a(f"                    acc[{k}, i] = 0.0")
+    a("                    continue")
+    a("                flag[yy, t0 + i] = fl")
+    a("                if not nonneg or code == full:")
+    a("                    continue")
+    a("                tol = -1e-10 * xmax")
+    a("                tolg = tol * gscale")
+    a(f"                alpha = 3")
+    a(f"                beta = {K + 1}")
+    a("                flip = 1")
+    a(f"                for _ in range({10 * K + 50}):")
+    K8 = _padded(K)
+    a(f"                    rb = np.uint64(code) * np.uint64({K * K8})")
+    for j in ks:  # two partial sums per row: shorter dependency chains
+        e = " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks if p % 2 == 0)
+        o = " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks if p % 2 == 1) or "0.0"
+        a(f"                    w{j} = ({e}) + ({o})")
+    a("                    flip = " + " | ".join(
+        f"(np.int64(w{j} < (tol if (code >> {j}) & 1 else tolg)) << {j})" for j in ks))
+    a("                    if flip == 0:")
+    a("                        break")
+    a("                    nv = " + " + ".join(f"((flip >> {j}) & 1)" for j in ks))
+    a("                    if nv < beta:")
+    a("                        beta = nv")
+    a("                        alpha = 3")
+    a("                        code ^= flip")
+    a("                    elif alpha >= 1:")
+    a("                        alpha -= 1")
+    a("                        code ^= flip")
+    a("                    else:")
+    a("                        last = 0")
+    a(f"                        for j in range({K}):")
+    a("                            if (flip >> j) & 1:")
+    a("                                last = j")
+    a("                        code ^= 1 << last")
+    a("                if flip != 0:")
+    a(f"                    rb = np.uint64(code) * np.uint64({K * K8})")
+    for j in ks:
+        a(f"                    w{j} = " + " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks))
+    for k in ks:
+        a(f"                acc[{k}, i] = max(w{k}, 0.0) if (code >> {k}) & 1 else 0.0")
+    # RMS residual while the tile is in cache
+    a("            if want_rms:")
+    a("                for i in range(m):")
+    a("                    sq[i] = 0.0")
+    a("                for c in range(C):")
+    a("                    row = Y[c, yy, t0:t0 + m]")
+    a("                    o = off[c]")
+    for k in ks:
+        a(f"                    q{k} = M[c, {k}]")
+    a("                    for i in range(m):")
+    a("                        d = np.float32(row[i]) - (o + " + " + ".join(f"q{k} * acc[{k}, i]" for k in ks) + ")")
+    a("                        sq[i] += d * d")
+    a("                for i in range(m):")
+    a("                    rms[yy, t0 + i] = np.sqrt(sq[i] / C) if (flag[yy, t0 + i] & 1) == 0 else np.nan")
+    a("            for i in range(m):")
+    for k in ks:
+        a(f"                X[{k}, yy, t0 + i] = acc[{k}, i]")
+    a("    return nbad")
+    return "\n".join(L) + "\n"
+
+
+_GENERATORS = {"fused": (_fused_source, "_fused")}
 _KERNELS: dict = {}
 _KERNEL_LOCK = threading.Lock()
+_JIT_OPTIONS = "nogil=True, fastmath={'contract'}"
+
+
+def _kernel_source(kind: str, K: int) -> tuple[str, str]:
+    generate, name = _GENERATORS[kind]
+    return "import numpy as np\nimport numba\n\n" + generate(K), name
+
+
+def _cache_key(src: str) -> str:
+    """Source hash + numba/numpy/Python versions: a cache entry is only ever reused by the
+    exact code and compiler that wrote it."""
+    import hashlib
+
+    tag = f"{numba.__version__}|{np.__version__}|{sys.version_info[:3]}|{src}"
+    return hashlib.sha1(tag.encode()).hexdigest()[:16]
 
 
 def _kernel_module(kind: str, K: int):
     """Import the generated source of kernel ``kind`` for K from a cache folder (so numba
-    can cache its machine code on disk); None when no folder is writable."""
-    import hashlib
+    can cache its machine code on disk); None when no folder is usable."""
     import importlib.util
     import tempfile
     from pathlib import Path
 
-    template, name = _TEMPLATES[kind]
-    src = "import numpy as np\nimport numba\n\n" + template.format(K=int(K)) + (
-        f"\n\n{name} = numba.njit(cache=True, nogil=True, fastmath={{'contract'}})({name})\n")
-    digest = hashlib.sha1(src.encode()).hexdigest()[:12]
+    body, name = _kernel_source(kind, K)
+    src = body + f"\n\n{name} = numba.njit(cache=True, {_JIT_OPTIONS})({name})\n"
+    key = _cache_key(src)
     for base in (os.environ.get("QDPLEX_KERNEL_DIR"), Path.home() / ".cache" / "qdplex" / "kernels",
                  Path(tempfile.gettempdir()) / "qdplex-kernels"):
         if not base:
@@ -300,8 +368,12 @@ def _kernel_module(kind: str, K: int):
         try:
             folder = Path(base)
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"qdplex_{kind}_k{K}_{digest}.py"
-            if not path.exists():
+            path = folder / f"qdplex_{kind}_k{K}_{key}.py"
+            try:
+                ok = path.read_text(encoding="utf-8") == src
+            except (OSError, UnicodeError):
+                ok = False
+            if not ok:  # missing, truncated or stale: (re)write atomically
                 tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
                 tmp.write_text(src, encoding="utf-8")
                 os.replace(tmp, path)
@@ -310,23 +382,60 @@ def _kernel_module(kind: str, K: int):
             sys.modules[spec.name] = module  # numba's disk cache looks the module up by name
             spec.loader.exec_module(module)
             return getattr(module, name)
-        except OSError:
+        except Exception:  # noqa: BLE001 - any failure here only costs the disk cache
             continue
     return None
 
 
-def _kernel(kind: str, K: int):
+def _compile_in_memory(kind: str, K: int):
+    body, name = _kernel_source(kind, K)
+    ns: dict = {}
+    exec(body, ns)  # noqa: S102 - fixed template, K an int
+    return numba.njit(nogil=True, fastmath={"contract"})(ns[name])
+
+
+class _Kernel:
+    """A generated kernel: the disk-cached compile when it loads, else an in-memory compile.
+
+    numba reads its disk cache lazily, at the first call for each argument type; a stale
+    or corrupted cache entry (e.g. from another numba version or an older generated
+    source) then raises there (``ModuleNotFoundError``, pickle or LLVM errors). Our kernels
+    raise nothing themselves, so any exception from the cached function means a bad cache:
+    the call is redone with a fresh in-memory compile, which is kept from then on.
+    """
+
+    def __init__(self, kind: str, K: int):
+        self.kind, self.K = kind, K
+        self.cached = _kernel_module(kind, K)
+        self.fresh = None
+
+    def _fresh(self):
+        with _KERNEL_LOCK:
+            if self.fresh is None:
+                self.fresh = _compile_in_memory(self.kind, self.K)
+        return self.fresh
+
+    def __call__(self, *args):
+        if self.cached is not None and self.fresh is None:
+            try:
+                return self.cached(*args)
+            except numba.core.errors.TypingError:
+                raise  # compiled afresh and the arguments do not type: not a cache problem
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                import warnings
+
+                warnings.warn(f"qdplex: unusable numba disk cache for the {self.kind} kernel (K={self.K}): "
+                              f"{type(exc).__name__}: {exc}; recompiling in memory", RuntimeWarning, stacklevel=2)
+                self.cached = None
+        return self._fresh()(*args)
+
+
+def _kernel(kind: str, K: int) -> _Kernel:
     """The compiled kernel ``kind`` for K endmembers (disk-cached machine code when possible)."""
     with _KERNEL_LOCK:
         fn = _KERNELS.get((kind, K))
         if fn is None:
-            fn = _kernel_module(kind, K)
-            if fn is None:  # no writable folder: compile in memory
-                template, name = _TEMPLATES[kind]
-                ns = {"np": np}
-                exec(template.format(K=int(K)), ns)  # noqa: S102 - fixed template, K an int
-                fn = numba.njit(nogil=True, fastmath={"contract"})(ns[name])
-            _KERNELS[(kind, K)] = fn
+            fn = _KERNELS[(kind, K)] = _Kernel(kind, K)
         return fn
 
 
@@ -454,9 +563,12 @@ class _Plan:
     M: np.ndarray          # C×K float64 mixing matrix
     P32: np.ndarray        # K×C float32 pseudo-inverse
     offx32: np.ndarray     # K float32: P @ offset
+    M32: np.ndarray        # C×K float32 (residual)
+    off32: np.ndarray      # C float32 (residual)
     MM: np.ndarray         # C×K² per-channel outer products (weighted fits)
     G: np.ndarray          # K×K float64 Gram matrix MᵀM
-    tab: np.ndarray        # passive-set inverses (2^K×K×K) or a 1×1×1 dummy
+    gscale: float          # max |G|: scale of the gradient in the KKT test
+    tab: np.ndarray        # pivoting table (2^K×K×K raveled, see _pivot_table) or a 1-element dummy
     offset: np.ndarray     # C float64
     saturation: float
     method: str
@@ -468,79 +580,90 @@ class _Plan:
     where: str
 
 
-def _fit_pixels(Y: np.ndarray, plan: _Plan, origin=None, want_resid: bool = True):
-    """Fit C×N pixel spectra; returns (X K×N float32, rms N float32, saturated N bool).
+_KERNEL_DTYPES = {np.dtype(t) for t in (np.float32, np.float64, np.uint8, np.uint16, np.int16, np.uint32, np.int32)}
+_DUMMY2 = np.zeros((1, 1), dtype=np.float32)
 
-    The unconstrained solutions come from one float32 matrix product (BLAS); the
-    pixels with a negative component then get the exact NNLS (:func:`_finish_pixels`).
+
+def _kernel_input(Y: np.ndarray) -> np.ndarray:
+    """Y as the fused kernel reads it: a supported native dtype, unit stride along x (views kept)."""
+    if Y.dtype not in _KERNEL_DTYPES or not Y.dtype.isnative:
+        Y = Y.astype(np.float32)
+    if Y.shape[2] > 1 and Y.strides[2] != Y.itemsize:
+        Y = np.ascontiguousarray(Y)
+    return Y
+
+
+def _fit(Y: np.ndarray, plan: _Plan, X: np.ndarray, rms: np.ndarray | None, flag: np.ndarray,
+         span=None, origin=(0, 0)) -> None:
+    """Fit the C×h×w pixel spectra Y (rows y0:y1, columns x0:x1 of ``span``) in place.
+
+    Writes the K×h×w float32 abundances ``X``, the h×w RMS residual ``rms`` (when not
+    None) and the h×w uint8 ``flag`` (bit 0 non-finite, bit 1 saturated). One fused
+    kernel pass does the work; pixels that need channel exclusion or Poisson weights
+    are then refitted from their gathered spectra.
     """
-    X = plan.P32 @ (Y if Y.dtype == np.float32 else Y.astype(np.float32))
-    return _finish_pixels(Y, X, plan, origin, want_resid)
-
-
-def _finish_pixels(Y: np.ndarray, X: np.ndarray, plan: _Plan, origin=None, want_resid: bool = True):
-    """Complete the fit of C×N pixels whose X (K×N, in place) holds ``P @ y``.
-
-    Removes the offset, flags non-finite and saturated pixels, solves NNLS where a
-    component is negative, refits excluded-channel / Poisson pixels, and computes
-    the RMS residual when asked. Returns (X, rms, saturated).
-    """
-    C, N = Y.shape
-    sat = plan.saturation
-    bad = np.zeros(N, dtype=bool)
-    satd = Y.max(axis=0) >= sat if sat < np.inf else np.zeros(N, dtype=bool)
-    if plan.tab.shape[0] > 1:
-        # one pass: offset, non-finite flags, exact NNLS where a component is negative
-        _kernel("nnls", plan.M.shape[1])(X, plan.offx32, plan.G, plan.tab, plan.method != "ols", bad)
-    else:
-        X -= plan.offx32[:, None]
-        bad = ~np.isfinite(X.sum(axis=0))
-        X[:, bad] = 0.0
-        if plan.method != "ols":
-            need = np.flatnonzero(X.min(axis=0) < 0.0)
-            if need.size:
-                _nnls_scalar(X, need, plan.G)
-    rms = np.full(N, np.nan, dtype=np.float32)
-    if want_resid:
-        _kernel("rms", plan.M.shape[1])(Y, plan.offset, plan.M, X, rms)
-    if plan.nonfinite == "raise" and bad.any():
-        loc = "" if origin is None else f" in the block at y {origin[0]}, x {origin[1]}"
+    C, h, w = Y.shape
+    y0, y1, x0, x1 = span or (0, h, 0, w)
+    K = X.shape[0]
+    table = plan.tab.shape[0] > 1
+    nonneg = plan.method != "ols"
+    want = rms is not None
+    nbad = _kernel("fused", K)(Y, plan.P32, plan.offx32, plan.M32, plan.off32, plan.tab, plan.gscale,
+                               nonneg and table, plan.saturation, want and (table or not nonneg),
+                               X, rms if want else _DUMMY2, flag, y0, y1, x0, x1)
+    if nbad and plan.nonfinite == "raise":
+        ys, xs = np.nonzero(flag[y0:y1, x0:x1] & 1)
         raise InputError(
-            f"expected finite pixel values, found {int(bad.sum())} pixels with NaN/inf{loc}; "
-            f"pass nonfinite='exclude' to fit them from their finite channels", path=plan.where)
-    redo = bad | satd if plan.exclude_saturated else bad
-    pix = np.flatnonzero(redo).astype(np.int64)
-    if plan.method == "poisson":
-        # IRLS from the NNLS fit already in X, except where channels must be excluded
-        warm = ~redo
-        for sel, is_warm in ((np.flatnonzero(warm), True), (np.flatnonzero(redo), False)):
-            if sel.size:
-                _pixel_fit(Y, plan.offset, plan.M, plan.MM, X, rms, sel.astype(np.int64), sat,
-                           plan.exclude_saturated, True, plan.poisson_iterations, plan.gain, plan.read_var,
-                           is_warm)
-    elif pix.size:
-        _pixel_fit(Y, plan.offset, plan.M, plan.MM, X, rms, pix, sat, plan.exclude_saturated,
-                   plan.method != "ols", 0, plan.gain, plan.read_var, False)
-    return X, rms, satd
+            f"expected finite pixel values, found {int(nbad)} pixels with NaN/inf in the block at "
+            f"y {origin[0] + y0}, x {origin[1] + x0} (first at y {origin[0] + y0 + ys[0]}, "
+            f"x {origin[1] + x0 + xs[0]}); pass nonfinite='exclude' to fit them from their finite channels",
+            path=plan.where)
+    Xs, Ys, fs = X[:, y0:y1, x0:x1], Y[:, y0:y1, x0:x1], flag[y0:y1, x0:x1]
+    if nonneg and not table:  # K > table size: Cholesky active sets where a component is negative
+        ys, xs = np.nonzero((Xs.min(axis=0) < 0.0) & ((fs & 1) == 0))
+        if ys.size:
+            sub = np.ascontiguousarray(Xs[:, ys, xs])
+            _nnls_scalar(sub, np.arange(ys.size, dtype=np.int64), plan.G)
+            Xs[:, ys, xs] = sub
+        if want:
+            d = Ys.astype(np.float32) - plan.off32[:, None, None] - np.tensordot(plan.M32, Xs, axes=1)
+            r = np.sqrt(np.mean(d * d, axis=0))
+            rms[y0:y1, x0:x1] = np.where(fs & 1, np.float32(np.nan), r)
+    redo = fs & (3 if plan.exclude_saturated else 1)
+    groups = [(np.nonzero(redo), False)]
+    if plan.method == "poisson":  # IRLS from the NNLS fit, except where channels must be excluded
+        groups.append((np.nonzero(redo == 0), True))
+    for (ys, xs), warm in groups:
+        if not ys.size:
+            continue
+        Yg = np.ascontiguousarray(Ys[:, ys, xs])
+        Xg = np.ascontiguousarray(Xs[:, ys, xs], dtype=np.float32)
+        rg = np.full(ys.size, np.nan, dtype=np.float32)
+        _pixel_fit(Yg, plan.offset, plan.M, plan.MM, Xg, rg, np.arange(ys.size, dtype=np.int64),
+                   plan.saturation, plan.exclude_saturated, nonneg,
+                   plan.poisson_iterations if plan.method == "poisson" else 0, plan.gain, plan.read_var, warm)
+        Xs[:, ys, xs] = Xg
+        if want:
+            rms[y0:y1, x0:x1][ys, xs] = rg
 
 
 def _block_origin(block_info):
     if block_info is not None and 0 in block_info:
         loc = block_info[0]["array-location"]
         return (loc[1][0], loc[2][0])
-    return None
+    return (0, 0)
 
 
 def _unmix_block(block, plan: _Plan, block_info=None):
     """C×h×w block → (K+2)×h×w float32: abundances, RMS residual, saturated (0/1)."""
-    C, h, w = block.shape
-    X, rms, satd = _fit_pixels(np.ascontiguousarray(block).reshape(C, h * w), plan, _block_origin(block_info))
-    K = X.shape[0]
-    out = np.empty((K + 2, h * w), dtype=np.float32)
-    out[:K] = X
-    out[K] = rms
-    out[K + 1] = satd
-    return out.reshape(K + 2, h, w)
+    Y = _kernel_input(np.asarray(block))
+    C, h, w = Y.shape
+    K = plan.M.shape[1]
+    out = np.empty((K + 2, h, w), dtype=np.float32)
+    flag = np.empty((h, w), dtype=np.uint8)
+    _fit(Y, plan, out[:K], out[K], flag, origin=_block_origin(block_info))
+    np.bitwise_and(flag >> 1, 1, out=out[K + 1], casting="unsafe")
+    return out
 
 
 def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, poisson_iterations,
@@ -570,11 +693,12 @@ def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, p
         dt = np.dtype(dtype)
         saturation = float(np.iinfo(dt).max) if dt.kind in "ui" else np.inf
     G = M.T @ M
-    tab = _inverse_table(G) if K <= _MAX_TABLE_K else np.zeros((1, 1, 1))
+    tab = _pivot_table(G).ravel() if K <= _MAX_TABLE_K else np.zeros(1)
     P = np.linalg.pinv(M)
     return _Plan(M=M, P32=P.astype(np.float32), offx32=(P @ off).astype(np.float32),
+                 M32=M.astype(np.float32), off32=off.astype(np.float32),
                  MM=np.einsum("ci,cj->cij", M, M).reshape(C, K * K),
-                 G=G, tab=tab, offset=off,
+                 G=G, gscale=float(np.abs(G).max()), tab=tab, offset=off,
                  saturation=float(saturation), method=method, exclude_saturated=bool(exclude_saturated),
                  nonfinite=nonfinite, poisson_iterations=int(poisson_iterations), gain=float(gain),
                  read_var=float(read_noise) ** 2 if read_noise else 1e-6, where=where)
@@ -636,9 +760,11 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
                 **options) -> np.ndarray:
     """Unmix a plain C×Y×X (or C×N) numpy array with a C×K matrix; returns K×Y×X float32.
 
-    One float32 matrix product gives every unconstrained solution; the rest of the
-    fit runs on spans of at most ``chunk²`` pixels in a thread pool (the kernels
-    release the GIL), in place in the output array. Options as in :func:`unmix`.
+    One fused compiled pass per span of rows (projection, exact NNLS, flags) writes
+    straight into the output; the spans run in a thread pool on every core (the
+    kernel releases the GIL). The input is read in place, whatever its dtype (integer
+    input is converted on the fly, never copied). ``chunk²`` bounds the pixels per
+    span. Options as in :func:`unmix`.
     """
     arr = np.asarray(data)
     flat = arr.ndim == 2
@@ -652,29 +778,29 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
                            f"found shape {M.shape}")
     plan = _make_plan(M, method=method, dtype=arr.dtype, names=None, where="array",
                       **_plan_options(options))
+    Y = _kernel_input(arr)
     K = M.shape[1]
-    C, H, W = arr.shape
+    C, H, W = Y.shape
     out = np.empty((K, H, W), dtype=np.float32)
-    Yf, X = arr.reshape(C, -1), out.reshape(K, -1)
-    N = Yf.shape[1]
-    workers = os.cpu_count() or 1
-    step = max(1, min(chunk * chunk, -(-N // (4 * workers))))
-    spans = [(a, min(N, a + step)) for a in range(0, N, step)]
-    if Yf.dtype == np.float32:
-        np.matmul(plan.P32, Yf, out=X)  # one BLAS call (itself multi-threaded)
-
-    def work(span):
-        a, b = span
-        if Yf.dtype != np.float32:
-            X[:, a:b] = plan.P32 @ Yf[:, a:b].astype(np.float32)
-        _finish_pixels(Yf[:, a:b], X[:, a:b], plan, (a // W, a % W), want_resid=False)
-
+    flag = np.empty((H, W), dtype=np.uint8)
+    spans = _spans(H, W, os.cpu_count() or 1, max(1, int(chunk) ** 2))
     if len(spans) == 1:
-        work(spans[0])
+        _fit(Y, plan, out, None, flag, spans[0])
     else:
-        with ThreadPoolExecutor(max_workers=min(len(spans), workers)) as pool:
-            list(pool.map(work, spans))
+        with ThreadPoolExecutor(max_workers=min(len(spans), os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda s: _fit(Y, plan, out, None, flag, s), spans))
     return out[:, 0, :] if flat else out
+
+
+def _spans(H: int, W: int, workers: int, max_px: int) -> list[tuple[int, int, int, int]]:
+    """Split H×W pixels into (y0, y1, x0, x1) spans: about 8 per worker (load balance),
+    whole rows when there are enough rows, at most ``max_px`` pixels each."""
+    n = max(8 * workers, -(-H * W // max_px))
+    if H >= n or W == 1:
+        step = max(1, -(-H // n))
+        return [(a, min(H, a + step), 0, W) for a in range(0, H, step)]
+    step = max(256, -(-W * H // n))  # few rows: split along x too
+    return [(y, y + 1, a, min(W, a + step)) for y in range(H) for a in range(0, W, step)]
 
 
 def _plan_options(options: dict) -> dict:
