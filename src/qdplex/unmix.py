@@ -214,8 +214,7 @@ def _fused_source(K: int) -> str:
     ks = range(K)
     L = []
     a = L.append
-    a("def _fused(Y, P, offx, M, off, R, gscale, nonneg, sat, want_rms, X, rms, flag, y0, y1, x0, x1):")
-    a("    C = Y.shape[0]")
+    a("def _fused(Y, C, sc, sy, P, offx, M, off, R, gscale, nonneg, sat, want_rms, X, rms, flag, y0, y1, x0, x1):")
     a("    C4 = C - C % 4")
     a(f"    T = {_TILE}")
     a(f"    acc = np.empty(({K}, T), dtype=np.float32)")
@@ -238,7 +237,8 @@ def _fused_source(K: int) -> str:
     a("                mx[i] = -np.inf")
     a("            for c in range(0, C4, 4):")
     for j in range(4):
-        a(f"                r{j} = Y[c + {j}, yy, t0:t0 + m]")
+        a(f"                b{j} = (c + {j}) * sc + yy * sy + t0")
+        a(f"                r{j} = Y[b{j}:b{j} + m]")
     for k in ks:
         for j in range(4):
             a(f"                p{k}_{j} = P[{k}, c + {j}]")
@@ -249,7 +249,8 @@ def _fused_source(K: int) -> str:
         a(f"                    acc[{k}, i] += (p{k}_0 * v0 + p{k}_1 * v1) + (p{k}_2 * v2 + p{k}_3 * v3)")
     a("                    mx[i] = max(mx[i], max(max(v0, v1), max(v2, v3)))")
     a("            for c in range(C4, C):")
-    a("                r0 = Y[c, yy, t0:t0 + m]")
+    a("                b0 = c * sc + yy * sy + t0")
+    a("                r0 = Y[b0:b0 + m]")
     for k in ks:
         a(f"                p{k}_0 = P[{k}, c]")
     a("                for i in range(m):")
@@ -315,7 +316,8 @@ def _fused_source(K: int) -> str:
     a("                for i in range(m):")
     a("                    sq[i] = 0.0")
     a("                for c in range(C):")
-    a("                    row = Y[c, yy, t0:t0 + m]")
+    a("                    b0 = c * sc + yy * sy + t0")
+    a("                    row = Y[b0:b0 + m]")
     a("                    o = off[c]")
     for k in ks:
         a(f"                    q{k} = M[c, {k}]")
@@ -588,9 +590,21 @@ def _kernel_input(Y: np.ndarray) -> np.ndarray:
     """Y as the fused kernel reads it: a supported native dtype, unit stride along x (views kept)."""
     if Y.dtype not in _KERNEL_DTYPES or not Y.dtype.isnative:
         Y = Y.astype(np.float32)
-    if Y.shape[2] > 1 and Y.strides[2] != Y.itemsize:
+    st = Y.strides
+    if (Y.shape[2] > 1 and st[2] != Y.itemsize) or min(st) < 0 or any(s % Y.itemsize for s in st):
         Y = np.ascontiguousarray(Y)
     return Y
+
+
+def _flat_view(Y: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """A C×h×w array with unit x-stride as (1-D contiguous view from its first element,
+    channel stride, row stride) in elements: the kernel then reads every row segment as a
+    contiguous slice (vectorised), even for a strided dask block, without a copy."""
+    C, h, w = Y.shape
+    it = Y.itemsize
+    sc, sy = Y.strides[0] // it, Y.strides[1] // it
+    n = (C - 1) * sc + (h - 1) * sy + w
+    return np.lib.stride_tricks.as_strided(Y, shape=(n,), strides=(it,), writeable=False), int(sc), int(sy)
 
 
 def _fit(Y: np.ndarray, plan: _Plan, X: np.ndarray, rms: np.ndarray | None, flag: np.ndarray,
@@ -605,10 +619,13 @@ def _fit(Y: np.ndarray, plan: _Plan, X: np.ndarray, rms: np.ndarray | None, flag
     C, h, w = Y.shape
     y0, y1, x0, x1 = span or (0, h, 0, w)
     K = X.shape[0]
+    if Y.size == 0:
+        return
     table = plan.tab.shape[0] > 1
     nonneg = plan.method != "ols"
     want = rms is not None
-    nbad = _kernel("fused", K)(Y, plan.P32, plan.offx32, plan.M32, plan.off32, plan.tab, plan.gscale,
+    flat, sc, sy = _flat_view(Y)
+    nbad = _kernel("fused", K)(flat, C, sc, sy, plan.P32, plan.offx32, plan.M32, plan.off32, plan.tab, plan.gscale,
                                nonneg and table, plan.saturation, want and (table or not nonneg),
                                X, rms if want else _DUMMY2, flag, y0, y1, x0, x1)
     if nbad and plan.nonfinite == "raise":
