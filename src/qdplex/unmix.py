@@ -820,6 +820,44 @@ def _spans(H: int, W: int, workers: int, max_px: int) -> list[tuple[int, int, in
     return [(y, y + 1, a, min(W, a + step)) for y in range(H) for a in range(0, W, step)]
 
 
+def _blocks(data: da.Array, chunk: int | None) -> da.Array:
+    """``data`` with all channels in each block and spatial blocks of at most ``chunk``.
+
+    Where the image's own spatial chunks are whole multiples of ``chunk`` (e.g. the
+    2048² default of an in-memory image, or aligned tiles on disk), each chunk is cut
+    into views (no copy: :meth:`dask.array.Array.rechunk` would copy the pieces);
+    otherwise dask rechunks.
+    """
+    import operator
+
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    if len(data.chunks[0]) > 1:
+        data = data.rechunk({0: -1})
+    if chunk is None:
+        return data
+    chunk = int(chunk)
+    if not all(s % chunk == 0 for ax in data.chunks[1:] for s in ax[:-1]):
+        return data.rechunk((-1, chunk, chunk))
+    if all(s <= chunk for ax in data.chunks[1:] for s in ax):
+        return data
+
+    def pieces(sizes):  # (input block, slice within it, size) per output block
+        out = []
+        for b, s in enumerate(sizes):
+            out += [(b, slice(a, min(s, a + chunk)), min(s, a + chunk) - a) for a in range(0, s, chunk)]
+        return out
+
+    py, px = pieces(data.chunks[1]), pieces(data.chunks[2])
+    name = "qdplex-blocks-" + tokenize(data, chunk)
+    dsk = {(name, 0, i, j): (operator.getitem, (data.name, 0, by, bx), (slice(None), sy, sx))
+           for i, (by, sy, _) in enumerate(py) for j, (bx, sx, _) in enumerate(px)}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[data])
+    chunks = (data.chunks[0], tuple(n for *_, n in py), tuple(n for *_, n in px))
+    return da.Array(graph, name, chunks=chunks, dtype=data.dtype, meta=data._meta)
+
+
 def _plan_options(options: dict) -> dict:
     allowed = {"offset": None, "saturation": None, "exclude_saturated": False, "nonfinite": "raise",
                "poisson_iterations": 3, "gain": 1.0, "read_noise": 1.0}
@@ -888,8 +926,7 @@ def unmix(image, library, method: str = "nnls", *, offset=None, saturation=None,
     M = library.matrix(image.channels)
     names = list(library.names)
     plan = _make_plan(M, method=method, dtype=image.data.dtype, names=names, where=where, **opts)
-    data = image.data
-    data = data.rechunk({0: -1} if chunk is None else (-1, chunk, chunk))
+    data = _blocks(image.data, chunk)
     K = len(names)
     out = da.map_blocks(_unmix_block, data, plan=plan, dtype=np.float32,
                         chunks=((K + 2,),) + data.chunks[1:], token=f"qdplex-unmix-{method}")
