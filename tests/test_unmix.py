@@ -321,3 +321,53 @@ def test_nnls_exact_for_one_and_many_endmembers(K):
     for n in range(0, 600, 3):
         ref = nnls(M, Y[:, n].astype(float))[0]
         assert np.abs(X[:, n] - ref).max() <= 1e-4 * max(ref.max(), 1e-9)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "dynamic-module", "stale-source"])
+def test_damaged_kernel_cache_does_not_break_unmixing(tmp_path, monkeypatch, damage):
+    """A corrupted or stale numba disk cache of a generated kernel (here: garbage bytes, an
+    index whose pickle needs a module '<dynamic>' that cannot be imported, a truncated
+    generated source) falls back to a fresh compile with equal results."""
+    import importlib
+    import sys
+    import warnings
+
+    U = importlib.import_module("qdplex.unmix")
+    monkeypatch.setenv("QDPLEX_KERNEL_DIR", str(tmp_path))
+    rng = np.random.default_rng(7)
+    lib = SpectralLibrary.builtin(["QD565", "QD605", "QD655"])
+    M = lib.matrix(lambda_grid(520, 700, 10))
+    Y = rng.poisson(M @ _sparse_abundances(3, (6, 40), rng).reshape(3, -1) + 5.0).reshape(-1, 6, 40).astype(np.uint16)
+
+    def fresh_run():
+        monkeypatch.setattr(U, "_KERNELS", {})
+        for name in [m for m in sys.modules if m.startswith("qdplex_fused_k3_")]:
+            monkeypatch.delitem(sys.modules, name)
+        return unmix(Y, M, "nnls", offset=5.0)
+
+    ref = fresh_run()
+    (src,) = tmp_path.glob("qdplex_fused_k3_*.py")
+    entries = sorted((tmp_path / "__pycache__").glob(src.stem + ".*"))
+    assert {p.suffix for p in entries} == {".nbi", ".nbc"}  # machine code cached on disk
+    if damage == "garbage":
+        for p in entries:
+            p.write_bytes(b"\x80\x04not a pickle")
+    elif damage == "dynamic-module":
+        for p in entries:
+            p.write_bytes(b"c<dynamic>\n_fused\n.")  # unpickling imports the module '<dynamic>'
+    else:
+        src.write_text(src.read_text()[:200])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        X = fresh_run()
+    np.testing.assert_array_equal(X, ref)
+    fell_back = [w for w in caught if "unusable numba disk cache" in str(w.message)]
+    assert len(fell_back) == (0 if damage == "stale-source" else 1)  # a stale source is rewritten
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = fresh_run()  # the damaged entry was replaced: a clean run from disk
+    np.testing.assert_array_equal(again, ref)
+    assert not [w for w in caught if "unusable numba disk cache" in str(w.message)]
+    for ref_n in range(0, 240, 7):
+        y = Y.reshape(len(M), -1)[:, ref_n].astype(float) - 5.0
+        assert np.abs(X.reshape(3, -1)[:, ref_n] - nnls(M, y)[0]).max() <= 1e-4 * max(X.max(), 1e-9)

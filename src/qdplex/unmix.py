@@ -8,15 +8,20 @@ and K abundances ``a``. Methods:
     ``a = M⁺ y`` (unconstrained least squares).
 ``"nnls"``
     exact non-negative least squares, ``min ‖y − M a‖`` subject to ``a ≥ 0``.
-    One float32 matrix product (BLAS) gives every pixel's unconstrained solution
-    ``x``; pixels with a negative component then go through a compiled (numba)
-    block-principal-pivoting active-set solver (Kim & Park 2011) on the K×K normal
-    equations (``b = MᵀM x``), in float64, started from the sign pattern of ``x``,
-    using precomputed inverses of every passive set (K ≤ 12) and stopped when the
-    KKT conditions hold. The result equals :func:`scipy.optimize.nnls` to ~1e-6 of
-    the largest abundance (the float32 product sets that limit). The kernels are
-    generated for each K (so the compiler unrolls the small loops) and cached on
-    disk (``$QDPLEX_KERNEL_DIR``, else ``~/.cache/qdplex/kernels``).
+    One fused compiled (numba) pass per block of pixels reads each spectrum once:
+    float32 projection ``x = M⁺(y − offset)`` (the unconstrained solution), then,
+    for pixels with a negative component, block principal pivoting (Kim & Park
+    2011) in float64 started from the sign pattern of ``x``, with a precomputed
+    table per passive set (K ≤ 12; one K×K matrix–vector product per pivoting
+    step), stopped when the KKT conditions hold; for K > 12 a Cholesky active-set
+    solver. The result equals :func:`scipy.optimize.nnls` to ~1e-6 of the largest
+    abundance (the float32 projection sets that limit). The same pass flags
+    saturated and non-finite pixels and computes the RMS residual. Kernels are
+    generated for each K (the small loops written out) and cached on disk
+    (``$QDPLEX_KERNEL_DIR``, else ``~/.cache/qdplex/kernels``), keyed by the source,
+    numba, numpy and Python versions; an unusable cache entry is recompiled in memory
+    (with a RuntimeWarning) and replaced. Work runs on every core: a thread pool for
+    arrays, dask's threads for images (the kernels release the GIL).
 ``"poisson"``
     non-negative, weighted by the inverse variance of each channel
     (``gain · max(M a, 0) + read_noise²``), re-weighted ``poisson_iterations``
@@ -29,16 +34,18 @@ its unsaturated channels only. Non-finite values (NaN/inf) raise an
 :class:`~qdplex.errors.InputError` naming the image and the block, unless
 ``nonfinite="exclude"``, which fits those pixels from their finite channels. A
 pixel left with fewer usable channels than endmembers gets zero abundances and a
-NaN residual. Integer input is converted to float32 before the offset is removed,
-so uint16 never wraps.
+NaN residual. Integer input is converted to float32 (on the fly, no copy) before
+the offset is removed, so uint16 never wraps.
 
 For a :class:`~qdplex.model.MultiplexImage` the work is lazy and block-wise
 (:func:`dask.array.map_blocks` over spatial chunks with all channels per block),
-so memory stays bounded by the chunk size.
+so memory stays bounded by the chunk size; chunks of an in-memory image are cut
+into blocks as views, not copies.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -167,6 +174,15 @@ def _nnls_gram(G, b, z, F, L, idx, yv):
 
 _MAX_TABLE_K = 12  # precompute a pivoting table for all 2^K passive sets up to this many endmembers
 _TILE = 256  # pixels per tile of the fused kernel
+
+
+@functools.lru_cache(maxsize=16)
+def _pivot_table_for(gram: bytes, K: int) -> np.ndarray:
+    """Raveled, read-only :func:`_pivot_table` of the K×K Gram matrix in ``gram`` (cached:
+    2^K small solves, ~3 ms for K = 7, ~0.1 s for K = 12, once per library and channels)."""
+    tab = _pivot_table(np.frombuffer(gram, dtype=np.float64).reshape(K, K)).ravel()
+    tab.flags.writeable = False
+    return tab
 
 
 def _pivot_table(G: np.ndarray) -> np.ndarray:
@@ -383,10 +399,10 @@ def _kernel_module(kind: str, K: int):
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # numba's disk cache looks the module up by name
             spec.loader.exec_module(module)
-            return getattr(module, name)
+            return getattr(module, name), path
         except Exception:  # noqa: BLE001 - any failure here only costs the disk cache
             continue
-    return None
+    return None, None
 
 
 def _compile_in_memory(kind: str, K: int):
@@ -408,7 +424,7 @@ class _Kernel:
 
     def __init__(self, kind: str, K: int):
         self.kind, self.K = kind, K
-        self.cached = _kernel_module(kind, K)
+        self.cached, self.path = _kernel_module(kind, K)
         self.fresh = None
 
     def _fresh(self):
@@ -426,9 +442,15 @@ class _Kernel:
             except Exception as exc:  # noqa: BLE001 - see the class docstring
                 import warnings
 
-                warnings.warn(f"qdplex: unusable numba disk cache for the {self.kind} kernel (K={self.K}): "
-                              f"{type(exc).__name__}: {exc}; recompiling in memory", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"qdplex: unusable numba disk cache for the {self.kind} kernel (K={self.K}) in "
+                              f"{self.path.parent}: {type(exc).__name__}: {exc}; recompiling in memory",
+                              RuntimeWarning, stacklevel=2)
                 self.cached = None
+                for f in (self.path.parent / "__pycache__").glob(f"{self.path.stem}.*"):
+                    try:  # the next process writes a fresh cache entry
+                        f.unlink()
+                    except OSError:
+                        pass
         return self._fresh()(*args)
 
 
@@ -646,6 +668,8 @@ def _fit(Y: np.ndarray, plan: _Plan, X: np.ndarray, rms: np.ndarray | None, flag
             d = Ys.astype(np.float32) - plan.off32[:, None, None] - np.tensordot(plan.M32, Xs, axes=1)
             r = np.sqrt(np.mean(d * d, axis=0))
             rms[y0:y1, x0:x1] = np.where(fs & 1, np.float32(np.nan), r)
+    if not nbad and not plan.exclude_saturated and plan.method != "poisson":
+        return  # nothing to refit
     redo = fs & (3 if plan.exclude_saturated else 1)
     groups = [(np.nonzero(redo), False)]
     if plan.method == "poisson":  # IRLS from the NNLS fit, except where channels must be excluded
@@ -710,7 +734,7 @@ def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, p
         dt = np.dtype(dtype)
         saturation = float(np.iinfo(dt).max) if dt.kind in "ui" else np.inf
     G = M.T @ M
-    tab = _pivot_table(G).ravel() if K <= _MAX_TABLE_K else np.zeros(1)
+    tab = _pivot_table_for(G.tobytes(), K) if K <= _MAX_TABLE_K else np.zeros(1)
     P = np.linalg.pinv(M)
     return _Plan(M=M, P32=P.astype(np.float32), offx32=(P @ off).astype(np.float32),
                  M32=M.astype(np.float32), off32=off.astype(np.float32),
