@@ -174,6 +174,7 @@ def _nnls_gram(G, b, z, F, L, idx, yv):
 
 _MAX_TABLE_K = 12  # precompute a pivoting table for all 2^K passive sets up to this many endmembers
 _TILE = 256  # pixels per tile of the fused kernel
+_SWEEP = 4  # channels per sweep over a tile in the projection
 
 
 @functools.lru_cache(maxsize=16)
@@ -231,7 +232,8 @@ def _fused_source(K: int) -> str:
     L = []
     a = L.append
     a("def _fused(Y, C, sc, sy, P, offx, M, off, R, gscale, nonneg, sat, want_rms, X, rms, flag, y0, y1, x0, x1):")
-    a("    C4 = C - C % 4")
+    S = _SWEEP
+    a(f"    CS = C - C % {S}")
     a(f"    T = {_TILE}")
     a(f"    acc = np.empty(({K}, T), dtype=np.float32)")
     a("    mx = np.empty(T, dtype=np.float32)")
@@ -251,20 +253,27 @@ def _fused_source(K: int) -> str:
     for k in ks:
         a(f"                acc[{k}, i] = o{k}")
     a("                mx[i] = -np.inf")
-    a("            for c in range(0, C4, 4):")
-    for j in range(4):
+    a(f"            for c in range(0, CS, {S}):")
+    for j in range(S):
         a(f"                b{j} = (c + {j}) * sc + yy * sy + t0")
         a(f"                r{j} = Y[b{j}:b{j} + m]")
     for k in ks:
-        for j in range(4):
+        for j in range(S):
             a(f"                p{k}_{j} = P[{k}, c + {j}]")
     a("                for i in range(m):")
-    for j in range(4):
+    for j in range(S):
         a(f"                    v{j} = np.float32(r{j}[i])")
+
+    def tree(terms):  # pairwise sum: short dependency chains
+        while len(terms) > 1:
+            terms = [f"({terms[n]} + {terms[n + 1]})" if n + 1 < len(terms) else terms[n]
+                     for n in range(0, len(terms), 2)]
+        return terms[0]
+
     for k in ks:
-        a(f"                    acc[{k}, i] += (p{k}_0 * v0 + p{k}_1 * v1) + (p{k}_2 * v2 + p{k}_3 * v3)")
-    a("                    mx[i] = max(mx[i], max(max(v0, v1), max(v2, v3)))")
-    a("            for c in range(C4, C):")
+        a(f"                    acc[{k}, i] += " + tree([f"p{k}_{j} * v{j}" for j in range(S)]))
+    a("                    mx[i] = max(mx[i], " + tree([f"v{j}" for j in range(S)]).replace("(", "max(").replace(" + ", ", ") + ")")
+    a("            for c in range(CS, C):")
     a("                b0 = c * sc + yy * sy + t0")
     a("                r0 = Y[b0:b0 + m]")
     for k in ks:
@@ -834,9 +843,10 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
 
 
 def _spans(H: int, W: int, workers: int, max_px: int) -> list[tuple[int, int, int, int]]:
-    """Split H×W pixels into (y0, y1, x0, x1) spans: about 8 per worker (load balance),
-    whole rows when there are enough rows, at most ``max_px`` pixels each."""
-    n = max(8 * workers, -(-H * W // max_px))
+    """Split H×W pixels into (y0, y1, x0, x1) spans: about 4 per worker (load balance;
+    fewer, longer spans stream memory better), whole rows when there are enough rows,
+    at most ``max_px`` pixels each."""
+    n = max(4 * workers, -(-H * W // max_px))
     if H >= n or W == 1:
         step = max(1, -(-H // n))
         return [(a, min(H, a + step), 0, W) for a in range(0, H, step)]
