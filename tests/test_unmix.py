@@ -371,3 +371,29 @@ def test_damaged_kernel_cache_does_not_break_unmixing(tmp_path, monkeypatch, dam
     for ref_n in range(0, 240, 7):
         y = Y.reshape(len(M), -1)[:, ref_n].astype(float) - 5.0
         assert np.abs(X.reshape(3, -1)[:, ref_n] - nnls(M, y)[0]).max() <= 1e-4 * max(X.max(), 1e-9)
+
+
+def test_lazy_blocks_cut_from_larger_chunks_are_views():
+    """An in-memory image chunked coarser than ``chunk`` is cut into blocks without copies
+    (dask's rechunk would copy every piece), with the same abundances as the array path."""
+    import importlib
+
+    U = importlib.import_module("qdplex.unmix")
+    rng = np.random.default_rng(11)
+    lib = SpectralLibrary.builtin(["DAPI", "QD605", "QD655", "AF"])
+    chans = lambda_grid()
+    A = _sparse_abundances(4, (100, 90), rng)
+    Y = rng.poisson(np.einsum("ck,kyx->cyx", lib.matrix(chans), A) + 10).astype(np.uint16)
+    data = da.from_array(Y, chunks=(31, 64, 64))
+    assert U._blocks(data, 32).chunks[1:] == ((32, 32, 32, 4), (32, 32, 26))
+    one = da.Array({("y", 0, 0, 0): Y}, "y", chunks=tuple((n,) for n in Y.shape), dtype=Y.dtype)  # Y itself
+    blocks = U._blocks(one, 32)
+    assert blocks.chunks[1:] == ((32, 32, 32, 4), (32, 32, 26))
+    shared = blocks.map_blocks(lambda b: np.full((1, 1, 1), np.shares_memory(b, Y)), chunks=(1, 1, 1),
+                               dtype=bool).compute(scheduler="sync")
+    assert shared.all()
+    np.testing.assert_array_equal(blocks.compute(), Y)
+    res = unmix(MultiplexImage(data, chans), lib, offset=10, chunk=32)
+    assert res.abundances.data.chunks[1] == (32, 32, 32, 4)
+    whole = unmix(Y, lib.matrix(chans), offset=10)
+    np.testing.assert_allclose(res.abundances.data.compute(), whole, atol=1e-5 * whole.max())

@@ -867,13 +867,11 @@ def _blocks(data: da.Array, chunk: int | None) -> da.Array:
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    if len(data.chunks[0]) > 1:
-        data = data.rechunk({0: -1})
     if chunk is None:
-        return data
+        return data.rechunk({0: -1})
     chunk = int(chunk)
-    if not all(s % chunk == 0 for ax in data.chunks[1:] for s in ax[:-1]):
-        return data.rechunk((-1, chunk, chunk))
+    if len(data.chunks[0]) > 1 or not all(s % chunk == 0 for ax in data.chunks[1:] for s in ax[:-1]):
+        return data.rechunk((-1, chunk, chunk))  # one rechunk: bounded memory for planes on disk
     if all(s <= chunk for ax in data.chunks[1:] for s in ax):
         return data
 
