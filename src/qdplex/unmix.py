@@ -846,6 +846,8 @@ def _spans(H: int, W: int, workers: int, max_px: int) -> list[tuple[int, int, in
     """Split H×W pixels into (y0, y1, x0, x1) spans: about 4 per worker (load balance;
     fewer, longer spans stream memory better), whole rows when there are enough rows,
     at most ``max_px`` pixels each."""
+    if H * W <= 1 << 16 and H * W <= max_px:
+        return [(0, H, 0, W)]  # small: one span, no thread pool
     n = max(4 * workers, -(-H * W // max_px))
     if H >= n or W == 1:
         step = max(1, -(-H // n))
