@@ -55,6 +55,8 @@ from dataclasses import dataclass, replace
 import dask.array as da
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 from .errors import InputError, SpectraError
 from .model import Channel, MultiplexImage
@@ -203,8 +205,8 @@ def _pivot_table(G: np.ndarray) -> np.ndarray:
             A[f] = np.linalg.solve(G[np.ix_(f, f)], G[f])
         tab[code][f] = A[f]
         tab[code][~f] = (G @ (A - eye))[~f]
-    out = np.zeros((1 << K, K, _padded(K)))  # [code, p, j]: the product runs down columns
-    out[:, :, :K] = tab.transpose(0, 2, 1)
+    out = np.zeros((1 << K, _table_rows(K), _padded(K)))  # [code, p, j]: the product runs down columns
+    out[:, :K, :K] = tab.transpose(0, 2, 1)
     return out
 
 
@@ -219,8 +221,72 @@ def _pivot_table(G: np.ndarray) -> np.ndarray:
 # y − offset − M a while the tile is still in cache. Y is C×H×W with any strides (a dask
 # block may be a view) but unit stride along x.
 def _padded(K: int) -> int:
-    """Row length of the pivoting table (K rounded up to 4: aligned rows)."""
-    return -(-K // 4) * 4
+    """Row length of the pivoting table: 8 (one AVX-512 / two AVX vectors, see
+    :func:`_pivot_for`) up to 8 endmembers, else K rounded up to 4."""
+    return 8 if K <= 8 else -(-K // 4) * 4
+
+
+def _table_rows(K: int) -> int:
+    """Rows per passive set in the pivoting table (padded with zeros to 8 up to K = 8)."""
+    return 8 if K <= 8 else K
+
+
+@functools.lru_cache(maxsize=None)
+def _pivot_for(K: int):
+    """One pivoting step for K ≤ 8 endmembers as 8-lane vector code (LLVM IR: numba does
+    not vectorise this small matrix–vector product by itself).
+
+    ``_pivot(R, rb, acc, res, i, code, tol, tolg)`` takes u from column i of the K×T
+    float32 tile ``acc``, computes ``w[0:8] = Σ_p R[rb + 8p : rb + 8p + 8] · u_p`` (table
+    lanes beyond K are zero), writes the passive-set solution (max(w, 0) where bit j of
+    ``code`` is set, 0 elsewhere) to column i of ``res``, and returns the bit mask of
+    KKT violations: ``w_j < tol`` on the passive set (negative solution), ``w_j < tolg``
+    elsewhere (negative gradient).
+    """
+    K = int(K)
+
+    @intrinsic
+    def _pivot(typingctx, R, rb, acc, res, i, code, tol, tolg):
+        sig = types.int64(R, rb, acc, res, i, code, tol, tolg)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+
+            R_, rb_, acc_, res_, i_, code_, tol_, tolg_ = args
+            i32, i64, f32, f64 = ir.IntType(32), ir.IntType(64), ir.FloatType(), ir.DoubleType()
+            v8d, v8i = ir.VectorType(f64, 8), ir.VectorType(i64, 8)
+            lane0 = ir.Constant(ir.VectorType(i32, 8), [0] * 8)
+
+            def splat(vtype, x):
+                v = builder.insert_element(ir.Constant(vtype, ir.Undefined), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(v, ir.Constant(vtype, ir.Undefined), lane0)
+
+            rptr = context.make_array(signature.args[0])(context, builder, R_).data
+            A = context.make_array(signature.args[2])(context, builder, acc_)
+            B = context.make_array(signature.args[3])(context, builder, res_)
+            T = builder.extract_value(A.shape, 1)
+            Tr = builder.extract_value(B.shape, 1)
+            w = ir.Constant(v8d, [0.0] * 8)
+            for p in range(K):
+                up = builder.fpext(builder.load(builder.gep(A.data, [builder.add(builder.mul(ir.Constant(i64, p), T), i_)])), f64)
+                row = builder.load(builder.bitcast(builder.gep(rptr, [builder.add(rb_, ir.Constant(i64, 8 * p))]),
+                                                   v8d.as_pointer()), align=8)
+                w = builder.fadd(w, builder.fmul(row, splat(v8d, up)))
+            bits = builder.and_(builder.lshr(splat(v8i, code_), ir.Constant(v8i, list(range(8)))), ir.Constant(v8i, [1] * 8))
+            passive = builder.icmp_unsigned("!=", bits, ir.Constant(v8i, [0] * 8))
+            thr = builder.select(passive, splat(v8d, tol_), splat(v8d, tolg_))
+            flip = builder.zext(builder.bitcast(builder.fcmp_ordered("<", w, thr), ir.IntType(8)), i64)
+            zero = ir.Constant(v8d, [0.0] * 8)
+            pos = builder.select(builder.fcmp_ordered(">", w, zero), w, zero)
+            out = builder.select(passive, pos, zero)
+            for k in range(K):
+                v = builder.fptrunc(builder.extract_element(out, ir.Constant(i32, k)), f32)
+                builder.store(v, builder.gep(B.data, [builder.add(builder.mul(ir.Constant(i64, k), Tr), i_)]))
+            return flip
+
+        return sig, codegen
+
+    return _pivot
 
 
 def _fused_source(K: int) -> str:
@@ -239,6 +305,12 @@ def _fused_source(K: int) -> str:
     a("    mx = np.empty(T, dtype=np.float32)")
     a("    sq = np.empty(T, dtype=np.float32)")
     a("    pred = np.empty(T, dtype=np.float32)")
+    a(f"    res = np.empty(({K}, T), dtype=np.float32)")
+    a("    pend = np.empty(T, dtype=np.int64)")
+    a("    pcode = np.empty(T, dtype=np.int64)")
+    a("    pbeta = np.empty(T, dtype=np.int64)")
+    a("    ptol = np.empty(T)")
+    a("    rest = np.empty(T, dtype=np.int64)")
     a(f"    full = {(1 << K) - 1}")
     a("    check_sat = sat < np.inf")
     a("    sat32 = np.float32(sat) if check_sat else np.float32(0.0)")
@@ -283,37 +355,81 @@ def _fused_source(K: int) -> str:
     for k in ks:
         a(f"                    acc[{k}, i] += p{k}_0 * v0")
     a("                    mx[i] = max(mx[i], v0)")
-    # per pixel: flags, then exact NNLS by block principal pivoting
+    # per pixel: flags; pixels with a negative component are queued for NNLS
+    a("            npend = 0")
     a("            for i in range(m):")
     for k in ks:
-        a(f"                u{k} = np.float64(acc[{k}, i])")
-    a("                s = " + " + ".join(f"u{k}" for k in ks))
+        a(f"                u{k} = acc[{k}, i]")
+    a("                s = " + " + ".join(f"np.float64(u{k})" for k in ks))
     a("                code = " + " | ".join(f"(np.int64(u{k} > 0.0) << {k})" for k in ks))
-    a("                xmax = max(" + ", ".join(f"abs(u{k})" for k in ks) + (", 0.0)" if K == 1 else ")"))
     a("                fl = np.uint8(2) if check_sat and mx[i] >= sat32 else np.uint8(0)")
     a("                if not np.isfinite(s):")
     a("                    flag[yy, t0 + i] = fl | np.uint8(1)")
     a("                    nbad += 1")
     for k in ks:
-        a(f"                    acc[{k}, i] = 0.0")
+        a(f"                    res[{k}, i] = 0.0")
     a("                    continue")
     a("                flag[yy, t0 + i] = fl")
-    a("                if not nonneg or code == full:")
-    a("                    continue")
-    a("                tol = -1e-10 * xmax")
-    a("                tolg = tol * gscale")
-    a(f"                alpha = 3")
-    a(f"                beta = {K + 1}")
+    for k in ks:
+        a(f"                res[{k}, i] = u{k}")
+    a("                pend[npend] = i")
+    a("                pcode[npend] = code")
+    a("                ptol[npend] = -1e-10 * max(" + ", ".join(f"abs(np.float64(u{k}))" for k in ks) + (", 0.0)" if K == 1 else ")"))
+    a("                npend += np.int64(nonneg and code != full)")
+    # exact NNLS by block principal pivoting (Kim & Park 2011): first the step from the
+    # sign pattern for every queued pixel, without data-dependent branches (independent
+    # pixels overlap in the CPU; most are done after it), then the full iteration, with
+    # its safeguards, for the others from the state that step left
+    K8, KR = _padded(K), _table_rows(K)
+    simd = K <= 8
+
+    def load_u(ind):
+        if not simd:
+            for k in ks:
+                a(f"{ind}u{k} = np.float64(acc[{k}, i])")
+        a(f"{ind}tol = ptol[q]")
+        a(f"{ind}tolg = tol * gscale")
+
+    def step(ind, want_flip=True):
+        a(f"{ind}rb = np.uint64(code) * np.uint64({KR * K8})")
+        if simd:
+            a(f"{ind}{'flip = ' if want_flip else ''}_pivot(R, rb, acc, res, i, code, tol, tolg)")
+            return
+        for j in ks:  # two partial sums per row: shorter dependency chains
+            e = " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks if p % 2 == 0)
+            o = " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks if p % 2 == 1) or "0.0"
+            a(f"{ind}w{j} = ({e}) + ({o})")
+        if want_flip:
+            a(f"{ind}flip = " + " | ".join(
+                f"(np.int64(w{j} < (tol if (code >> {j}) & 1 else tolg)) << {j})" for j in ks))
+
+    def store(ind):
+        if simd:
+            return  # _pivot wrote the column
+        for k in ks:
+            a(f"{ind}res[{k}, i] = max(w{k}, 0.0) if (code >> {k}) & 1 else 0.0")
+
+    a("            nrest = 0")
+    a("            for q in range(npend):")
+    a("                i = pend[q]")
+    a("                code = pcode[q]")
+    load_u("                ")
+    step("                ")
+    store("                ")
+    a("                pcode[q] = code ^ flip")
+    a("                pbeta[q] = " + " + ".join(f"((flip >> {j}) & 1)" for j in ks))
+    a("                rest[nrest] = q")
+    a("                nrest += np.int64(flip != 0)")
+    a("            for r in range(nrest):")
+    a("                q = rest[r]")
+    a("                i = pend[q]")
+    a("                code = pcode[q]")
+    a("                beta = pbeta[q]")
+    a("                alpha = 3")
     a("                flip = 1")
-    a(f"                for _ in range({10 * K + 50}):")
-    K8 = _padded(K)
-    a(f"                    rb = np.uint64(code) * np.uint64({K * K8})")
-    for j in ks:  # two partial sums per row: shorter dependency chains
-        e = " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks if p % 2 == 0)
-        o = " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks if p % 2 == 1) or "0.0"
-        a(f"                    w{j} = ({e}) + ({o})")
-    a("                    flip = " + " | ".join(
-        f"(np.int64(w{j} < (tol if (code >> {j}) & 1 else tolg)) << {j})" for j in ks))
+    load_u("                ")
+    a(f"                for _ in range({10 * K + 49}):")
+    step("                    ")
     a("                    if flip == 0:")
     a("                        break")
     a("                    nv = " + " + ".join(f"((flip >> {j}) & 1)" for j in ks))
@@ -331,11 +447,8 @@ def _fused_source(K: int) -> str:
     a("                                last = j")
     a("                        code ^= 1 << last")
     a("                if flip != 0:")
-    a(f"                    rb = np.uint64(code) * np.uint64({K * K8})")
-    for j in ks:
-        a(f"                    w{j} = " + " + ".join(f"R[rb + np.uint64({p * K8 + j})] * u{p}" for p in ks))
-    for k in ks:
-        a(f"                acc[{k}, i] = max(w{k}, 0.0) if (code >> {k}) & 1 else 0.0")
+    step("                    ", want_flip=False)
+    store("                ")
     # RMS residual while the tile is in cache
     a("            if want_rms:")
     a("                for i in range(m):")
@@ -347,13 +460,13 @@ def _fused_source(K: int) -> str:
     for k in ks:
         a(f"                    q{k} = M[c, {k}]")
     a("                    for i in range(m):")
-    a("                        d = np.float32(row[i]) - (o + " + " + ".join(f"q{k} * acc[{k}, i]" for k in ks) + ")")
+    a("                        d = np.float32(row[i]) - (o + " + " + ".join(f"q{k} * res[{k}, i]" for k in ks) + ")")
     a("                        sq[i] += d * d")
     a("                for i in range(m):")
     a("                    rms[yy, t0 + i] = np.sqrt(sq[i] / C) if (flag[yy, t0 + i] & 1) == 0 else np.nan")
     a("            for i in range(m):")
     for k in ks:
-        a(f"                X[{k}, yy, t0 + i] = acc[{k}, i]")
+        a(f"                X[{k}, yy, t0 + i] = res[{k}, i]")
     a("    return nbad")
     return "\n".join(L) + "\n"
 
@@ -366,7 +479,8 @@ _JIT_OPTIONS = "nogil=True, fastmath={'contract'}"
 
 def _kernel_source(kind: str, K: int) -> tuple[str, str]:
     generate, name = _GENERATORS[kind]
-    return "import numpy as np\nimport numba\n\n" + generate(K), name
+    head = "import numpy as np\nimport numba\n\nfrom qdplex.unmix import _pivot_for\n\n"
+    return head + f"_pivot = _pivot_for({int(K)})\n\n" + generate(K), name
 
 
 def _cache_key(src: str) -> str:
@@ -374,7 +488,10 @@ def _cache_key(src: str) -> str:
     exact code and compiler that wrote it."""
     import hashlib
 
-    tag = f"{numba.__version__}|{np.__version__}|{sys.version_info[:3]}|{src}"
+    from pathlib import Path
+
+    here = Path(__file__).read_bytes()  # the intrinsics the kernels call live here
+    tag = f"{numba.__version__}|{np.__version__}|{sys.version_info[:3]}|{src}|{hashlib.sha1(here).hexdigest()}"
     return hashlib.sha1(tag.encode()).hexdigest()[:16]
 
 
