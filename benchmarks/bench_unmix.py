@@ -144,10 +144,11 @@ def main(argv=None):
                 if p["user_api"] == "blas" and "numpy" in p["filepath"]] or [0])  # numpy's own BLAS
     dask_threads = dask.config.get("num_workers", None) or ncpu
     print(f"machine: {ncpu} CPUs, load average {os.getloadavg()[0]:.1f} before timing (wall-clock figures "
-          f"depend on it; CPU seconds are summed over threads)")
+          f"depend on it; CPU seconds are summed over threads; 'cores busy' = CPU s / wall s, below the "
+          f"thread count when other processes took cores)")
     print(f"threads: numpy BLAS {blas}, qdplex ndarray {ncpu} (thread pool, nogil kernels), "
           f"qdplex lazy {dask_threads} (dask threads), scipy loop 1")
-    print(f"{'method':<46}{'threads':>8}{'Mpx/s':>9}{'s / slide':>11}{'CPU s':>9}")
+    print(f"{'method':<46}{'threads':>8}{'Mpx/s':>9}{'s / slide':>11}{'CPU s':>9}{'cores busy':>12}")
     for label, nt, t, cpu in [
             ("numpy pinv(M) @ Y (float32)", blas, t_pinv, c_pinv),
             ("qdplex OLS  (unmix, ndarray)", ncpu, t_ols, c_ols),
@@ -155,7 +156,7 @@ def main(argv=None):
             ("qdplex NNLS lazy float32 image (+resid, mask)", dask_threads, t_lazy, c_lazy),
             ("qdplex NNLS lazy uint16 image (+resid, mask)", dask_threads, t_raw, c_raw),
             (f"scipy nnls loop ({idx.size} px, scaled)", 1, t_scipy, c_scipy)]:
-        print(f"{label:<46}{nt:>8}{mpx(t):>9.2f}{t:>11.3f}{cpu:>9.3f}")
+        print(f"{label:<46}{nt:>8}{mpx(t):>9.2f}{t:>11.3f}{cpu:>9.3f}{cpu / t:>12.2f}")
     r_pinv = t_pinv / t_nnls
     r_scipy = t_scipy / t_nnls
     print(f"NNLS / numpy pinv throughput: {r_pinv:.2f}x   (target >= 0.3x: {'PASS' if r_pinv >= 0.3 else 'FAIL'})")
