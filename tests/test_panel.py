@@ -71,6 +71,7 @@ def test_canonical_fluor(name, expected):
         ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[segmentation]\nexpand_um="far"', "segmentation.expand_um", "'far'"),
         ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[autofluorescence]\ncontrol="none.tif"', "autofluorescence.control", "none.tif"),
         ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[image]\ncamera_offset=-5', "image.camera_offset", "-5"),
+        ('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[scoring]\nmethd="gmm"', "scoring.methd", "'methd'"),
     ],
 )
 def test_errors_name_file_key_expected_found(tmp_path, body, key, found):
@@ -89,3 +90,18 @@ def test_syntax_error_and_missing_file(tmp_path):
         read_panel(p)
     with pytest.raises(PanelError, match="missing.toml.*no such file"):
         read_panel(tmp_path / "missing.toml")
+
+
+def test_camera_offset_precedence(tmp_path):
+    from qdplex.model import MultiplexImage
+
+    img = MultiplexImage(__import__("numpy").zeros((1, 4, 4)), ["c"], metadata={"camera_offset": 100.0})
+    base = 'name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n'
+    cases = [("", 100.0), ("[image]\ncamera_offset = 90\n", 90.0),
+             ("[image]\ncamera_offset = 90\n[unmixing]\noffset = 80\n", 80.0)]
+    for extra, expected in cases:
+        p = tmp_path / "p.toml"
+        p.write_text(base + extra)
+        assert read_panel(p).camera_offset_for(img) == expected
+    p.write_text(base)
+    assert read_panel(p).camera_offset_for(MultiplexImage(__import__("numpy").zeros((1, 4, 4)), ["c"])) is None

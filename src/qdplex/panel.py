@@ -61,6 +61,8 @@ _SECTION_KEYS = {
         "method", "diameter_um", "expand_um", "membrane_width_um", "membrane_guided", "tile", "overlap",
     },
     "quantification": {"stats", "quantiles", "compartments"},
+    # read by qdplex.score (its module docstring gives each key's meaning)
+    "scoring": {"method", "control_quantile", "cutoffs", "phenotype", "allred", "complete", "her2"},
 }
 
 
@@ -137,6 +139,19 @@ class Panel:
         out = {self.nuclear_stain: self.nuclear_stain}
         out.update({m.fluor: m.name for m in self.markers})
         return out
+
+    def camera_offset_for(self, image) -> float | None:
+        """The camera offset to subtract from ``image`` before unmixing.
+
+        The panel's ``[unmixing] offset``, else its ``[image] camera_offset``, else the
+        image's recorded ``metadata["camera_offset"]`` (OME ``DetectorSettings/@Offset``,
+        or :mod:`qdplex.synth`), else None.
+        """
+        for value in (self.unmixing.get("offset"), self.camera_offset,
+                      getattr(image, "metadata", {}).get("camera_offset") if image is not None else None):
+            if value is not None:
+                return value
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (for run.json / provenance)."""
@@ -274,7 +289,7 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
             raise _err(path, sec, f"a [{sec}] table", v)
         _check_keys(v, allowed, path, sec + ".")
         sections[sec] = v
-    for sec in ("scoring", "synth"):
+    for sec in ("synth",):
         v = raw.get(sec, {})
         if not isinstance(v, dict):
             raise _err(path, sec, f"a [{sec}] table", v)

@@ -124,17 +124,12 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
 def unmix_options(image: MultiplexImage, panel: Panel) -> dict:
     """Keyword options for :func:`qdplex.unmix.unmix` from the panel's ``[unmixing]`` table.
 
-    The camera offset is the panel's ``[unmixing] offset``, else its ``[image]
-    camera_offset``, else the image's ``metadata["camera_offset"]`` (OME
-    ``DetectorSettings/@Offset``, or :mod:`qdplex.synth`), else none.
+    The camera offset is :meth:`qdplex.panel.Panel.camera_offset_for` the image.
     """
     opts = panel.unmixing
-    offset = opts.get("offset")
-    if offset is None:
-        offset = panel.camera_offset if panel.camera_offset is not None else image.metadata.get("camera_offset")
     return {
         "method": opts.get("method", "nnls"),
-        "offset": offset,
+        "offset": panel.camera_offset_for(image),
         "saturation": opts.get("saturation"),
         "exclude_saturated": opts.get("exclude_saturated", False),
     }

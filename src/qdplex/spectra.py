@@ -606,7 +606,7 @@ def library_for_panel(panel, channels=None) -> SpectralLibrary:
         from .io import read_image
 
         control = read_image(panel.autofluorescence_control)
-        offset = (panel.unmixing or {}).get("offset", control.metadata.get("camera_offset"))
+        offset = panel.camera_offset_for(control)
         af = estimate_autofluorescence(control, panel.autofluorescence_components, offset=offset)
     else:
         af = SpectralLibrary.builtin([AUTOFLUORESCENCE])

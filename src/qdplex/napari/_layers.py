@@ -168,14 +168,8 @@ def label_layers(nuclei, cells, *, table=None, state=None, pixel_size_um=None, s
 
 def _unmix_offset(result) -> float:
     """The camera offset the pipeline removed before unmixing (as :func:`qdplex.pipeline.run_slide` picks it)."""
-    for v in (
-        getattr(result.unmixed, "offset", None),
-        result.panel.unmixing.get("offset"),
-        result.image.metadata.get("camera_offset"),
-    ):
-        if v is not None:
-            return v
-    return 0.0
+    v = result.panel.camera_offset_for(result.image)
+    return 0.0 if v is None else v
 
 
 def result_layers(result) -> list[tuple]:

@@ -24,9 +24,10 @@ def _offset(state) -> float | np.ndarray:
     if state.get("offset") is not None:
         return state["offset"]
     panel, image = state.get("panel"), state.get("image")
-    v = panel.unmixing.get("offset") if panel is not None else None
-    if v is None and image is not None:
-        v = image.metadata.get("camera_offset")
+    if panel is not None:
+        v = panel.camera_offset_for(image)
+    else:
+        v = image.metadata.get("camera_offset") if image is not None else None
     return 0.0 if v is None else v
 
 
