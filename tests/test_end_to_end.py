@@ -127,3 +127,15 @@ def test_cli_bad_panel_is_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "bad.toml" in lines[0] and "markers[0].compartment" in lines[0] and "nuclear" in lines[0]
+
+
+def test_cli_missing_input_is_one_line(tmp_path, breast_panel_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qdplex.cli", "run", str(tmp_path / "nope"), "--panel", str(breast_panel_path),
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "nope" in lines[0] and "no such path" in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()

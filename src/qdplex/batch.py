@@ -245,6 +245,8 @@ def check_output_location(inputs: Iterable, out) -> None:
     out = Path(out).expanduser().resolve()
     for p in inputs:
         p = Path(p).expanduser().resolve()
+        if not p.exists():
+            raise QdplexError("expected a slide file or a folder of slides, found no such path", path=p)
         folders = [p] if p.is_dir() else [p.parent]
         for folder in folders:
             if out == folder or folder in out.parents:
