@@ -97,6 +97,8 @@ def smoothed_noise(noise: float, sigma: float) -> float:
 _PCTS = (10.0, 30.0)
 _Z10 = 1.2816  # standard-normal distance from the 10th percentile to the mean
 _Z10_30 = 1.2816 - 0.5244  # … and from the 10th to the 30th percentile
+#: The local noise (correlated noise, haze texture) may exceed white pixel noise by this factor at most.
+_NOISE_CAP = 3.0
 
 
 def block_percentiles(smooth: np.ndarray, k: int) -> np.ndarray:
@@ -145,12 +147,14 @@ def background_grids(pcts: np.ndarray, noise_floor: float) -> tuple[np.ndarray, 
     (which also covers correlated noise and fixed-pattern texture that pixel
     differences miss), and the 10th percentile lifted by 1.28 noise levels
     gives the mean. Blocks covered by nuclei are repaired from their
-    neighbours (:func:`_repair`); the noise is at least ``noise_floor``.
+    neighbours (:func:`_repair`). The noise lies between ``noise_floor`` (white
+    pixel noise after smoothing) and ``_NOISE_CAP`` times it: in densely packed
+    tissue no block is pure background and the spread measures nuclei, not noise.
     """
     p10, p30 = pcts[..., 0], pcts[..., 1]
-    sig = np.maximum((p30 - p10) / _Z10_30, noise_floor)
+    sig = np.clip((p30 - p10) / _Z10_30, noise_floor, _NOISE_CAP * noise_floor)
     bg = _repair(p10 + _Z10 * sig)
-    sig = np.maximum(_repair(sig), noise_floor)
+    sig = np.clip(_repair(sig), noise_floor, _NOISE_CAP * noise_floor)
     return bg, sig
 
 
@@ -250,10 +254,9 @@ def estimate_diameter(image, *, default: float = 20.0) -> float:
         corr = ndi.gaussian_filter(img, 1.0, mode="nearest")
         bg, sig = _background_and_noise(corr, guess, smoothed_noise(noise, 1.0))
         corr -= bg
-        corr /= sig
         if not np.ptp(corr) > 0:
             return float(default)
-        t = max(float(threshold_otsu(corr)), 3.0)
+        t = max(float(threshold_otsu(corr)), 3.0 * float(np.median(sig)))
         fg = corr > t
         lab, n = ndi.label(fg)
         if n == 0:
