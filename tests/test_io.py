@@ -528,3 +528,14 @@ def test_camera_offset_round_trips_as_ome_detector_offset(tmp_path):
     # without an offset nothing is claimed
     path2 = write_ome_tiff(tmp_path / "plain.ome.tif", np.zeros((3, 8, 8), np.uint16), chans)
     assert "camera_offset" not in read_image(path2).metadata
+
+
+def test_label_writers_refuse_negative_labels(tmp_path):
+    """Both label writers share one check: negative IDs would wrap to huge uint32 labels."""
+    from qdplex.io import write_labels, write_labels_zarr
+
+    bad = np.array([[0, 1], [-3, 2]], dtype=np.int32)
+    for writer, name in ((write_labels, "l.ome.tif"), (write_labels_zarr, "l.ome.zarr")):
+        with pytest.raises(OutputError, match="non-negative labels, found minimum -3"):
+            writer(tmp_path / name, bad)
+        assert not (tmp_path / name).exists()

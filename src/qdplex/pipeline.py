@@ -22,7 +22,7 @@ from .model import Channel, MultiplexImage, Segmentation
 from .panel import Panel
 
 __all__ = ["SlideResult", "run_slide", "process_slide", "write_slide_outputs", "run", "name_planes_by_marker",
-           "unmix_options", "quantify_and_score", "write_json"]
+           "unmix_options", "quantify_and_score", "write_json", "pixel_size_for"]
 
 Progress = Callable[[str, float], None]
 
@@ -52,7 +52,8 @@ def name_planes_by_marker(unmixed, panel: Panel):
     return replace(unmixed, abundances=replace(unmixed.abundances, channels=chans))
 
 
-def _pixel_size(image: MultiplexImage, panel: Panel) -> float:
+def pixel_size_for(image: MultiplexImage, panel: Panel) -> float:
+    """Pixel size in µm: the file's, else the panel's ``[image] pixel_size_um``; InputError if neither."""
     px = image.pixel_size_um or panel.pixel_size_um
     if not px:
         raise InputError(
@@ -86,7 +87,7 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
 
     report = progress or (lambda stage, frac: None)
     timings: dict[str, float] = {}
-    px = _pixel_size(image, panel)
+    px = pixel_size_for(image, panel)
 
     t = time.perf_counter()
     lib = library if library is not None else library_for_panel(panel, image.channels)
@@ -196,7 +197,8 @@ def quantify_and_score(unmixed, seg: Segmentation, panel: Panel, pixel_size_um: 
 
 
 def write_slide_outputs(result: SlideResult, slide_dir, *, fmt: str = "tiff", provenance: dict | None = None) -> dict:
-    """Write one slide's outputs (images, tables, summary.json, run.json) into ``slide_dir``.
+    """Write one slide's images, tables and summary.json into ``slide_dir`` (run.json is
+    :func:`process_slide`'s).
 
     Every file is written atomically. Returns a dict of the written paths.
     """

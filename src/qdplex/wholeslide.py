@@ -38,7 +38,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .errors import InputError, QdplexError
+from .errors import QdplexError
 from .model import Channel, MultiplexImage, Segmentation
 from .panel import Panel
 
@@ -153,7 +153,7 @@ def run_wholeslide(
     -------
     WholeSlideResult
     """
-    from .pipeline import name_planes_by_marker, quantify_and_score, unmix_options
+    from .pipeline import name_planes_by_marker, pixel_size_for, quantify_and_score, unmix_options
     from .segment import expand_nuclei, membrane_ring, segment_tiled
     from .spectra import library_for_panel
     from .unmix import unmix
@@ -166,13 +166,7 @@ def run_wholeslide(
     # tiles at once: as asked, else as many threads as the surrounding dask config allows
     # (a batch worker sets num_workers to its share of the machine), else the CPU count
     nw = int(workers or dask.config.get("num_workers", None) or os.cpu_count() or 1)
-    px = image.pixel_size_um or panel.pixel_size_um
-    if not px:
-        raise InputError(
-            "expected a pixel size (OME PhysicalSizeX in the file, or [image] pixel_size_um in the panel), found none",
-            path=image.source or image.name,
-        )
-    px = float(px)
+    px = pixel_size_for(image, panel)
     slide_dir = Path(slide_dir)
     slide_dir.mkdir(parents=True, exist_ok=True)
     scratch = slide_dir / f".wholeslide-{uuid.uuid4().hex[:8]}"

@@ -308,13 +308,8 @@ def write_labels_zarr(path, labels, *, pixel_size_um: float | None = None, name:
     Reduced levels are nearest-neighbour downsampled. Read back with
     :func:`qdplex.io.read_labels`.
     """
-    lab = labels if isinstance(labels, da.Array) else np.asarray(labels)
-    if lab.ndim == 3 and lab.shape[0] == 1:
-        lab = lab[0]
-    if lab.ndim != 2:
-        raise OutputError(f"expected a Y×X label image, found shape {tuple(lab.shape)}", path=path)
-    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        raise OutputError(f"expected integer labels, found dtype {lab.dtype}", path=path)
-    lab = lab.astype(np.uint32)[None]
+    from .writers import label_stack
+
+    lab = label_stack(labels, path=path)
     return _write(path, lab, [Channel(name)], pixel_size_um=pixel_size_um, levels=levels, chunk=chunk,
                   labels=True, name=name)

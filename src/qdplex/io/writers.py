@@ -404,6 +404,23 @@ def write_ome_tiff(
                        compression=compression, labels=False)
 
 
+def label_stack(labels, *, path) -> np.ndarray | da.Array:
+    """A Y×X (or 1×Y×X) integer label image as a 1×Y×X uint32 stack for the label writers.
+
+    Raises OutputError for other shapes, non-integer dtypes and (in-memory) negative labels.
+    """
+    lab = labels if isinstance(labels, da.Array) else np.asarray(labels)
+    if lab.ndim == 3 and lab.shape[0] == 1:
+        lab = lab[0]
+    if lab.ndim != 2:
+        raise OutputError(f"expected a Y×X label image, found shape {tuple(lab.shape)}", path=path)
+    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+        raise OutputError(f"expected integer labels, found dtype {lab.dtype}", path=path)
+    if isinstance(lab, np.ndarray) and lab.size and np.issubdtype(lab.dtype, np.signedinteger) and lab.min() < 0:
+        raise OutputError(f"expected non-negative labels, found minimum {lab.min()}", path=path)
+    return lab.astype(np.uint32)[None]
+
+
 def write_labels(
     path,
     labels,
@@ -435,16 +452,7 @@ def write_labels(
     -------
     pathlib.Path
     """
-    lab = labels if isinstance(labels, da.Array) else np.asarray(labels)
-    if lab.ndim == 3 and lab.shape[0] == 1:
-        lab = lab[0]
-    if lab.ndim != 2:
-        raise OutputError(f"expected a Y×X label image, found shape {tuple(lab.shape)}", path=path)
-    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        raise OutputError(f"expected integer labels, found dtype {lab.dtype}", path=path)
-    if isinstance(lab, np.ndarray) and lab.size and np.issubdtype(lab.dtype, np.signedinteger) and lab.min() < 0:
-        raise OutputError(f"expected non-negative labels, found minimum {lab.min()}", path=path)
-    lab = lab.astype(np.uint32)[None]
+    lab = label_stack(labels, path=path)
     xml = build_ome(lab.shape, np.uint32, [Channel(name)], pixel_size_um=pixel_size_um, name=name)
     return _write_tiff(path, lab, xml=xml, pixel_size_um=pixel_size_um, tile=tile, pyramid=pyramid,
                        compression=compression, labels=True)

@@ -7,11 +7,8 @@ import numpy as np
 from ..errors import SegmentationError
 
 
-def check_image(image, what: str = "image") -> np.ndarray:
-    """A finite, non-empty 2-D float32 array, or :class:`SegmentationError`."""
-    if hasattr(image, "compute") and not isinstance(image, np.ndarray):
-        image = image.compute()
-    arr = np.asarray(image)
+def check_shape(arr, what: str = "image"):
+    """``arr`` (numpy or dask, not computed) if it is a non-empty numeric 2-D array, else SegmentationError."""
     if arr.ndim != 2:
         raise SegmentationError(
             f"expected a 2-D Y×X {what}, found {arr.ndim} dimensions with shape {tuple(arr.shape)}"
@@ -20,6 +17,14 @@ def check_image(image, what: str = "image") -> np.ndarray:
         raise SegmentationError(f"expected a non-empty 2-D {what}, found shape {tuple(arr.shape)}")
     if arr.dtype.kind not in "biuf":
         raise SegmentationError(f"expected a numeric {what}, found dtype {arr.dtype}")
+    return arr
+
+
+def check_image(image, what: str = "image") -> np.ndarray:
+    """A finite, non-empty 2-D float32 array, or :class:`SegmentationError`."""
+    if hasattr(image, "compute") and not isinstance(image, np.ndarray):
+        image = image.compute()
+    arr = check_shape(np.asarray(image), what)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         n = int(arr.size - np.count_nonzero(np.isfinite(arr)))

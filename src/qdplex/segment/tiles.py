@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import SegmentationError
-from ._checks import check_image, check_positive, diameter_px as _diameter_px
+from ._checks import check_image, check_positive, check_shape, diameter_px as _diameter_px
 from .nuclei import (
     METHODS,
     _upsample,
@@ -92,21 +92,9 @@ def _as_dask(nuclear, tile):
     if isinstance(nuclear, da.Array):
         arr = nuclear
     else:
-        a = np.asarray(nuclear)
-        if a.ndim != 2:
-            raise SegmentationError(
-                f"expected a 2-D Y×X nuclear image, found {a.ndim} dimensions with shape {tuple(a.shape)}"
-            )
-        arr = da.from_array(a, chunks=(min(tile, max(a.shape[0], 1)), min(tile, max(a.shape[1], 1))))
-    if arr.ndim != 2:
-        raise SegmentationError(
-            f"expected a 2-D Y×X nuclear image, found {arr.ndim} dimensions with shape {tuple(arr.shape)}"
-        )
-    if arr.size == 0:
-        raise SegmentationError(f"expected a non-empty 2-D nuclear image, found shape {tuple(arr.shape)}")
-    if arr.dtype.kind not in "biuf":
-        raise SegmentationError(f"expected a numeric nuclear image, found dtype {arr.dtype}")
-    return arr
+        a = check_shape(np.asarray(nuclear), "nuclear image")
+        arr = da.from_array(a, chunks=(min(tile, a.shape[0]), min(tile, a.shape[1])))
+    return check_shape(arr, "nuclear image")
 
 
 def segment_tiled(
