@@ -63,10 +63,8 @@ def _cmd_run(args) -> int:
 
     panel = read_panel(args.panel)
     manifest = run(args.inputs, panel, args.out, **_run_options(args))
-    failed = manifest[manifest["status"] != "ok"] if len(manifest) else manifest
+    failed = manifest[manifest["status"] != "ok"]  # run_batch raises when it finds no slide
     n = len(manifest)
-    if n == 0:
-        raise QdplexError(f"expected at least one slide in {[str(p) for p in args.inputs]}, found none")
     print(f"qdplex: {n - len(failed)} of {n} slides done, {len(failed)} failed; manifest: {Path(args.out) / 'manifest.csv'}")
     if not args.no_report and (Path(args.out) / "report.html").is_file():
         print(f"qdplex: cohort QC report: {Path(args.out) / 'report.html'}")
