@@ -63,6 +63,8 @@ STAGING = ".qdplex-staging"
 LOCK = ".qdplex.lock"
 #: Key of the completion record that :mod:`qdplex.batch` adds to ``<slide>/run.json``.
 RECORD_KEY = "batch"
+#: Names in OUT that belong to the batch itself (never slide names, never replaced by a slide).
+RESERVED_NAMES = (STAGING, LOCK, "manifest.csv", "cohort_summary.csv", "report.html", "run.json", "qdplex.log")
 
 _LOCAL = (None, "local")
 _SYNC = ("synchronous", "sync", "single-threaded")
@@ -152,6 +154,7 @@ def run_batch(
     slides = [Path(s) for s in find_slides(inputs, **found_opts)]
     if not slides:
         raise QdplexError(f"expected at least one slide in {[str(p) for p in inputs]}, found none")
+    check_output_location(inputs, out, slides)
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +192,13 @@ def run_batch(
         first: dict[str, Path] = {}
         for i, path in enumerate(slides):
             name = _slide_guess(path)
-            if name in first:
+            bad_name = _bad_slide_name(name)
+            if bad_name:
+                err = OutputError(f"expected a slide name usable as a folder in OUT, found {name!r} ({bad_name}); "
+                                  f"rename the input", path=path)
+                done(i, {"slide": name, "input": str(path), "status": "failed", "action": "failed",
+                         "error": _one_line(str(err))})
+            elif name in first:
                 err = OutputError(f"expected a unique slide name, found {name!r} also made from {first[name]}; "
                                   f"rename one of the two inputs", path=path)
                 done(i, {"slide": name, "input": str(path), "status": "failed", "action": "failed",
@@ -230,29 +239,47 @@ def run_batch(
         _release_lock(lock)
 
 
-def check_output_location(inputs: Iterable, out) -> None:
-    """Refuse an output folder inside (or equal to) an input folder.
+def check_output_location(inputs: Iterable, out, slides: Iterable | None = None) -> None:
+    """Refuse an output folder that could overwrite or delete an input.
 
-    An input folder is each folder given as input and the folder holding each input
-    file (a slide's own folder is not written into either). An OME-Zarr slide, a
-    folder itself, counts as an input folder.
+    Two rules, both before anything is written:
+
+    * OUT is not an input folder nor inside one (each folder given as input and the
+      folder holding each input file; an OME-Zarr slide, a folder itself, counts too).
+    * No input lies under a path qdplex writes in OUT: ``OUT/<slide>`` for every slide
+      of the batch, the staging folder, the lock and the batch files
+      (:data:`RESERVED_NAMES`). An input inside OUT elsewhere (``OUT/raw/s1.tif``) is
+      left alone.
 
     Raises
     ------
     OutputError
-        Naming the output folder and the input folder it lies in.
+        Naming the output folder and the input that it would overwrite.
     """
     out = Path(out).expanduser().resolve()
+    given = []
     for p in inputs:
         p = Path(p).expanduser().resolve()
         if not p.exists():
             raise QdplexError("expected a slide file or a folder of slides, found no such path", path=p)
+        given.append(p)
         folders = [p] if p.is_dir() else [p.parent]
         for folder in folders:
             if out == folder or folder in out.parents:
                 raise OutputError(
                     f"expected an output folder outside the input folders (qdplex never writes into inputs), "
                     f"found {out} inside input folder {folder}",
+                    path=out,
+                )
+    slides = [Path(s).expanduser().resolve() for s in (slides or [])]
+    written = set(RESERVED_NAMES) | {_slide_guess(s) for s in slides}
+    for p in given + slides:
+        if out in p.parents:
+            top = p.relative_to(out).parts[0]
+            if top in written:
+                raise OutputError(
+                    f"expected no input under a path qdplex writes, found input {p} under {out / top}; "
+                    f"choose another --out (qdplex never overwrites inputs)",
                     path=out,
                 )
 
@@ -536,14 +563,62 @@ def _read_record(slide_dir: Path) -> dict | None:
 
 
 def _swap_into_place(made: Path, target: Path, staging: Path) -> None:
-    """Rename ``made`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
-    if target.exists():
+    """Rename ``made`` to ``target``.
+
+    An existing ``target`` is replaced only when qdplex wrote it: its ``run.json``
+    holds qdplex's completion record and every file in it is one the record lists.
+    Anything else (a user's folder, an input, a qdplex folder with a user's file added)
+    is left untouched and the slide fails with :class:`~qdplex.errors.OutputError`.
+    """
+    if _bad_slide_name(target.name) or target.parent != staging.parent:
+        raise OutputError(f"expected a slide folder directly in {staging.parent}, found {target}", path=target)
+    if target.exists() or target.is_symlink():
+        foreign = _not_ours(target)
+        if foreign:
+            raise OutputError(
+                f"expected {target} to be a slide folder written by qdplex, found {foreign}; "
+                f"qdplex never replaces what it did not write: move it away or choose another --out",
+                path=target,
+            )
         trash = staging / f"old-{target.name}-{uuid.uuid4().hex[:8]}"
         os.replace(target, trash)
         os.replace(made, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(made, target)
+
+
+def _not_ours(folder: Path) -> str:
+    """Why ``folder`` is not a slide folder that qdplex wrote ("" when it is)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "a file or link, not a folder"
+    try:
+        doc = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no qdplex run.json in it"
+    rec = doc.get(RECORD_KEY) if isinstance(doc, dict) else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), dict):
+        return "a run.json without qdplex's completion record"
+    listed = set(rec["outputs"]) | {"run.json"}
+    for p in folder.rglob("*"):
+        if p.is_symlink() or (p.is_file() and p.relative_to(folder).as_posix() not in listed):
+            return f"{p.relative_to(folder).as_posix()}, a file qdplex did not write"
+        if not (p.is_file() or p.is_dir()):
+            return f"{p.relative_to(folder).as_posix()}, not a regular file"
+    return ""
+
+
+def _bad_slide_name(name: str) -> str:
+    """Why ``name`` cannot be a folder in OUT ("" when it can)."""
+    if not name or not name.strip():
+        return "empty"
+    if name in (".", "..") or set(name) <= {"."}:
+        return "only dots"
+    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        return "a path separator"
+    if name in RESERVED_NAMES:
+        return "a name qdplex uses for its own files"
+    return ""
 
 
 # --------------------------------------------------------------------------- manifest, summary, record
