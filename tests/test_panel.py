@@ -105,3 +105,160 @@ def test_camera_offset_precedence(tmp_path):
         assert read_panel(p).camera_offset_for(img) == expected
     p.write_text(base)
     assert read_panel(p).camera_offset_for(MultiplexImage(__import__("numpy").zeros((1, 4, 4)), ["c"])) is None
+
+
+FULL = '''
+name = "every-key"
+description = "a panel that sets every key"
+nuclear_stain = "Hoechst"
+
+[[markers]]
+name = "HER2"
+fluor = "Qdot 655"
+compartment = "membrane"
+threshold = 0.5
+antibody = "4B5"
+description = "HER2"
+
+[[markers]]
+name = "ER"
+fluor = "QD605"
+compartment = "nucleus"
+threshold = "gmm"
+
+[[markers]]
+name = "PR"
+fluor = "QD565"
+
+[spectra]
+files = ["library.csv"]
+
+[autofluorescence]
+control = "unstained.ome.tif"
+components = 2
+
+[image]
+pixel_size_um = 0.5
+camera_offset = 100
+
+[unmixing]
+method = "poisson"
+offset = [100, 101, 102]
+saturation = 4095
+exclude_saturated = true
+refine = false
+
+[segmentation]
+method = "stardist"
+model = "models/nuclei.onnx"
+diameter_um = 8.5
+expand_um = 4
+membrane_width_um = 1.5
+membrane_guided = true
+tile = 1024
+overlap = 64
+
+[quantification]
+stats = ["mean", "std", "sum", "median"]
+quantiles = [0.5, 0.9]
+compartments = ["nucleus", "membrane"]
+
+[scoring]
+method = "control"
+control_quantile = 0.95
+cutoffs = { HER2 = [0.5, 1.0, 2.0] }
+allred = ["ER", "PR"]
+her2 = "HER2"
+complete = 0.8
+phenotype = ["ER", "PR", "HER2"]
+
+[synth]
+nuclear_brightness = 2.0
+'''
+
+
+def _full(tmp_path):
+    (tmp_path / "library.csv").write_text("wavelength_nm,QD655\n600,0.1\n655,1\n700,0.1\n")
+    (tmp_path / "unstained.ome.tif").write_bytes(b"II*\0")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "nuclei.onnx").write_bytes(b"onnx")
+    p = tmp_path / "every.toml"
+    p.write_text(FULL)
+    return read_panel(p)
+
+
+def test_typed_settings_hold_every_key(tmp_path):
+    from pathlib import Path
+
+    s = _full(tmp_path).settings
+    assert s.image.pixel_size_um == 0.5 and s.image.camera_offset == 100.0
+    assert s.autofluorescence.control == tmp_path / "unstained.ome.tif" and s.autofluorescence.components == 2
+    u = s.unmixing
+    assert (u.method, u.offset, u.saturation, u.exclude_saturated, u.refine) == ("poisson", (100.0, 101.0, 102.0),
+                                                                                  4095.0, True, False)
+    g = s.segmentation
+    assert g.method == "stardist" and g.model == tmp_path / "models" / "nuclei.onnx" and isinstance(g.model, Path)
+    assert (g.diameter_um, g.expand_um, g.membrane_width_um, g.membrane_guided, g.tile, g.overlap) == (
+        8.5, 4.0, 1.5, True, 1024, 64)
+    q = s.quantification
+    assert q.stats == ("mean", "std", "sum", "median") and q.quantiles == (0.5, 0.9)
+    assert q.compartments == ("nucleus", "membrane")
+    c = s.scoring
+    assert (c.method, c.control_quantile, c.her2, c.complete) == ("control", 0.95, "HER2", 0.8)
+    assert c.cutoffs == {"HER2": (0.5, 1.0, 2.0)} and c.allred == ("ER", "PR") and c.phenotype == ("ER", "PR", "HER2")
+
+
+def test_typed_defaults_written_once(tmp_path):
+    from qdplex.panel import PanelSettings
+
+    p = tmp_path / "p.toml"
+    p.write_text('name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n')
+    s = read_panel(p).settings
+    assert s == PanelSettings()
+    assert (s.unmixing.method, s.unmixing.offset, s.unmixing.refine) == ("nnls", "auto", True)
+    assert (s.segmentation.method, s.segmentation.expand_um, s.segmentation.membrane_width_um) == ("auto", 5.0, 1.0)
+    assert s.quantification.stats == ("mean", "std", "sum") and s.scoring.method == "otsu"
+    assert s.autofluorescence.components == 1
+
+
+def test_from_record_inverts_to_dict_for_every_key(tmp_path):
+    """Every panel key survives Panel.to_dict → JSON (run.json) → Panel.from_record."""
+    import json
+
+    from qdplex.panel import Panel
+
+    panel = _full(tmp_path)
+    rec = json.loads(json.dumps(panel.to_dict()))
+    back = Panel.from_record(rec)
+    assert back == panel
+    assert back.settings == panel.settings
+    assert back.to_dict() == rec
+    # the record stays readable when the files it names are gone
+    for f in ("library.csv", "unstained.ome.tif", "models/nuclei.onnx"):
+        (tmp_path / f).unlink()
+    assert Panel.from_record(rec) == panel
+    # a record from before description / synth were recorded reads with their defaults
+    old = {k: v for k, v in rec.items() if k not in ("description", "synth")}
+    assert Panel.from_record(old).description == "" and Panel.from_record(old).synth == {}
+
+
+def test_auto_values_and_new_keys(tmp_path):
+    base = 'name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n'
+    p = tmp_path / "p.toml"
+    p.write_text(base + '[unmixing]\noffset = "auto"\nrefine = true\n[autofluorescence]\ncomponents = "auto"\n'
+                 '[segmentation]\nmethod = "classical"\n')
+    panel = read_panel(p)
+    assert panel.settings.unmixing.offset == "auto" and panel.settings.autofluorescence.components == "auto"
+    from qdplex.model import MultiplexImage
+    import numpy as np
+
+    img = MultiplexImage(np.zeros((1, 4, 4)), ["c"], metadata={"camera_offset": 7.0})
+    assert panel.camera_offset_for(img) == 7.0  # "auto": the file's recorded offset
+
+
+@pytest.mark.parametrize("key,value", [("autofluorescence", 'spectrum = "af.csv"'), ("unmixing", "chunk = 512")])
+def test_keys_never_read_are_gone(tmp_path, key, value):
+    p = tmp_path / "p.toml"
+    p.write_text(f'name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[{key}]\n{value}\n')
+    with pytest.raises(PanelError, match="never read"):
+        read_panel(p)
