@@ -19,9 +19,10 @@ from ..errors import InputError
 from ..model import MultiplexImage
 from .atomic import atomic_path, is_partial
 from .channels import read_channels_csv, sidecar_for
-from .discover import find_slides, is_channel_folder, is_ome_zarr, slide_stem
+from .discover import find_slides, is_channel_folder, is_ome_zarr, is_zarr_like, slide_stem, zarr_metadata_error
 from .folder import parse_leica_txt, read_channel_folder
 from .omexml import parse_ome
+from .checks import check_pixel_dtype, path_kind, require_regular, resolve_input
 from .tiff import read_tiff
 from .writers import read_labels, write_labels, write_ome_tiff
 
@@ -45,6 +46,10 @@ __all__ = [
     "sidecar_for",
     "parse_leica_txt",
     "parse_ome",
+    "path_kind",
+    "require_regular",
+    "resolve_input",
+    "check_pixel_dtype",
 ]
 
 
@@ -89,15 +94,20 @@ def read_image(path, *, channels=None, name=None, level: int = 0) -> MultiplexIm
     >>> img.channel_names, img.pixel_size_um  # doctest: +SKIP
     """
     p = Path(path)
-    if not p.exists():
+    kind = path_kind(p)
+    if kind == "nothing":
         raise InputError("expected an existing slide file or folder, found nothing at this path", path=p)
+    if kind not in ("a regular file", "a folder"):
+        raise InputError(f"expected a slide file or folder (a regular file or folder), found {kind}", path=p)
     if p.is_dir():
         if is_ome_zarr(p):
             from .omezarr import read_ome_zarr
 
             return read_ome_zarr(p, channels=channels, name=name, level=level)
-        if p.name.lower().endswith(".zarr"):
-            raise InputError("expected an OME-Zarr (a Zarr group with 'multiscales' metadata), found none", path=p)
+        if is_zarr_like(p):
+            problem = zarr_metadata_error(p)
+            raise InputError(problem or "expected an OME-Zarr (a Zarr group with 'multiscales' metadata), found none",
+                             path=p)
         if level != 0:
             raise InputError(f"expected level=0 for a folder of channel TIFFs (no pyramid), found level={level}", path=p)
         return read_channel_folder(p, channels=channels, name=name)
@@ -106,13 +116,14 @@ def read_image(path, *, channels=None, name=None, level: int = 0) -> MultiplexIm
         return read_tiff(p, channels=channels, name=name, level=level)
     # unknown suffix: sniff the magic bytes
     try:
-        head = p.read_bytes()[:4] if p.stat().st_size < 16 else open(p, "rb").read(4)
+        with open(p, "rb") as fh:
+            head = fh.read(4)
     except OSError as err:
         raise InputError(f"expected a readable file, found {err}", path=p) from err
     if head[:2] in (b"II", b"MM"):
         return read_tiff(p, channels=channels, name=name, level=level)
     raise InputError(
         f"expected an OME-TIFF/TIFF file, an OME-Zarr folder or a folder of channel TIFFs, "
-        f"found a file of unsupported type (suffix {p.suffix!r}, first bytes {head!r})",
+        f"found a file of unsupported type (suffix {p.suffix!r}, no TIFF signature)",
         path=p,
     )

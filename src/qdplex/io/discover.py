@@ -10,8 +10,14 @@ import numpy as np
 
 from ..errors import InputError
 from .atomic import is_partial
+from .checks import path_kind
 
-__all__ = ["find_slides", "slide_stem", "is_ome_zarr", "is_channel_folder", "TIFF_SUFFIXES"]
+__all__ = ["find_slides", "slide_stem", "is_ome_zarr", "is_zarr_like", "zarr_metadata_error", "is_channel_folder",
+           "TIFF_SUFFIXES"]
+
+#: Largest Zarr metadata file (``.zattrs``, ``.zarray``, ``zarr.json``) qdplex reads.
+MAX_METADATA_BYTES = 16 * 2**20
+_ZARR_META = (".zattrs", "zarr.json")
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _STRIP = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".ome")
@@ -32,16 +38,60 @@ def slide_stem(path) -> str:
 def is_ome_zarr(path) -> bool:
     """True for a folder that is a Zarr group holding OME ``multiscales`` metadata.
 
-    A bioformats2raw layout (image in the sub-group ``0``) counts too.
+    A bioformats2raw layout (image in the sub-group ``0``) counts too. Metadata that
+    cannot be read or parsed gives False (see :func:`zarr_metadata_error`).
     """
+    import json
+
     p = Path(path)
     if not p.is_dir():
         return False
-    for meta in (".zattrs", "zarr.json"):
-        if (p / meta).is_file():
-            text = (p / meta).read_text(errors="replace")
-            return "multiscales" in text or "bioformats2raw.layout" in text
+    for meta in _ZARR_META:
+        m = p / meta
+        if m.is_file():
+            if zarr_metadata_error(p) is not None:
+                return False
+            attrs = json.loads(m.read_text(encoding="utf-8"))
+            if meta == "zarr.json":
+                attrs = attrs.get("attributes") or {} if isinstance(attrs, dict) else {}
+                if isinstance(attrs.get("ome"), dict):
+                    attrs = {**attrs["ome"], **attrs}
+            return isinstance(attrs, dict) and ("multiscales" in attrs or "bioformats2raw.layout" in attrs)
     return False
+
+
+def is_zarr_like(path) -> bool:
+    """True for a folder named ``*.zarr`` or holding Zarr group metadata (``.zgroup``, ``.zattrs``, ``zarr.json``)."""
+    p = Path(path)
+    return p.is_dir() and (p.name.lower().endswith(".zarr")
+                           or any((p / m).exists() or (p / m).is_symlink() for m in (".zgroup",) + _ZARR_META))
+
+
+def zarr_metadata_error(path) -> str | None:
+    """What is wrong with a Zarr folder's group metadata, in words, or None when it reads as JSON.
+
+    The message never quotes the file: only its name, size and the parser's position.
+    """
+    import json
+
+    p = Path(path)
+    for meta in (".zgroup",) + _ZARR_META:
+        m = p / meta
+        kind = path_kind(m)
+        if kind == "nothing":
+            continue
+        if kind != "a regular file":
+            return f"expected {meta} to be a regular file, found {kind}"
+        size = m.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            return f"expected {meta} of at most {MAX_METADATA_BYTES // 2**20} MiB, found {size} bytes"
+        try:
+            json.loads(m.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            return f"expected {meta} to be UTF-8 JSON, found undecodable bytes"
+        except ValueError as e:
+            return f"expected {meta} to be JSON, found a syntax error at line {e.lineno} column {e.colno}"
+    return None
 
 
 def _tiffs_in(folder: Path) -> list[Path]:
@@ -62,7 +112,7 @@ def is_channel_folder(path) -> bool:
     csv_path = p / "channels.csv"
     if not p.is_dir():
         return False
-    if not csv_path.is_file():
+    if path_kind(csv_path) == "nothing":
         tiffs = _tiffs_in(p)
         if len(tiffs) > 1 and any(p.glob("*.txt")):
             from .folder import _leica_channels
@@ -74,12 +124,13 @@ def is_channel_folder(path) -> bool:
     try:
         rows = read_channels_csv(csv_path)
     except InputError:
-        return False
+        # a broken channels.csv: one slide (the folder) whose error names it, not one failing slide per TIFF
+        return bool(_tiffs_in(p))
     tiffs = _tiffs_in(p)
     files = [r["file"] or (r["channel"] if isinstance(r["channel"], str) else None) for r in rows]
-    if all(files):
-        names = {t.name for t in tiffs} | {slide_stem(t) for t in tiffs}
-        return all(f in names or slide_stem(f) in names for f in files)
+    if any(files):
+        # channels.csv names files: the folder is one slide (reading it names any missing file)
+        return True
     # the same number of multi-plane TIFFs sharing one channels.csv are separate slides
     return len(tiffs) == len(rows) and len(tiffs) > 1 and _single_plane(tiffs[0])
 
@@ -133,7 +184,10 @@ def find_slides(
     Raises
     ------
     InputError
-        An input path that does not exist.
+        An input path that does not exist, or is a device, FIFO, socket, broken link
+        or symlink loop. Such entries found inside a folder are returned (as slides
+        whose reading fails with that message), as are Zarr folders whose metadata
+        does not parse: nothing that looks like a slide is dropped silently.
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -144,11 +198,12 @@ def find_slides(
             return
         if is_partial(p) or (_excluded(p, exclude) and not explicit):
             return
-        if p.is_dir():
-            if is_ome_zarr(p) or p.name.lower().endswith(".zarr"):
+        kind = path_kind(p)
+        if kind == "a folder":
+            if is_zarr_like(p):
+                # a Zarr that is not a readable OME-Zarr is still a slide: reading it says what is wrong
                 if explicit or _match(p.name, include):
-                    if is_ome_zarr(p):
-                        found.add(p.resolve())
+                    found.add(p.resolve())
                 return
             if is_channel_folder(p):
                 found.add(p.resolve())
@@ -156,15 +211,20 @@ def find_slides(
             for child in sorted(p.iterdir()):
                 visit(child, False)
             return
-        if p.is_file():
-            if p.name.lower().endswith(".csv"):
-                return
-            if explicit or _match(p.name, include):
+        if p.name.lower().endswith(".csv"):
+            return
+        if explicit or _match(p.name, include):
+            if kind == "a regular file":
                 found.add(p.resolve())
+            else:  # a device, FIFO, broken link or symlink loop named like a slide: an error row, not a hang
+                found.add(p.absolute())
 
     for item in inputs:
         p = Path(item)
-        if not p.exists():
+        kind = path_kind(p)
+        if kind == "nothing":
             raise InputError("expected an existing slide file or folder, found nothing at this path", path=p)
+        if kind not in ("a regular file", "a folder"):
+            raise InputError(f"expected a slide file or folder (a regular file or folder), found {kind}", path=p)
         visit(p, True)
     return sorted(found)

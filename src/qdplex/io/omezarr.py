@@ -6,10 +6,18 @@ labels, and emission bands / fluors from qdplex's own ``qdplex.channels``
 attribute when present. Writing produces NGFF 0.4 (Zarr v2, read by napari,
 QuPath / Bio-Formats and ome-zarr-py) with the metadata written by
 ``ome_zarr.writer``; level 0 is stored first and the pyramid is built from the
-stored level, so the source graph is computed once.
+stored level, so the source graph is computed once. Every chunk is written, even one
+that holds only zeros, so that a reader can tell a complete store from a damaged one:
+:func:`read_ome_zarr_array` refuses an array with fewer chunk files than its declared
+shape needs (a missing chunk would read as zeros, and a ``.zarray`` that declares a
+100000² image over 256² of data would be processed as 100000²).
 """
 
 from __future__ import annotations
+
+import math
+import os
+import re
 
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +30,7 @@ from ..errors import InputError, OutputError
 from ..model import Channel, MultiplexImage
 from .atomic import atomic_path
 from .channels import apply_channels
+from .checks import MAX_CHUNK_BYTES, check_pixel_dtype
 from .discover import is_ome_zarr, slide_stem
 from .omexml import to_um
 
@@ -43,9 +52,12 @@ def _attrs(group) -> dict:
 
 
 def _open(path) -> tuple[zarr.Group, dict, dict]:
+    from .discover import zarr_metadata_error
+
     path = Path(path)
     if not is_ome_zarr(path):
-        raise InputError("expected an OME-Zarr folder with 'multiscales' metadata, found none", path=path)
+        raise InputError(zarr_metadata_error(path) or "expected an OME-Zarr folder with 'multiscales' metadata, "
+                         "found none", path=path)
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as err:
@@ -71,8 +83,82 @@ def _axes(ms: dict, ndim: int, *, path) -> str:
     return names
 
 
-def read_ome_zarr_array(path, *, level: int = 0) -> tuple[da.Array, str]:
-    """The lazy array of pyramid ``level`` of an OME-Zarr and its axes (e.g. ``"cyx"``)."""
+_CHUNK_KEY = re.compile(r"^(?:c[./])?\d+(?:[./]\d+)*$")
+#: Above this many chunks only the count of chunk files is compared, not their names.
+_NAMED_CHECK_MAX = 1_000_000
+
+
+def _check_stored(arr, folder: Path, path, *, complete: bool = True) -> None:
+    """Raise InputError unless ``folder`` holds one regular chunk file per chunk of the declared shape.
+
+    Also refuses chunks that decode to more than :data:`MAX_CHUNK_BYTES` and special
+    files (devices, FIFOs) among the chunk files, which would never finish reading.
+    With ``complete=False`` absent chunks are allowed (they read as the fill value).
+    """
+    grid = tuple(arr.shards or arr.chunks)
+    chunk_bytes = math.prod(arr.chunks) * np.dtype(arr.dtype).itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        raise InputError(
+            f"expected Zarr chunks of at most {MAX_CHUNK_BYTES // 2**20} MiB, found chunks {tuple(arr.chunks)} "
+            f"of {chunk_bytes // 2**20} MiB ({arr.dtype})",
+            path=path,
+        )
+    counts = tuple(math.ceil(n / c) if n else 0 for n, c in zip(arr.shape, grid))
+    expected = math.prod(counts)
+    found: set[str] = set()
+    n_found = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel_root = os.path.relpath(root, folder)
+        for name in files:
+            rel = name if rel_root == "." else f"{rel_root}/{name}".replace(os.sep, "/")
+            if not _CHUNK_KEY.match(rel):
+                continue
+            full = os.path.join(root, name)
+            if not os.path.isfile(full):
+                from .checks import path_kind
+
+                raise InputError(f"expected chunk files, found {path_kind(full)} at chunk {rel!r}", path=path)
+            n_found += 1
+            if expected <= _NAMED_CHECK_MAX:
+                found.add(rel)
+    if n_found >= expected or not complete:
+        return
+    missing = ""
+    if expected <= _NAMED_CHECK_MAX:
+        import itertools
+
+        for coords in itertools.product(*(range(c) for c in counts)):
+            key = arr.metadata.encode_chunk_key(coords)
+            if key not in found:
+                missing = f", first missing chunk {key!r}"
+                break
+    raise InputError(
+        f"expected {expected} chunk files for the declared shape {tuple(arr.shape)} in chunks {grid}, found "
+        f"{n_found}{missing} (a missing chunk would read as zeros)",
+        path=path,
+    )
+
+
+def read_ome_zarr_array(path, *, level: int = 0, complete: bool = True) -> tuple[da.Array, str]:
+    """The lazy array of pyramid ``level`` of an OME-Zarr and its axes (e.g. ``"cyx"``).
+
+    Parameters
+    ----------
+    path : path-like
+        The OME-Zarr folder.
+    level : int
+        Pyramid level.
+    complete : bool
+        Require one chunk file per chunk of the declared shape (see the module
+        docstring); label images, whose absent chunks mean background, may pass False.
+
+    Raises
+    ------
+    InputError
+        Not an OME-Zarr, a missing level, pixels that are no intensities (bool,
+        complex), oversized chunks, or missing chunk files.
+    """
     path = Path(path)
     group, _, ms = _open(path)
     datasets = ms["datasets"]
@@ -85,7 +171,10 @@ def read_ome_zarr_array(path, *, level: int = 0) -> tuple[da.Array, str]:
             f"expected the array {datasets[level]['path']!r} named in 'multiscales', found {type(err).__name__}: {err}",
             path=path,
         ) from err
-    guarded = _Guarded(arr, path)
+    check_pixel_dtype(arr.dtype, path=path)
+    folder = path / group.path / datasets[level]["path"]
+    _check_stored(arr, folder, path, complete=complete)
+    guarded = _Guarded(arr, path, folder if complete else None)
     lazy = da.from_array(guarded, chunks=arr.chunks, lock=False, asarray=False,
                          meta=np.empty((0,) * arr.ndim, arr.dtype),
                          name=f"ome-zarr-{da.core.tokenize(str(path.resolve()), level, arr.shape, str(arr.dtype))}")
@@ -93,13 +182,64 @@ def read_ome_zarr_array(path, *, level: int = 0) -> tuple[da.Array, str]:
 
 
 class _Guarded:
-    """A Zarr array whose read errors (corrupt chunks) become :class:`InputError` naming the store."""
+    """A Zarr array whose every read is checked: chunk files present and whole, errors as InputError.
 
-    def __init__(self, arr, path):
+    Before a block is read, each chunk file it covers must exist (an absent chunk would
+    read as the fill value), an uncompressed chunk must hold the chunk's bytes, and a
+    Blosc chunk must be as long as its header says (Blosc decodes a truncated chunk
+    into garbage without an error).
+    """
+
+    def __init__(self, arr, path, folder=None):
         self.arr, self.path = arr, str(path)
         self.shape, self.dtype, self.ndim = tuple(arr.shape), np.dtype(arr.dtype), arr.ndim
+        self.folder = None if folder is None or arr.shards is not None else str(folder)
+        self.grid = tuple(arr.chunks)
+        comps = tuple(getattr(arr, "compressors", ()) or ())
+        filters = tuple(getattr(arr, "filters", ()) or ())
+        self.raw_bytes = math.prod(arr.chunks) * self.dtype.itemsize if not comps and not filters else None
+        self.blosc = bool(comps) and type(comps[-1]).__name__.lower().startswith("blosc")
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def _verify(self, key) -> None:
+        if self.folder is None or not isinstance(key, tuple) or len(key) != self.ndim:
+            return
+        import itertools
+
+        ranges = []
+        for k, n, c in zip(key, self.shape, self.grid):
+            if isinstance(k, slice):
+                start, stop, _ = k.indices(n)
+            elif isinstance(k, (int, np.integer)):
+                start, stop = int(k), int(k) + 1
+            else:
+                return
+            if stop <= start:
+                return
+            ranges.append(range(start // c, (stop - 1) // c + 1))
+        for coords in itertools.product(*ranges):
+            rel = self.arr.metadata.encode_chunk_key(coords)
+            f = os.path.join(self.folder, rel)
+            try:
+                size = os.stat(f).st_size
+            except FileNotFoundError:
+                raise InputError(f"expected Zarr chunk {rel!r}, found no such file (it would read as zeros)",
+                                 path=self.path) from None
+            if self.raw_bytes is not None and size != self.raw_bytes:
+                raise InputError(f"expected {self.raw_bytes} bytes in uncompressed Zarr chunk {rel!r}, found {size} "
+                                 f"(short chunk)", path=self.path)
+            if self.blosc:
+                with open(f, "rb") as fh:
+                    head = fh.read(16)
+                cbytes = int.from_bytes(head[12:16], "little") if len(head) == 16 else -1
+                if cbytes != size:
+                    raise InputError(f"expected a Blosc chunk of {max(cbytes, 0)} bytes in {rel!r} (as its header "
+                                     f"says), found {size} bytes (short or corrupt chunk)", path=self.path)
 
     def __getitem__(self, key):
+        self._verify(key)
         try:
             return np.asarray(self.arr[key])
         except Exception as err:
@@ -201,7 +341,8 @@ def _store_level(group, key: str, arr: da.Array, chunk) -> da.Array:
     cy, cx = min(arr.shape[1], chunk), min(arr.shape[2], chunk)
     arr = arr.rechunk({1: cy, 2: cx})
     z = group.create_array(key, shape=arr.shape, chunks=(1, cy, cx), dtype=arr.dtype,
-                           chunk_key_encoding={"name": "v2", "separator": "/"})
+                           chunk_key_encoding={"name": "v2", "separator": "/"},
+                           config={"write_empty_chunks": True})  # complete stores: see the module docstring
     da.store(arr, z, lock=False)
     return da.from_zarr(z)
 

@@ -7,7 +7,9 @@ a whole-slide file is never loaded at once. Channel names come from metadata
 
 from __future__ import annotations
 
+import logging
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask.array as da
@@ -18,6 +20,7 @@ import zarr
 from ..errors import InputError
 from ..model import Channel, MultiplexImage
 from .channels import apply_channels, sidecar_for
+from .checks import MAX_CHUNK_BYTES, check_pixel_dtype, require_regular
 from .discover import slide_stem
 from .omexml import parse_ome
 
@@ -27,11 +30,29 @@ __all__ = ["read_tiff", "TiffArray", "open_tiff"]
 CHUNK_PIXELS = 1024 * 1024
 
 
-def open_tiff(path) -> tifffile.TiffFile:
-    """Open a TIFF, turning every parse failure into an :class:`InputError`."""
-    path = Path(path)
+@contextmanager
+def _quiet_tifffile():
+    """Hold back tifffile's log messages while a file is parsed: qdplex reports what is wrong itself."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
-        tif = tifffile.TiffFile(path)
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def open_tiff(path) -> tifffile.TiffFile:
+    """Open a TIFF, turning every parse failure into an :class:`InputError`.
+
+    Devices, FIFOs and symlink loops are refused before anything is read.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        require_regular(path, what="a TIFF file")
+    try:
+        with _quiet_tifffile():
+            tif = tifffile.TiffFile(path)
         if not tif.series:
             tif.close()
             raise InputError("expected at least one image series in the TIFF, found none", path=path)
@@ -208,13 +229,16 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
         a channel count that differs from the number of planes.
     """
     path = Path(path)
-    with open_tiff(path) as tif:
+    with _quiet_tifffile(), open_tiff(path) as tif:
         series = tif.series[0]
         levels = series.levels
         if level < 0 or level >= len(levels):
             raise InputError(f"expected a pyramid level in 0..{len(levels) - 1}, found level={level}", path=path)
         lev = levels[level]
         axes, shape = lev.axes, tuple(lev.shape)
+        check_pixel_dtype(lev.dtype, path=path)
+        colour = _colour(lev.keyframe, path)
+        _check_stored(tif, lev, path)
         order, chan_axes = _channel_layout(axes, shape, path=path)
         n_planes = int(np.prod([shape[i] for i in order[:-2]])) if chan_axes else 1
         what = (
@@ -248,7 +272,6 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
                            kp.tilewidth or shape[axes.index("X")])
         dtype = lev.dtype
         n_levels = len(levels)
-        _check_extent(tif, lev, path)
         image_name = ome.get("name") if ome else None
 
     given = channels
@@ -256,6 +279,13 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
         side = sidecar_for(path)
         if side is not None and (side.name.endswith(".channels.csv") or found is None):
             given = side
+    if colour and found is None and given is None:
+        raise InputError(
+            f"expected grayscale channels, found a colour image (photometric {colour}, {n_planes} sample(s) per "
+            f"pixel, dtype {dtype}) whose samples no metadata names; qdplex reads colour samples as channels only "
+            f"when the OME metadata or a sidecar CSV names them",
+            path=path,
+        )
     chans = apply_channels(found, given, n_planes, path=path, what=what)
 
     arr = da.from_array(
@@ -283,20 +313,69 @@ def read_tiff(path, *, channels=None, name=None, level: int = 0) -> MultiplexIma
     )
 
 
-def _check_extent(tif, series, path) -> None:
-    """Raise InputError when pixel data lie beyond the end of the file (a truncated copy)."""
+_COLOUR = {"RGB", "YCBCR", "CIELAB", "ICCLAB", "ITULAB", "SEPARATED"}
+
+
+def _colour(page, path) -> str | None:
+    """The photometric name of a colour page (RGB, YCbCr, CMYK, …), None for grayscale.
+
+    Palette pages count as grayscale: ImageJ stores each channel's display LUT that way,
+    and the values are the measured intensities.
+    """
+    photometric = getattr(page.photometric, "name", str(page.photometric))
+    return photometric if photometric in _COLOUR else None
+
+
+def _check_stored(tif, series, path) -> None:
+    """Raise InputError unless the pixel data the file stores cover the shape it declares.
+
+    Every page must list one strip or tile per chunk of its declared size (a patched
+    ImageWidth / ImageLength lists too few), none empty, none beyond the end of the file
+    (a truncated copy); uncompressed data must hold the declared bytes, and a compressed
+    strip or tile must decode to at most :data:`MAX_CHUNK_BYTES`. Nothing is allocated
+    by a number in the file before these hold.
+    """
     size = tif.filehandle.size
+    key = series.keyframe
+    expected = int(np.prod(key.chunked))
+    chunk_bytes = int(np.prod(key.chunks)) * np.dtype(key.dtype).itemsize if key.dtype is not None else 0
+    compressed = int(key.compression) != 1
+    shape = "×".join(str(int(n)) for n in key.shape)
     for page in series.pages:
         if page is None:
             continue
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offsets.size != expected:
+            raise InputError(
+                f"expected {expected} strips/tiles for the declared {shape} page, found {offsets.size} "
+                f"(image size tags that do not match the stored data?)",
+                path=path,
+            )
+        if counts.size and int(counts.min()) <= 0:
+            raise InputError(
+                f"expected pixel data in every strip/tile of the {shape} page, found {int((counts <= 0).sum())} "
+                f"empty (missing data would read as zeros)",
+                path=path,
+            )
         if offsets.size and int((offsets + counts).max()) > size:
             raise InputError(
                 f"expected pixel data up to byte {int((offsets + counts).max())}, "
                 f"found a file of {size} bytes (truncated?)",
                 path=path,
             )
+        if not compressed and int(counts.sum()) < int(key.nbytes):
+            raise InputError(
+                f"expected {int(key.nbytes)} bytes of uncompressed pixels for the declared {shape} page, "
+                f"found {int(counts.sum())} stored",
+                path=path,
+            )
+    if compressed and chunk_bytes > MAX_CHUNK_BYTES:
+        raise InputError(
+            f"expected compressed strips/tiles of at most {MAX_CHUNK_BYTES // 2**20} MiB decoded, "
+            f"found {chunk_bytes // 2**20} MiB each ({'×'.join(str(int(n)) for n in key.chunks)})",
+            path=path,
+        )
 
 
 def _file_chunks(shape, axes, order, cyx_chunks):

@@ -475,7 +475,8 @@ def read_labels(path, *, level: int = 0) -> np.ndarray:
             raise InputError("expected a label TIFF or an OME-Zarr label image, found a folder", path=path)
         from .omezarr import read_ome_zarr_array
 
-        lazy, _ = read_ome_zarr_array(path, level=level)
+        # absent chunks are background (earlier qdplex wrote label stores without their all-zero chunks)
+        lazy, _ = read_ome_zarr_array(path, level=level, complete=False)
         arr = np.asarray(lazy)
     else:
         with open_tiff(path) as tif:
