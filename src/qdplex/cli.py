@@ -102,8 +102,10 @@ def _add_synth(sub) -> None:
 
 
 def _cmd_synth(args) -> int:
+    from .io.checks import check_plain_name
     from .synth import make_slide, read_synth_panel, write_slide
 
+    check_plain_name(args.name, what="--name")  # before the slide is made: its files must stay inside --out
     panel = read_synth_panel(args.panel)  # its unstained control may be what this run writes
     slide = make_slide(
         panel,

@@ -98,7 +98,7 @@ def file_sha256(path) -> str:
     Raises
     ------
     qdplex.errors.InputError
-        When the path does not exist or cannot be read.
+        When the path does not exist, cannot be read, or is a device, FIFO or socket.
     """
     from .errors import InputError
 
@@ -108,6 +108,10 @@ def file_sha256(path) -> str:
         key = _stat_key(path)
         if key in _HASHES:
             return _HASHES[key]
+        if not path.is_dir():
+            from .io.checks import require_regular
+
+            require_regular(path, what="a file to hash")  # a device or FIFO would be read forever
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
             for f in files:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -213,33 +214,80 @@ class SpectralLibrary:
 
         Column names are canonicalised (``"Qdot 655"`` → ``"QD655"``). Empty cells are
         allowed (spectra measured over different ranges); each spectrum is peak-normalised.
+        A malformed file is refused, never repaired: wavelengths must be positive and
+        strictly increasing or decreasing (no duplicates), intensities finite and ≥ 0,
+        and each fluor must have one column only.
+
+        Raises
+        ------
+        SpectraError
+            Naming the file, the column or row, what was expected and what was found.
+            Until the header is recognised as a spectra header, nothing of the file's
+            content is quoted (it may be any file).
         """
+        from .io.checks import require_regular
+
         path = Path(path)
+        if not path.exists() and not path.is_symlink():
+            raise SpectraError("expected a spectra CSV file, found no such file", path=path)
+        require_regular(path, what="a spectra CSV file", error=SpectraError)
+        if path.stat().st_size > _MAX_CSV_BYTES:
+            raise SpectraError(f"expected a spectra CSV of at most {_MAX_CSV_BYTES // 2**20} MiB, "
+                               f"found {path.stat().st_size} bytes", path=path)
         try:
-            df = pd.read_csv(path)
-        except FileNotFoundError:
-            raise SpectraError("expected a spectra CSV file, found no such file", path=path) from None
-        except (OSError, ValueError, pd.errors.ParserError) as e:
-            raise SpectraError(f"expected a readable CSV, found {type(e).__name__}: {e}", path=path) from None
-        cols = [str(c).strip() for c in df.columns]
-        df.columns = cols
-        if not cols or cols[0].lower() not in ("wavelength_nm", "wavelength", "nm", "lambda_nm"):
-            raise SpectraError(
-                f"expected a first column 'wavelength_nm', found {cols[:1] or 'no columns'}", path=path)
+            df = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=True).fillna("")
+        except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise SpectraError(f"expected a readable CSV (wavelength_nm, then one column per fluor), found "
+                               f"{type(e).__name__}", path=path) from None
+        if df.empty:
+            raise SpectraError("expected a header 'wavelength_nm,<fluor>,…', found an empty file", path=path)
+        cols = [str(c).strip() for c in df.iloc[0]]
+        first = cols[0]
+        if first.lower() not in ("wavelength_nm", "wavelength", "nm", "lambda_nm"):
+            shown = f"{first!r}" if _HEADER_RE.fullmatch(first) else "a first line that is no CSV header"
+            raise SpectraError(f"expected a first column 'wavelength_nm', found {shown}", path=path)
         if len(cols) < 2:
             raise SpectraError("expected one column per fluor after 'wavelength_nm', found none", path=path)
-        try:
-            wl = pd.to_numeric(df[cols[0]], errors="raise").to_numpy(float)
-        except (ValueError, TypeError):
-            raise SpectraError(f"column {cols[0]!r}: expected numbers, found non-numeric values", path=path) from None
+        body = df.iloc[1:]
+        rows = np.arange(2, 2 + len(body))  # 1-based file lines (header is line 1)
+        wl = pd.to_numeric(body[0].str.strip(), errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(wl) | (wl <= 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise SpectraError(f"column {first!r}: expected a positive wavelength in nm on every row, found "
+                               f"{body[0].iloc[i]!r} at row {rows[i]}", path=path)
+        if wl.size < 2:
+            raise SpectraError(f"expected at least 2 wavelength rows, found {wl.size}", path=path)
+        step = np.diff(wl)
+        if not (np.all(step > 0) or np.all(step < 0)):
+            i = int(np.argmax(step == 0)) if np.any(step == 0) else int(np.argmax(np.sign(step) != np.sign(step[0])))
+            what = "a duplicate" if step[i] == 0 else "a change of direction"
+            raise SpectraError(f"column {first!r}: expected strictly increasing (or decreasing) wavelengths, found "
+                               f"{what} at row {rows[i + 1]} ({wl[i]:g} then {wl[i + 1]:g} nm)", path=path)
+        seen: dict[str, str] = {}
+        for j, c in enumerate(cols[1:], start=1):
+            if not c:
+                raise SpectraError(f"expected a fluor name heading column {j + 1}, found an empty name", path=path)
+            key = _ALIASES.get(_squash(canonical_fluor(c)), _squash(canonical_fluor(c)))
+            if key in seen:
+                raise SpectraError(f"expected one column per fluor, found columns {seen[key]!r} and {c!r} for "
+                                   f"{canonical_fluor(c)}", path=path)
+            seen[key] = c
         out = cls()
-        for c in cols[1:]:
-            vals = pd.to_numeric(df[c], errors="coerce").to_numpy(float)
-            bad = df[c].notna().to_numpy() & ~np.isfinite(vals)
+        for j, c in enumerate(cols[1:], start=1):
+            text = body[j].str.strip() if j in body.columns else pd.Series([""] * len(body))
+            vals = pd.to_numeric(text.replace("", np.nan), errors="coerce").to_numpy(float)
+            given = (text != "").to_numpy()
+            bad = given & ~np.isfinite(vals)
             if bad.any():
-                raise SpectraError(
-                    f"column {c!r}: expected numbers, found {df[c][bad].iloc[0]!r} "
-                    f"at row {int(np.argmax(bad)) + 2}", path=path)
+                i = int(np.argmax(bad))
+                raise SpectraError(f"column {c!r}: expected numbers, found {text.iloc[i]!r} at row {rows[i]}",
+                                   path=path)
+            neg = given & (vals < 0)
+            if neg.any():
+                i = int(np.argmax(neg))
+                raise SpectraError(f"column {c!r}: expected intensities ≥ 0, found {vals[i]:g} at row {rows[i]}",
+                                   path=path)
             out.add(c, wl, vals, source=f"csv: {path.resolve()} column {c!r}",
                     where=f"{path}: column {c!r}")
         return out
@@ -403,6 +451,12 @@ class SpectralLibrary:
                 )
             out[:, k] = col
         return out
+
+
+#: Largest spectra CSV read (a spectrum is a few thousand rows).
+_MAX_CSV_BYTES = 64 * 2**20
+# a first CSV field that may be echoed in an error (a header, not a line of some other file)
+_HEADER_RE = re.compile(r"[\w .()/µ-]{1,40}")
 
 
 def _squash(name: str) -> str:

@@ -929,9 +929,10 @@ def write_slide(slide: SynthSlide, out_dir, *, compression="zlib") -> dict:
         ``{"slide", "nuclei", "cells", "abundances", "truth", "settings"[, "unstained"]}`` → Path.
     """
     from .io import atomic_path, write_labels, write_ome_tiff
+    from .io.checks import check_plain_name
 
     out = Path(out_dir)
-    n = slide.name
+    n = check_plain_name(slide.name)  # its files must stay inside out_dir
     paths = {
         "slide": out / "slides" / f"{n}.ome.tif",
         "nuclei": out / "truth" / n / "nuclei.tif",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from pathlib import Path
 
 from ..errors import InputError
@@ -43,6 +44,12 @@ _ALIASES = {
     "fluor": "fluor",
     "fluorophore": "fluor",
 }
+
+
+#: Largest channel CSV read (one row per channel).
+MAX_CSV_BYTES = 16 * 2**20
+# header fields that may be echoed in an error (a CSV header, not a line of some other file)
+_HEADER_FIELD = re.compile(r"[\w .()/µ-]{0,40}")
 
 
 class ChannelRow(dict):
@@ -88,7 +95,13 @@ def read_channels_csv(path) -> list[ChannelRow]:
         Missing ``name`` column, empty or duplicate names, non-numeric
         wavelengths, or channel numbers that are not 0..N-1 or 1..N.
     """
+    from .checks import require_regular
+
     path = Path(path)
+    require_regular(path, what="a channel CSV file")
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise InputError(f"expected a channel CSV of at most {MAX_CSV_BYTES // 2**20} MiB, "
+                         f"found {path.stat().st_size} bytes", path=path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -99,9 +112,9 @@ def read_channels_csv(path) -> list[ChannelRow]:
         raise InputError("expected a header 'channel,name[,emission_nm,bandwidth_nm]', found an empty file", path=path)
     header = [_ALIASES.get(h.strip().lower()) for h in rows[0]]
     if "name" not in header:
-        raise InputError(
-            f"expected a 'name' (or 'marker_name') column, found columns {[h.strip() for h in rows[0]]}", path=path
-        )
+        fields = [h.strip() for h in rows[0]]
+        shown = f"columns {fields}" if all(_HEADER_FIELD.fullmatch(h) for h in fields) else "no CSV header"
+        raise InputError(f"expected a 'name' (or 'marker_name') column, found {shown}", path=path)
     out: list[ChannelRow] = []
     for lineno, row in enumerate(rows[1:], start=2):
         rec = {key: (row[i].strip() if i < len(row) else "") for i, key in enumerate(header) if key}
@@ -149,10 +162,15 @@ def sidecar_for(path) -> Path | None:
     path = Path(path)
     from .discover import slide_stem
 
+    from .checks import path_kind
+
     for cand in (path.with_name(f"{slide_stem(path)}.channels.csv"), path.with_name("channels.csv"),
                  path.with_name("markers.csv")):
-        if cand.is_file():
+        kind = path_kind(cand)
+        if kind == "a regular file":
             return cand
+        if kind != "nothing":
+            raise InputError(f"expected a channel CSV (a regular file), found {kind}", path=cand)
     return None
 
 

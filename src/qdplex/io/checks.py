@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["path_kind", "require_regular", "resolve_input", "check_pixel_dtype", "MAX_CHUNK_BYTES"]
+__all__ = ["path_kind", "require_regular", "resolve_input", "check_pixel_dtype", "check_plain_name", "MAX_CHUNK_BYTES"]
 
 #: Largest decoded chunk (Zarr chunk, compressed TIFF strip or tile) a reader allocates.
 MAX_CHUNK_BYTES = 512 * 2**20
@@ -93,3 +93,29 @@ def check_pixel_dtype(dtype, *, path) -> np.dtype:
             "S": "byte-string", "U": "string", "M": "datetime", "m": "timedelta"}.get(dt.kind, "non-numeric")
     raise InputError(f"expected integer or floating-point pixels (intensities), found {what} pixels of dtype {dt}",
                      path=path)
+
+
+def check_plain_name(name, *, what: str = "a slide name", error=None) -> str:
+    """``name`` when it is a plain file name; else an error (an :class:`~qdplex.errors.OutputError` by default).
+
+    A plain name is non-empty, is not only dots (``.``, ``..``), holds no path separator
+    or NUL and does not start with a dot (hidden files are never slides), so a file
+    named after it stays inside the folder it is written to.
+    """
+    from ..errors import OutputError
+
+    error = error or OutputError
+    n = name if isinstance(name, str) else ""
+    problem = ""
+    if not n.strip():
+        problem = "an empty name"
+    elif set(n) <= {"."}:
+        problem = "only dots"
+    elif any(c in n for c in ("/", "\\", "\0")) or os.sep in n or (os.altsep and os.altsep in n):
+        problem = "a path separator"
+    elif n.startswith("."):
+        problem = "a hidden name (leading dot)"
+    if problem:
+        raise error(f"expected {what} that is a plain file name (no path separators, not '.' or '..', "
+                    f"no leading dot), found {problem}: {name!r}")
+    return n

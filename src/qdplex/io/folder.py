@@ -125,8 +125,13 @@ def read_channel_folder(path, *, channels=None, name=None) -> MultiplexImage:
         if all(keys):
             missing = [k for k in keys if k not in by_name and slide_stem(k) not in by_name]
             if missing:
-                raise InputError(f"channels.csv names files {missing}, found only {[p.name for p in files]}", path=folder)
+                raise InputError(
+                    f"expected every file channels.csv names, found {missing} missing "
+                    f"(the folder holds {[p.name for p in files]})", path=folder)
             files = [by_name.get(k) or by_name[slide_stem(k)] for k in keys]
+            twice = sorted({f.name for f in files if files.count(f) > 1})
+            if twice:
+                raise InputError(f"expected one channels.csv row per file, found {twice} named twice", path=folder)
         elif len(rows) != len(files):
             raise InputError(
                 f"expected {len(rows)} channel TIFFs (rows of channels.csv), found {len(files)}: {[p.name for p in files]}",
