@@ -256,10 +256,12 @@ def check_output_location(inputs: Iterable, out, slides: Iterable | None = None)
     OutputError
         Naming the output folder and the input that it would overwrite.
     """
+    from .io.checks import resolve_input
+
     out = Path(out).expanduser().resolve()
     given = []
     for p in inputs:
-        p = Path(p).expanduser().resolve()
+        p = resolve_input(p)  # a symlink loop: InputError, not RuntimeError
         if not p.exists():
             raise QdplexError("expected a slide file or a folder of slides, found no such path", path=p)
         given.append(p)

@@ -185,9 +185,10 @@ def find_slides(
     ------
     InputError
         An input path that does not exist, or is a device, FIFO, socket, broken link
-        or symlink loop. Such entries found inside a folder are returned (as slides
-        whose reading fails with that message), as are Zarr folders whose metadata
-        does not parse: nothing that looks like a slide is dropped silently.
+        or symlink loop. Devices, FIFOs and broken links named like slides inside a
+        folder are returned (as slides whose reading fails with that message), as are
+        Zarr folders whose metadata does not parse; symlink loops inside a folder are
+        skipped (they have no name to resolve).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -216,8 +217,8 @@ def find_slides(
         if explicit or _match(p.name, include):
             if kind == "a regular file":
                 found.add(p.resolve())
-            else:  # a device, FIFO, broken link or symlink loop named like a slide: an error row, not a hang
-                found.add(p.absolute())
+            elif kind != "a symlink loop":  # a device, FIFO or broken link named like a slide: an error row
+                found.add(p.resolve())
 
     for item in inputs:
         p = Path(item)
