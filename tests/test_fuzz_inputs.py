@@ -166,6 +166,31 @@ def test_special_sidecars_refused(tmp_path):
             read_channels_csv("/dev/zero")
 
 
+def test_special_files_inside_a_zarr_or_channel_folder_refused(tmp_path, zarr_slide):
+    with deadline(20):
+        za = zarr_slide / "0" / ".zarray"
+        za.unlink()
+        _fifo(za)
+        with pytest.raises(InputError, match=r"0/\.zarray: expected \.zarray to be a regular file, found a FIFO"):
+            read_image(zarr_slide)
+        (zarr_slide / ".zattrs").unlink()
+        (zarr_slide / ".zattrs").symlink_to("/dev/zero")
+        assert find_slides(tmp_path) == [zarr_slide.resolve()]  # still a slide, not dropped
+        with pytest.raises(InputError, match=r"expected \.zattrs to be a regular file, found a character device"):
+            read_image(zarr_slide)
+        folder = _channel_folder(tmp_path / "chans", 2)
+        _fifo(folder / "channels.csv")
+        assert folder.resolve() in find_slides(tmp_path)
+        with pytest.raises(InputError, match=r"channels.csv: expected a channel CSV file .*found a FIFO"):
+            read_image(folder)
+        ok = write_ome_zarr(tmp_path / "ok.ome.zarr", _data((1, 64, 64)), ["a"], chunk=32)
+        chunk = ok / "0" / "0" / "1" / "1"
+        chunk.unlink()
+        _fifo(chunk)
+        with pytest.raises(InputError, match=r"expected chunk files, found a FIFO \(named pipe\) at chunk '0/1/1'"):
+            read_image(ok)
+
+
 @pytest.mark.parametrize("section,key,value,what", [
     ("autofluorescence", "control", "/dev/zero", "character device"),
     ("spectra", "files", '["/dev/zero"]', "character device"),

@@ -9,6 +9,12 @@
 
 Writers are atomic (:func:`atomic_path`): OME-TIFF images and uint32 label
 masks (:mod:`.writers`), OME-Zarr images and labels (:mod:`.omezarr`).
+
+Before a pixel is read (:mod:`.checks`), devices, FIFOs and symlink loops are
+refused, pixels must be integers or floats, and the data a file stores must cover
+the shape it declares (TIFF strips and tiles, Zarr chunk files): nothing is
+allocated by a number written in a file, and a missing or short chunk is an
+:class:`~qdplex.errors.InputError`, never zeros.
 """
 
 from __future__ import annotations

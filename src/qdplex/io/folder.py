@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..model import Channel, MultiplexImage
 from .channels import apply_channels, read_channels_csv
+from .checks import path_kind
 from .discover import TIFF_SUFFIXES, slide_stem
 
 __all__ = ["read_channel_folder", "parse_leica_txt"]
@@ -118,7 +119,7 @@ def read_channel_folder(path, *, channels=None, name=None) -> MultiplexImage:
     files = _channel_files(folder)
     csv_path = folder / "channels.csv"
     found: list[Channel]
-    if csv_path.is_file():
+    if path_kind(csv_path) != "nothing":  # read_channels_csv refuses a channels.csv that is a device or FIFO
         rows = read_channels_csv(csv_path)
         by_name = {p.name: p for p in files} | {slide_stem(p): p for p in files}
         keys = [r["file"] or (r["channel"] if isinstance(r["channel"], str) else None) for r in rows]

@@ -83,6 +83,23 @@ def _axes(ms: dict, ndim: int, *, path) -> str:
     return names
 
 
+def _check_metadata_files(folder: Path, path) -> None:
+    """Refuse array metadata (``.zarray``, ``.zattrs``, ``zarr.json``) that is a special file or oversized."""
+    from .checks import path_kind
+    from .discover import MAX_METADATA_BYTES
+
+    for meta in (".zarray", ".zattrs", "zarr.json"):
+        m = folder / meta
+        kind = path_kind(m)
+        if kind == "nothing":
+            continue
+        if kind != "a regular file":
+            raise InputError(f"expected {meta} to be a regular file, found {kind}", path=m)
+        if m.stat().st_size > MAX_METADATA_BYTES:
+            raise InputError(f"expected {meta} of at most {MAX_METADATA_BYTES // 2**20} MiB, "
+                             f"found {m.stat().st_size} bytes", path=m)
+
+
 _CHUNK_KEY = re.compile(r"^(?:c[./])?\d+(?:[./]\d+)*$")
 #: Above this many chunks only the count of chunk files is compared, not their names.
 _NAMED_CHECK_MAX = 1_000_000
@@ -164,6 +181,7 @@ def read_ome_zarr_array(path, *, level: int = 0, complete: bool = True) -> tuple
     datasets = ms["datasets"]
     if level < 0 or level >= len(datasets):
         raise InputError(f"expected a pyramid level in 0..{len(datasets) - 1}, found level={level}", path=path)
+    _check_metadata_files(path / group.path / str(datasets[level]["path"]), path)
     try:
         arr = group[datasets[level]["path"]]
     except Exception as err:
