@@ -118,6 +118,19 @@ def test_tiff_with_patched_image_width_and_length_fails_fast_under_memory_limit(
     _assert_fast_input_error(path, "declared 100000×100000")
 
 
+def test_patched_label_tiff_fails_fast_under_memory_limit(tmp_path):
+    path = tmp_path / "cells.tif"
+    tifffile.imwrite(path, np.arange(256 * 256, dtype=np.uint32).reshape(256, 256), photometric="minisblack")
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(100000)
+        tif.pages[0].tags["ImageLength"].overwrite(100000)
+    code = (f"from qdplex.io import read_labels\nfrom qdplex.errors import InputError\n"
+            f"try:\n    read_labels({str(path)!r})\nexcept InputError as e:\n    print(e)\n    raise SystemExit(0)\n"
+            f"raise SystemExit(1)\n")
+    r, seconds = _under_limit(code)
+    assert r.returncode == 0 and "declared 100000×100000 page, found 1" in r.stdout and seconds < 30, r
+
+
 def test_diameter_1e9_fails_at_panel_read_under_memory_limit(tmp_path):
     p = tmp_path / "p.toml"
     p.write_text('name = "x"\n[[markers]]\nname = "HER2"\nfluor = "QD655"\n[segmentation]\ndiameter_um = 1e9\n')

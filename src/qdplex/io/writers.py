@@ -467,7 +467,7 @@ def read_labels(path, *, level: int = 0) -> np.ndarray:
         Not a single-plane image, non-integer values, negative or too large labels.
     """
     from .discover import is_ome_zarr
-    from .tiff import open_tiff
+    from .tiff import _check_stored, _quiet_tifffile, open_tiff
 
     path = Path(path)
     if path.is_dir():
@@ -479,10 +479,11 @@ def read_labels(path, *, level: int = 0) -> np.ndarray:
         lazy, _ = read_ome_zarr_array(path, level=level, complete=False)
         arr = np.asarray(lazy)
     else:
-        with open_tiff(path) as tif:
+        with _quiet_tifffile(), open_tiff(path) as tif:
             series = tif.series[0]
             if level >= len(series.levels):
                 raise InputError(f"expected a pyramid level in 0..{len(series.levels) - 1}, found {level}", path=path)
+            _check_stored(tif, series.levels[level], path)  # before allocating the declared shape
             try:
                 arr = series.levels[level].asarray()
             except Exception as err:
