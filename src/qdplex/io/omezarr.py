@@ -101,7 +101,7 @@ def _check_metadata_files(folder: Path, path) -> None:
 
 
 _CHUNK_KEY = re.compile(r"^(?:c[./])?\d+(?:[./]\d+)*$")
-#: Above this many chunks only the count of chunk files is compared, not their names.
+#: Above this many chunks a failing check gives the count of chunk files, not the first missing one.
 _NAMED_CHECK_MAX = 1_000_000
 
 
@@ -122,32 +122,33 @@ def _check_stored(arr, folder: Path, path, *, complete: bool = True) -> None:
         )
     counts = tuple(math.ceil(n / c) if n else 0 for n, c in zip(arr.shape, grid))
     expected = math.prod(counts)
-    found: set[str] = set()
     n_found = 0
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel_root = os.path.relpath(root, folder)
-        for name in files:
-            rel = name if rel_root == "." else f"{rel_root}/{name}".replace(os.sep, "/")
-            if not _CHUNK_KEY.match(rel):
-                continue
-            full = os.path.join(root, name)
-            if not os.path.isfile(full):
-                from .checks import path_kind
+    pending = [("", str(folder))]
+    while pending:  # scandir: the file type comes with the listing, one stat per special entry only
+        prefix, where = pending.pop()
+        with os.scandir(where) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                rel = prefix + e.name
+                if e.is_dir():
+                    pending.append((rel + "/", e.path))
+                elif _CHUNK_KEY.match(rel):
+                    if not e.is_file():
+                        from .checks import path_kind
 
-                raise InputError(f"expected chunk files, found {path_kind(full)} at chunk {rel!r}", path=path)
-            n_found += 1
-            if expected <= _NAMED_CHECK_MAX:
-                found.add(rel)
+                        raise InputError(f"expected chunk files, found {path_kind(e.path)} at chunk {rel!r}",
+                                         path=path)
+                    n_found += 1
     if n_found >= expected or not complete:
         return
     missing = ""
-    if expected <= _NAMED_CHECK_MAX:
+    if expected <= _NAMED_CHECK_MAX:  # name the first missing chunk
         import itertools
 
         for coords in itertools.product(*(range(c) for c in counts)):
             key = arr.metadata.encode_chunk_key(coords)
-            if key not in found:
+            if not os.path.isfile(os.path.join(folder, key)):
                 missing = f", first missing chunk {key!r}"
                 break
     raise InputError(
