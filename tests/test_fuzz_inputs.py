@@ -107,15 +107,23 @@ def test_zarr_declaring_a_huge_chunk_fails_fast_under_memory_limit(zarr_slide):
     _assert_fast_input_error(zarr_slide, "(1, 100000, 100000)", "MiB")
 
 
-@pytest.mark.parametrize("layout", [{}, {"tile": (128, 128)}, {"compression": "zlib"}])
-def test_tiff_with_patched_image_width_and_length_fails_fast_under_memory_limit(tmp_path, layout):
+@pytest.mark.parametrize("layout,rows,needle", [
+    ({}, False, "declared 100000×100000"),
+    ({"tile": (128, 128)}, False, "declared 100000×100000"),
+    ({"compression": "zlib"}, False, "declared 100000×100000"),
+    ({}, True, "expected 20000000000 bytes of uncompressed pixels"),  # RowsPerStrip patched too: one strip
+    ({"compression": "zlib"}, True, "decoded, found 19073 MiB"),
+])
+def test_tiff_with_patched_image_width_and_length_fails_fast_under_memory_limit(tmp_path, layout, rows, needle):
     path = tmp_path / "patched.tif"
     tifffile.imwrite(path, _data(), photometric="minisblack", **layout)
     with tifffile.TiffFile(path, mode="r+") as tif:
         for page in tif.pages:
             page.tags["ImageWidth"].overwrite(100000)
             page.tags["ImageLength"].overwrite(100000)
-    _assert_fast_input_error(path, "declared 100000×100000")
+            if rows:
+                page.tags["RowsPerStrip"].overwrite(100000)
+    _assert_fast_input_error(path, needle)
 
 
 def test_patched_label_tiff_fails_fast_under_memory_limit(tmp_path):

@@ -262,3 +262,14 @@ def test_keys_never_read_are_gone(tmp_path, key, value):
     p.write_text(f'name = "x"\n[[markers]]\nname="A"\nfluor="QD655"\n[{key}]\n{value}\n')
     with pytest.raises(PanelError, match="never read"):
         read_panel(p)
+
+
+def test_every_shipped_panel_round_trips_through_its_record(breast_panel_path):
+    import json
+
+    from qdplex.panel import Panel
+
+    for p in sorted(breast_panel_path.parent.glob("*.toml")) + [breast_panel_path.parents[1] / "sample_data" / "panel.toml"]:
+        panel = read_panel(p)
+        back = Panel.from_record(json.loads(json.dumps(panel.to_dict())))
+        assert back == panel and back.settings == panel.settings, p
