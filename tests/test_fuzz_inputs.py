@@ -531,3 +531,13 @@ def test_rgb_without_channel_names_refused_by_samples(tmp_path):
     assert str(path) in msg and "found a colour image (photometric RGB, 3 sample(s) per pixel, dtype uint8)" in msg
     # named samples (OME metadata, a sidecar or channels=) are read as channels, as before
     assert read_image(path, channels=["r", "g", "b"]).shape == (3, 32, 32)
+
+
+def test_channels_csv_with_text_labels_stays_a_sidecar(tmp_path):
+    """A channel column of labels (not file names) beside one multi-plane TIFF is still that TIFF's sidecar."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    tifffile.imwrite(folder / "s.tif", _data((3, 32, 32)), photometric="minisblack")
+    (folder / "channels.csv").write_text("channel,name\nc1,DAPI\nc2,QD655\nc3,QD605\n")
+    assert find_slides(tmp_path) == [(folder / "s.tif").resolve()]
+    assert read_image(folder / "s.tif").channel_names == CHANNELS

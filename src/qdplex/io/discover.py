@@ -128,7 +128,10 @@ def is_channel_folder(path) -> bool:
         return bool(_tiffs_in(p))
     tiffs = _tiffs_in(p)
     files = [r["file"] or (r["channel"] if isinstance(r["channel"], str) else None) for r in rows]
-    if any(files):
+    named = [f for f in files if f]
+    present = {t.name for t in tiffs} | {slide_stem(t) for t in tiffs}
+    if named and (any(f in present or slide_stem(f) in present for f in named)
+                  or all(f.lower().endswith(TIFF_SUFFIXES) for f in named)):
         # channels.csv names files: the folder is one slide (reading it names any missing file)
         return True
     # the same number of multi-plane TIFFs sharing one channels.csv are separate slides
