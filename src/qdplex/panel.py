@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import math
 import re
-import stat
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -541,16 +540,10 @@ def _check_keys(d: dict, allowed, path, where):
 
 
 def _kind(p: Path) -> str:
-    """What is at ``p`` when it is not a regular file or folder, in words."""
-    try:
-        mode = p.stat().st_mode
-    except OSError as e:
-        return f"an unreadable path ({e.strerror or type(e).__name__})"
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
+    """What is at ``p`` when it is not a regular file or folder, in words (:func:`qdplex.io.checks.path_kind`)."""
+    from .io.checks import path_kind
+
+    return path_kind(p)
 
 
 def _named_file(value, key, path, base, *, check, folder_ok=False, what="an existing file") -> Path:

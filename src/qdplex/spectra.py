@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -225,7 +224,7 @@ class SpectralLibrary:
             Until the header is recognised as a spectra header, nothing of the file's
             content is quoted (it may be any file).
         """
-        from .io.checks import require_regular
+        from .io.checks import quotable_header, require_regular
 
         path = Path(path)
         if not path.exists() and not path.is_symlink():
@@ -244,7 +243,7 @@ class SpectralLibrary:
         cols = [str(c).strip() for c in df.iloc[0]]
         first = cols[0]
         if first.lower() not in ("wavelength_nm", "wavelength", "nm", "lambda_nm"):
-            shown = f"{first!r}" if _HEADER_RE.fullmatch(first) else "a first line that is no CSV header"
+            shown = f"{first!r}" if first and quotable_header(cols) else "a first line that is no CSV header"
             raise SpectraError(f"expected a first column 'wavelength_nm', found {shown}", path=path)
         if len(cols) < 2:
             raise SpectraError("expected one column per fluor after 'wavelength_nm', found none", path=path)
@@ -455,8 +454,6 @@ class SpectralLibrary:
 
 #: Largest spectra CSV read (a spectrum is a few thousand rows).
 _MAX_CSV_BYTES = 64 * 2**20
-# a first CSV field that may be echoed in an error (a header, not a line of some other file)
-_HEADER_RE = re.compile(r"[\w .()/µ-]{1,40}")
 
 
 def _squash(name: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 from pathlib import Path
 
 from ..errors import InputError
@@ -48,8 +47,6 @@ _ALIASES = {
 
 #: Largest channel CSV read (one row per channel).
 MAX_CSV_BYTES = 16 * 2**20
-# header fields that may be echoed in an error (a CSV header, not a line of some other file)
-_HEADER_FIELD = re.compile(r"[\w .()/µ-]{0,40}")
 
 
 class ChannelRow(dict):
@@ -95,7 +92,7 @@ def read_channels_csv(path) -> list[ChannelRow]:
         Missing ``name`` column, empty or duplicate names, non-numeric
         wavelengths, or channel numbers that are not 0..N-1 or 1..N.
     """
-    from .checks import require_regular
+    from .checks import quotable_header, require_regular
 
     path = Path(path)
     require_regular(path, what="a channel CSV file")
@@ -113,7 +110,7 @@ def read_channels_csv(path) -> list[ChannelRow]:
     header = [_ALIASES.get(h.strip().lower()) for h in rows[0]]
     if "name" not in header:
         fields = [h.strip() for h in rows[0]]
-        shown = f"columns {fields}" if all(_HEADER_FIELD.fullmatch(h) for h in fields) else "no CSV header"
+        shown = f"columns {fields}" if quotable_header(fields) else "no CSV header"
         raise InputError(f"expected a 'name' (or 'marker_name') column, found {shown}", path=path)
     out: list[ChannelRow] = []
     for lineno, row in enumerate(rows[1:], start=2):

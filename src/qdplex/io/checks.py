@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["path_kind", "require_regular", "resolve_input", "check_pixel_dtype", "check_plain_name", "MAX_CHUNK_BYTES"]
+__all__ = ["path_kind", "require_regular", "resolve_input", "check_pixel_dtype", "check_plain_name", "quotable_header",
+           "MAX_CHUNK_BYTES"]
 
 #: Largest decoded chunk (Zarr chunk, compressed TIFF strip or tile) a reader allocates.
 MAX_CHUNK_BYTES = 512 * 2**20
@@ -119,3 +121,15 @@ def check_plain_name(name, *, what: str = "a slide name", error=None) -> str:
         raise error(f"expected {what} that is a plain file name (no path separators, not '.' or '..', "
                     f"no leading dot), found {problem}: {name!r}")
     return n
+
+
+_HEADER_FIELD = re.compile(r"[\w .()/µ-]{0,40}")
+
+
+def quotable_header(fields) -> bool:
+    """True when CSV header ``fields`` may be quoted in an error message.
+
+    Only short names of letters, digits, spaces and ``. ( ) / µ -`` qualify: the first
+    line of a file that is no CSV (a password file named by mistake) is never echoed.
+    """
+    return all(isinstance(f, str) and _HEADER_FIELD.fullmatch(f) for f in fields)
