@@ -219,11 +219,14 @@ class _Store:
         return da.from_array(arr, chunks=chunks)
 
 
-def _scheduler_context(scheduler):
-    """Run the stages on ``scheduler`` (a Client or any dask scheduler name); inside a
-    distributed worker, on the cluster through a seceded worker client."""
+def _scheduler_context(scheduler, kind: str):
+    """Run the stages on ``scheduler`` (a Client or any dask scheduler name); by default, a
+    slide on disk storage inside a distributed worker runs its tiles on the worker's whole
+    cluster (through a seceded worker client), anything else on the scheduler in use."""
     if scheduler is not None:
         return dask.config.set(scheduler=scheduler)
+    if kind != "disk":
+        return nullcontext()
     try:
         from distributed import get_worker, worker_client
 
@@ -250,6 +253,14 @@ class _on_cluster:
 
 
 def _workers() -> int:
+    """Tiles worth running at once: the cluster's threads on a distributed client, else dask's
+    ``num_workers`` setting (a batch worker sets its share of the machine), else the CPU count."""
+    client = dask.config.get("scheduler", None)
+    if hasattr(client, "nthreads"):
+        try:
+            return max(1, int(sum(client.nthreads().values())))
+        except Exception:  # a client that cannot answer: the local count still works
+            pass
     n = dask.config.get("num_workers", None)
     return int(n or os.cpu_count() or 1)
 
@@ -316,7 +327,7 @@ def run_slide(
     store = _Store(kind, tile, scratch)
     ok = False
     try:
-        with _warnings.catch_warnings(record=True) as caught, _scheduler_context(scheduler):
+        with _warnings.catch_warnings(record=True) as caught, _scheduler_context(scheduler, kind):
             _warnings.simplefilter("always")
             nw = _workers()
             # 1. unmix ----------------------------------------------------------------------
