@@ -82,12 +82,12 @@ def _assert_same_tables(a: Path, b: Path) -> None:
 
 
 def _assert_complete(out: Path) -> None:
-    """Every slide folder in OUT is complete: its batch record matches its files."""
-    from qdplex.batch import _read_record
+    """Every slide folder in OUT is complete: its batch record matches its files' content."""
+    from qdplex.outputs import completion_record
 
     for d in out.iterdir():
         if d.is_dir() and not d.name.startswith("."):
-            assert _read_record(d) is not None, f"{d} looks like a slide folder but is not complete"
+            assert completion_record(d) is not None, f"{d} looks like a slide folder but is not complete"
 
 
 # --------------------------------------------------------------------------- tests
@@ -360,7 +360,8 @@ def test_two_slides_with_one_name(cohort, panel, tmp_path):
 
 def test_manifest_hashes_never_read_as_numbers(tmp_path):
     """A digest like 86e2417… is a float with a huge exponent to a CSV sniffer; the prefix prevents that."""
-    from qdplex.batch import MANIFEST_COLUMNS, _manifest_for_csv
+    from qdplex.outputs import MANIFEST_COLUMNS
+    from qdplex.outputs import manifest_for_csv as _manifest_for_csv
 
     row = dict.fromkeys(MANIFEST_COLUMNS, "")
     row.update(slide="s", status="ok", input_sha256="86e24171728200f00bbe17c2" + "0" * 40,
