@@ -556,9 +556,11 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
 
     slide_dir = Path(slide_dir)
     rec = outputs.read_run_record(slide_dir)
-    missing = [k for k in outputs.IMAGE_KINDS if outputs.find_image(slide_dir, k) is None]
+    missing = [f"{k}{outputs.FORMATS['tiff']}" for k in outputs.IMAGE_KINDS if outputs.find_image(slide_dir, k) is None]
+    if not any(outputs.table_path(slide_dir, f).is_file() for f in ("parquet", "csv")):
+        missing.append("cells.csv")
     if missing:
-        raise InputError(f"expected the slide images {missing} to rebuild its report, found them missing",
+        raise InputError(f"expected the slide outputs {missing} to rebuild its report, found them missing",
                          path=slide_dir)
     panel = outputs.panel_from_record(rec, where=slide_dir / outputs.RUN_JSON)
     inputs = rec.get("inputs") or []
