@@ -64,6 +64,8 @@ MEMORY_PIXELS = 4096 * 4096
 DEFAULT_TILE = 1024
 
 Progress = Callable[[str, float], None]
+#: Warning categories that speak to developers, not to the user of a slide's results.
+_NOT_FOR_USERS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, ResourceWarning, ImportWarning)
 
 
 @dataclass
@@ -387,7 +389,7 @@ def run_slide(
             report("score", 1.0)
         found = list(getattr(res, "warnings", None) or [])
         found += [_one_line(f"{w.category.__name__}: {w.message}") for w in caught
-                  if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+                  if not issubclass(w.category, _NOT_FOR_USERS)]
         records["storage"] = {"storage": kind, "tile": tile, "scratch": None if store.root is None else str(store.root)}
         result = SlideResult(image, panel, lib, unmixed, seg, table, summary, thresholds, timings,
                              warnings=list(dict.fromkeys(found)), records=records, storage=kind, tile=tile,
