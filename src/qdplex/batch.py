@@ -163,6 +163,7 @@ def run_batch(
     rows: dict[int, dict] = {}
     state = None
     staging = out / STAGING
+    stopped = "batch interrupted"
     restore = _on_sigterm()
     try:
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
@@ -254,13 +255,14 @@ def run_batch(
                 pass
         raise
     except OSError as e:  # the batch's own files (manifest, log, record) could not be written
+        stopped = f"batch stopped: {_os_error(e)}"
         raise OutputError(f"expected to write the batch files, found {_os_error(e)}", path=out) from None
     finally:
         restore()
         shutil.rmtree(staging, ignore_errors=True)
         if progress is not None:
             try:
-                progress.close("batch interrupted")
+                progress.close(stopped)
             except Exception:  # a full disk must not hide the reason the batch stopped
                 pass
         _release_lock(lock)
@@ -454,11 +456,12 @@ def _slide_task(path, *, panel, panel_sha, options, known, out, storage, stage_d
         row.update(status="ok", action="computed", slide=res.get("slide") or row["slide"], error="",
                    timings=res.get("timings"), warnings=res.get("warnings") or [])
     except QdplexError as e:
-        row.update(status="failed", action="failed", error=_one_line(str(e)))
+        row.update(status="failed", action="failed", error=_one_line(str(e)) + _disk_full(stage_dir, str(e)))
     except MemoryError:
         row.update(status="failed", action="failed", error=f"{path}: out of memory while processing the slide")
     except OSError as e:
-        row.update(status="failed", action="failed", error=_one_line(f"{path}: {_os_error(e)}"))
+        msg = f"{path}: {_os_error(e)}"
+        row.update(status="failed", action="failed", error=_one_line(msg) + _disk_full(stage_dir, msg))
     except Exception as e:  # an unexpected failure must not stop the batch either
         row.update(status="failed", action="failed", error=_one_line(f"{path}: {type(e).__name__}: {e}"))
     row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -771,6 +774,7 @@ def _acquire_lock(out: Path) -> Path:
                 path=out,
             ) from None
         except OSError as e:
+            e.filename = None  # the lock's temporary name means nothing to the user; OUT does
             raise OutputError(f"expected a writable output folder, found {_os_error(e)}", path=out) from None
         finally:
             try:
@@ -809,6 +813,22 @@ def _os_error(e: OSError) -> str:
     if e.errno == errno.EFBIG:
         return f"a file larger than the system allows ({e.filename or 'an output'})"
     return f"{type(e).__name__}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+
+
+#: Free bytes below which a failed write is reported as a full disk.
+_FULL = 1 << 20
+
+
+def _disk_full(where, message: str) -> str:
+    """``"; the disk holding OUT is full (N bytes free)"`` when it is, else "" (a short write
+    or an I/O error of a stage then reads as what it is)."""
+    if "disk full" in message:
+        return ""
+    try:
+        free = shutil.disk_usage(Path(where).parent if not Path(where).exists() else where).free
+    except OSError:
+        return ""
+    return f"; the disk holding the outputs is full ({free} bytes free)" if free < _FULL else ""
 
 
 def _slide_guess(path: Path) -> str:
