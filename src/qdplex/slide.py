@@ -370,7 +370,8 @@ def run_slide(
             additive = tuple(s for s in stats if s != "median")
             quant = quantify(unmixed, seg, panel, stats=additive, quantiles=(), pixel_size_um=px)
             if "median" in stats or quantiles:
-                quant = _with_order_stats(quant, unmixed.abundances, seg, stats, quantiles, tile)
+                quant = _with_order_stats(quant, unmixed.abundances.channel_names, stored["abundances"], seg,
+                                          stats, quantiles, tile)
             table = cell_table(quant, panel)
             timings["quantify"] = time.perf_counter() - t
             report("quantify", 0.75)
@@ -480,16 +481,17 @@ def _stat_name(q: float) -> str:
     return f"q{100.0 * float(q):g}".replace(".", "_")
 
 
-def _with_order_stats(quant: pd.DataFrame, abundances: MultiplexImage, seg: Segmentation, stats, quantiles,
+def _with_order_stats(quant: pd.DataFrame, names, data, seg: Segmentation, stats, quantiles,
                       tile: int) -> pd.DataFrame:
     """Add per-cell medians and quantiles to ``quant`` with bounded memory.
 
     A cell is owned by the tile holding its centroid; each tile reads a window reaching
     ``halo`` pixels beyond it, ``halo`` being the largest distance of any cell pixel from
     its centroid (measured in a first pass), so every owned cell is whole in the window.
-    Quantiles interpolate linearly, as :func:`numpy.quantile` does.
+    Quantiles interpolate linearly, as :func:`numpy.quantile` does. ``data`` is the stored
+    K×Y×X abundance array (planes ``names``), read by windows.
     """
-    names = list(abundances.channel_names)
+    names = list(names)
     cols0 = list(quant.columns)
     comps = [c for c in COMPARTMENTS if any(col.startswith(f"{names[0]}_{c}_") for col in cols0)] or ["cell"]
     qs = ([("median", 0.5)] if "median" in stats else []) + [(_stat_name(q), float(q)) for q in quantiles]
@@ -515,7 +517,6 @@ def _with_order_stats(quant: pd.DataFrame, abundances: MultiplexImage, seg: Segm
     halo = int(math.ceil(max(_compute([dask.delayed(reach)(*t) for t in tiles]) or [0.0]))) + 2
     own_y = np.floor(quant["Y_centroid"].to_numpy()).astype(np.int64)
     own_x = np.floor(quant["X_centroid"].to_numpy()).astype(np.int64)
-    data = abundances.data
 
     def one(y0, y1, x0, x1):
         mine = ids[(own_y >= y0) & (own_y < y1) & (own_x >= x0) & (own_x < x1)]
