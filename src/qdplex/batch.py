@@ -174,7 +174,7 @@ def run_batch(
         panel_sha = prov.panel_sha256(panel)
         version = prov.qdplex_version()
         options = {"fmt": fmt, "report": bool(report), "tile": tile}
-        known = {} if force else completed_slides(out)
+        known = {} if force else _completed_slides(out)
         progress = BatchProgress(len(slides), log_file=out / "qdplex.log", quiet=quiet, stream=stream)
         params = {
             "scheduler": _describe(scheduler), "workers": workers, "include": include, "exclude": exclude,
@@ -393,7 +393,7 @@ def check_output_location(inputs: Iterable, out, slides: Iterable | None = None)
                 )
 
 
-def completed_slides(out) -> dict[str, dict]:
+def _completed_slides(out) -> dict[str, dict]:
     """Completion records of the slide folders in ``out``, by slide identity.
 
     Read without hashing: a record is trusted for a skip only after

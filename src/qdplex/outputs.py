@@ -30,22 +30,15 @@ import pandas as pd
 from .errors import InputError, OutputError, QdplexError
 
 __all__ = [
-    "FORMATS",
-    "RUN_JSON",
-    "SUMMARY_JSON",
-    "MANIFEST",
-    "MANIFEST_COLUMNS",
-    "image_path",
-    "find_image",
-    "report_path",
-    "slide_dir_in",
-    "write_slide",
-    "slide_record",
-    "write_run_record",
-    "read_run_record",
-    "panel_from_record",
-    "write_json",
-    "read_manifest",
+    # names of the output folder
+    "FORMATS", "IMAGE_KINDS", "RUN_JSON", "SUMMARY_JSON", "MANIFEST", "COHORT_SUMMARY", "STAGING", "LOCK",
+    "RESERVED_NAMES", "RECORD_KEY", "MANIFEST_COLUMNS",
+    "check_format", "image_path", "find_image", "table_path", "report_path", "bad_slide_name", "slide_dir_in",
+    # the slide writer and run.json
+    "write_slide", "slide_record", "write_run_record", "read_run_record", "panel_from_record",
+    "write_json", "read_json",
+    # the batch's completion record and manifest
+    "seal", "completion_record", "refresh_output_hash", "write_manifest", "manifest_for_csv", "read_manifest",
 ]
 
 #: Image output formats (``qdplex run --format``) and the suffix of their files.
