@@ -454,6 +454,15 @@ def _compute(tasks):
     return list(dask.compute(*tasks)) if tasks else []
 
 
+def _stream(fn, tiles):
+    """``fn(*tile)`` for every tile, as dask tasks on the scheduler in use, a few batches of
+    workers at a time, yielded in order: results are consumed as they come, so what is held
+    at once is bounded by the workers, not by the number of tiles."""
+    step = 4 * _workers()
+    for i in range(0, len(tiles), step):
+        yield from _compute([dask.delayed(fn)(*t) for t in tiles[i:i + step]])
+
+
 # --------------------------------------------------------------------------- tile-by-tile statistics
 def _fraction_above(abundances, channel: int, labels, threshold: float, ids, tile: int) -> np.ndarray:
     """Per cell in ``ids``, the fraction of its ``labels`` pixels with value ≥ ``threshold``,
@@ -463,16 +472,21 @@ def _fraction_above(abundances, channel: int, labels, threshold: float, ids, til
     H, W = labels.shape
 
     def one(y0, y1, x0, x1):
-        lab = np.asarray(labels[y0:y1, x0:x1]).ravel().astype(np.int64)
-        val = np.asarray(abundances[channel, y0:y1, x0:x1]).ravel() >= threshold
-        keep = lab < n_lab
-        n = np.bincount(lab[keep], minlength=n_lab)
-        k = np.bincount(lab[keep], weights=val[keep], minlength=n_lab)
-        return n, k
+        lab = np.asarray(labels[y0:y1, x0:x1]).ravel()
+        nz = np.flatnonzero(lab)
+        if nz.size == 0:
+            return 0, np.zeros(0), np.zeros(0)
+        lab = lab[nz].astype(np.int64)
+        val = np.asarray(abundances[channel, y0:y1, x0:x1]).ravel()[nz] >= threshold
+        lo = int(lab.min())  # counts over this tile's ID range only (IDs run in tile order)
+        return lo, np.bincount(lab - lo), np.bincount(lab - lo, weights=val)
 
-    parts = _compute([dask.delayed(one)(*t) for t in _tiles(H, W, tile)])
-    n = np.sum([p[0] for p in parts], axis=0).astype(np.float64)
-    k = np.sum([p[1] for p in parts], axis=0)
+    n = np.zeros(n_lab, np.float64)
+    k = np.zeros(n_lab, np.float64)
+    for lo, cnt, hit in _stream(one, _tiles(H, W, tile)):
+        m = max(0, min(cnt.size, n_lab - lo))
+        n[lo:lo + m] += cnt[:m]
+        k[lo:lo + m] += hit[:m]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n[ids] > 0, k[ids] / n[ids], np.nan)
 
@@ -514,7 +528,7 @@ def _with_order_stats(quant: pd.DataFrame, names, data, seg: Segmentation, stats
         d = np.maximum(np.abs(r + y0 - cy[l]), np.abs(c + x0 - cx[l]))
         return float(np.nanmax(d)) if np.isfinite(d).any() else 0.0
 
-    halo = int(math.ceil(max(_compute([dask.delayed(reach)(*t) for t in tiles]) or [0.0]))) + 2
+    halo = int(math.ceil(max([0.0, *_stream(reach, tiles)]))) + 2
     own_y = np.floor(quant["Y_centroid"].to_numpy()).astype(np.int64)
     own_x = np.floor(quant["X_centroid"].to_numpy()).astype(np.int64)
 
@@ -559,10 +573,9 @@ def _with_order_stats(quant: pd.DataFrame, names, data, seg: Segmentation, stats
                     out[f"{name}_{comp}_{qname}"] = np.where(n > 0, val, np.nan)
         return mine, out
 
-    parts = _compute([dask.delayed(one)(*t) for t in tiles])
     new_cols = [f"{n}_{c}_{qn}" for n in names for c in comps for qn, _ in qs]
     extra = {c: np.full(len(ids), np.nan) for c in new_cols}
-    for mine, vals in parts:
+    for mine, vals in _stream(one, tiles):
         if mine.size == 0:
             continue
         rows = np.searchsorted(ids, mine)
