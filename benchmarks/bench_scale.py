@@ -4,8 +4,10 @@ Runs :func:`qdplex.batch.process_slide` (read → unmix → segment → quantify
 write; classical nucleus segmentation) on synthetic 28-band λ-stack slides, each in
 its own subprocess, with ``storage="disk"`` (tiles through scratch storage: the path
 whose memory must not grow with the slide), and prints wall time, CPU time and peak
-RSS (``ru_maxrss`` of that subprocess) with the per-stage times, then the time and
-memory ratios of each size to the previous one, measured in the same run.
+RSS (``ru_maxrss`` of that subprocess) with the per-stage times and the peak RSS reached
+by the end of each stage, then the time and memory ratios of each size to the previous
+one, measured in the same run. On a loaded machine read the CPU seconds: wall time
+then includes waiting for cores.
 
 Sizes: 2048² and 4096² (ratio 4096²/2048²); ``--full`` adds 8192² (ratio
 8192²/4096²; targets on this machine: 8192² end to end ≤ 45 s, peak RSS ≤ 2 GiB,
@@ -125,11 +127,19 @@ def make_large_slide(side: int, workdir: Path, *, distinct: int = 8, tile: int =
 # --------------------------------------------------------------------------- measured runs
 def _child(slide: str, out: str, storage: str, tile: int) -> None:
     """Run one slide in this (fresh) process and print its timings as JSON."""
+    import resource
+
     from qdplex.batch import process_slide
 
+    rss = {}
+
+    def progress(stage, fraction):  # peak RSS so far, after each stage (ru_maxrss is in KiB)
+        rss[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
     t = time.perf_counter()
-    row = process_slide(slide, _panel(), out, report=False, storage=storage, tile=tile)
-    print(json.dumps({"seconds": time.perf_counter() - t, "timings": row["timings"]}), flush=True)
+    row = process_slide(slide, _panel(), out, report=False, storage=storage, tile=tile, progress=progress)
+    rss["write"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"seconds": time.perf_counter() - t, "timings": row["timings"], "rss": rss}), flush=True)
 
 
 def measure(slide: Path, out: Path, storage: str, tile: int) -> dict:
@@ -148,12 +158,14 @@ def measure(slide: Path, out: Path, storage: str, tile: int) -> dict:
         raise RuntimeError(f"{storage} run on {slide.name} failed ({code}):\n{stderr[-3000:]}")
     child = json.loads(stdout.strip().splitlines()[-1])
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20,
-            "stages": child["timings"]}
+            "stages": child["timings"], "rss_after": child.get("rss", {})}
 
 
 def _fmt(r: dict) -> str:
     st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
-    return f"{r['wall_s']:7.1f} s (CPU {r['cpu_s']:6.1f} s)  {r['peak_rss_gib']:5.2f} GiB   ({st})"
+    mem = ", ".join(f"{k} {v:.2f}" for k, v in r.get("rss_after", {}).items())
+    return (f"{r['wall_s']:7.1f} s (CPU {r['cpu_s']:6.1f} s)  {r['peak_rss_gib']:5.2f} GiB   ({st} s; "
+            f"peak GiB after {mem})")
 
 
 def _ratio_line(small: int, large: int, a: dict, b: dict, targets=None) -> tuple[str, bool]:
