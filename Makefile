@@ -1,6 +1,7 @@
 # qdplex — two commands:
 #   make demo   set up (.venv) and run the pipeline on the bundled sample slide
-#   make test   set up (.venv + Debian packages for Xvfb/Qt/Chromium) and run the whole test suite + docs build
+#   make test   set up (.venv + Debian packages for Xvfb/Qt/Chromium) and run the whole test suite, the docs
+#               build and every benchmark at a small size (bench-quick: fails on an error, never on a timing)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,7 +13,7 @@ DEB_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-ra
 	libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0 libxcb-shape0 \
 	libxcb-cursor0 libdbus-1-3 libgl1 libegl1 libfontconfig1 chromium
 
-.PHONY: setup sysdeps demo test bench docs clean
+.PHONY: setup sysdeps demo test bench bench-quick docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,7 @@ test: setup sysdeps
 	  xvfb-run -a -s "-screen 0 1600x1200x24" $(BIN)/python -m pytest; \
 	else $(BIN)/python -m pytest; fi
 	$(BIN)/mkdocs build --strict --quiet -d $$(mktemp -d)
+	$(MAKE) bench-quick
 
 docs: setup
 	$(BIN)/python scripts/gen_cli_docs.py
@@ -47,6 +49,10 @@ docs: setup
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# every benchmark at a small size (about 3 min): fails on an error, never on a timing
+bench-quick: setup
+	$(BIN)/python benchmarks/quick.py
 
 clean:
 	rm -rf $(VENV) out site .pytest_cache

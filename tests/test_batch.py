@@ -82,12 +82,12 @@ def _assert_same_tables(a: Path, b: Path) -> None:
 
 
 def _assert_complete(out: Path) -> None:
-    """Every slide folder in OUT is complete: its batch record matches its files."""
-    from qdplex.batch import _read_record
+    """Every slide folder in OUT is complete: its batch record matches its files' content."""
+    from qdplex.outputs import completion_record
 
     for d in out.iterdir():
         if d.is_dir() and not d.name.startswith("."):
-            assert _read_record(d) is not None, f"{d} looks like a slide folder but is not complete"
+            assert completion_record(d) is not None, f"{d} looks like a slide folder but is not complete"
 
 
 # --------------------------------------------------------------------------- tests
@@ -222,15 +222,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_existing_dask_cluster_gives_the_same_tables(reference, cohort, panel, tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real `dask scheduler` and two `dask worker` processes (one thread each) on 127.0.0.1."""
     from distributed import Client
-
-    from qdplex.batch import run_batch
 
     port = _free_port()
     addr = f"tcp://127.0.0.1:{port}"
     procs = []
-    log = open(tmp_path / "dask.log", "wb")
+    log = open(tmp_path_factory.mktemp("dask") / "dask.log", "wb")
     try:
         procs.append(subprocess.Popen(
             [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
@@ -242,13 +242,7 @@ def test_existing_dask_cluster_gives_the_same_tables(reference, cohort, panel, t
                 stdout=log, stderr=log, start_new_session=True))
         with Client(addr, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
-        out = tmp_path / "out"
-        manifest = run_batch([cohort["good"]], panel, out, scheduler=addr, workers=2, quiet=True, report=False)
-        assert set(manifest["status"]) == {"ok"} and len(manifest) == N_GOOD
-        assert manifest["worker"].notna().all()
-        _assert_same_tables(reference[0], out)
-        run = json.loads((out / "run.json").read_text())
-        assert run["parameters"]["scheduler"] == addr
+        yield addr
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -260,6 +254,44 @@ def test_existing_dask_cluster_gives_the_same_tables(reference, cohort, panel, t
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=15)
         log.close()
+
+
+def test_existing_dask_cluster_gives_the_same_tables(reference, cohort, panel, tmp_path, cluster):
+    from qdplex.batch import run_batch
+
+    out = tmp_path / "out"
+    manifest = run_batch([cohort["good"]], panel, out, scheduler=cluster, workers=2, quiet=True, report=False)
+    assert set(manifest["status"]) == {"ok"} and len(manifest) == N_GOOD
+    assert manifest["worker"].notna().all()
+    _assert_same_tables(reference[0], out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["parameters"]["scheduler"] == cluster
+
+
+def test_one_tiled_slide_spreads_over_the_cluster(panel, tmp_path, cluster):
+    """The tiles of one giant slide are tasks of the cluster: both workers run some, and the table
+    equals a local run's."""
+    from distributed import Client, get_task_stream
+
+    from qdplex.batch import run_batch
+    from qdplex.synth import make_slide, write_slide
+
+    write_slide(make_slide(panel, shape=(512, 512), seed=5, name="big"), tmp_path / "syn")
+    slides = tmp_path / "syn" / "slides"
+    local = run_batch([slides], panel, tmp_path / "local", scheduler="synchronous", storage="disk", tile=128,
+                      quiet=True, report=False)
+    assert list(local["status"]) == ["ok"]
+    with Client(cluster, timeout="30s") as client, get_task_stream(client) as ts:
+        spread = run_batch([slides], panel, tmp_path / "spread", scheduler=cluster, storage="disk", tile=128,
+                           quiet=True, report=False)
+    stream = ts.data
+    assert list(spread["status"]) == ["ok"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local" / "big" / "cells.csv"),
+                                  pd.read_csv(tmp_path / "spread" / "big" / "cells.csv"), rtol=1e-6)
+    tiles = [t for t in stream if not str(t.get("key", "")).startswith("('qdplex-slide") and
+             "qdplex-slide" not in str(t.get("key", ""))]
+    by_worker = {t["worker"] for t in tiles}
+    assert len(tiles) >= 16 and len(by_worker) == 2, (len(tiles), by_worker)
 
 
 def test_provenance_hashes(tmp_path, panel):
@@ -360,7 +392,8 @@ def test_two_slides_with_one_name(cohort, panel, tmp_path):
 
 def test_manifest_hashes_never_read_as_numbers(tmp_path):
     """A digest like 86e2417… is a float with a huge exponent to a CSV sniffer; the prefix prevents that."""
-    from qdplex.batch import MANIFEST_COLUMNS, _manifest_for_csv
+    from qdplex.outputs import MANIFEST_COLUMNS
+    from qdplex.outputs import manifest_for_csv as _manifest_for_csv
 
     row = dict.fromkeys(MANIFEST_COLUMNS, "")
     row.update(slide="s", status="ok", input_sha256="86e24171728200f00bbe17c2" + "0" * 40,

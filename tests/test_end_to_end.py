@@ -1,4 +1,8 @@
-"""End to end: a synthetic slide through unmix → segment → quantify → score, checked against truth."""
+"""End to end: a synthetic slide through unmix → segment → quantify → score, checked against truth.
+
+Every check runs on both storages of the one slide path (``storage="memory"`` and
+``"disk"``, tiled far below the slide size), and the two must give equal tables and scores.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +32,19 @@ def slide(panel):
     return make_slide(panel, shape=(384, 384), pixel_size_um=0.5, seed=7, name="e2e")
 
 
-@pytest.fixture(scope="module")
-def result(slide, panel):
-    return qdplex.run_slide(slide.image, panel)
+@pytest.fixture(scope="module", params=["memory", "disk"])
+def result(request, slide, panel):
+    res = qdplex.run_slide(slide.image, panel, storage=request.param, tile=128)
+    yield res
+    res.close()
+
+
+def test_both_storages_give_equal_tables_and_scores(slide, panel):
+    mem = qdplex.run_slide(slide.image, panel, storage="memory", tile=128)
+    with qdplex.run_slide(slide.image, panel, storage="disk", tile=128) as disk:
+        pd.testing.assert_frame_equal(mem.table, disk.table, rtol=1e-6)
+        assert mem.summary["her2"] == disk.summary["her2"] and mem.summary["markers"] == disk.summary["markers"]
+        assert mem.thresholds == pytest.approx(disk.thresholds)
 
 
 def _matched_pairs(truth_labels, pred_labels, iou=0.5):
@@ -47,22 +61,23 @@ def _matched_pairs(truth_labels, pred_labels, iou=0.5):
 
 
 def test_nucleus_f1_against_truth(slide, result):
-    m = match_labels(slide.nuclei, result.segmentation.nuclei, iou=0.5)
+    m = match_labels(slide.nuclei, np.asarray(result.segmentation.nuclei[:, :]), iou=0.5)
     print(f"nucleus F1 @ IoU 0.5 = {m['f1']:.3f} (tp={m['tp']}, fp={m['fp']}, fn={m['fn']})")
     assert m["f1"] >= 0.85
 
 
 def test_cell_ids_equal_nucleus_ids(result):
-    seg = result.segmentation
-    nuc_ids = set(np.unique(seg.nuclei)) - {0}
-    cell_ids = set(np.unique(seg.cells)) - {0}
+    nuclei = np.asarray(result.segmentation.nuclei[:, :])
+    cells = np.asarray(result.segmentation.cells[:, :])
+    nuc_ids = set(np.unique(nuclei)) - {0}
+    cell_ids = set(np.unique(cells)) - {0}
     assert nuc_ids == cell_ids
-    inside = seg.nuclei > 0
-    assert np.array_equal(seg.cells[inside], seg.nuclei[inside])
+    inside = nuclei > 0
+    assert np.array_equal(cells[inside], nuclei[inside])
 
 
 def test_marker_correlation_with_truth(slide, result, panel):
-    tid, pid = _matched_pairs(slide.nuclei, result.segmentation.nuclei)
+    tid, pid = _matched_pairs(slide.nuclei, np.asarray(result.segmentation.nuclei[:, :]))
     truth = slide.truth.set_index("CellID").loc[tid]
     table = result.table.set_index("CellID").loc[pid]
     rs = {}

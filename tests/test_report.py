@@ -141,30 +141,48 @@ def test_slide_report_content(synthetic):
 
 
 def test_write_slide_report_is_atomic_and_self_contained(tmp_path, synthetic):
+    from qdplex import io as qio
+
     r = synthetic
-
-    class Result:  # the fields write_slide_report reads from a SlideResult
-        image = MultiplexImage(np.zeros((len(r["channels"]), 4, 4), np.float32), r["channels"], 0.5,
-                               name="slideA", source="/data/slideA.ome.tif")
-        panel = r["panel"]
-        library = r["library"]
-        segmentation = Segmentation(r["nuclei"], r["cells"])
-        table = r["table"]
-        summary = r["summary"]
-        thresholds = r["thresholds"]
-        timings = {"unmix": 1.0, "segment": 2.0}
-
-        class unmixed:
-            abundances = r["abundances"]
-            residual = r["residual"]
-            saturated = np.zeros(r["residual"].shape, bool)
-
-    path = report.write_slide_report(Result, tmp_path / "slideA")
-    assert path == tmp_path / "slideA" / "qc" / "report.html"
+    d = tmp_path / "slideA"
+    d.mkdir()
+    ab = r["abundances"]
+    planes = np.concatenate([np.asarray(ab.data), np.asarray(r["residual"], np.float32)[None]])
+    qio.write_ome_tiff(d / "unmixed.ome.tif", planes, list(ab.channels) + [Channel("residual")], pixel_size_um=0.5)
+    qio.write_labels(d / "nuclei.ome.tif", r["nuclei"], pixel_size_um=0.5)
+    qio.write_labels(d / "cells.ome.tif", r["cells"], pixel_size_um=0.5)
+    record = {"inputs": [{"path": "/data/slideA.ome.tif"}], "thresholds": r["thresholds"],
+              "timings": {"unmix": 1.0, "segment": 2.0}, "warnings": ["a <b>warning</b> of one stage"]}
+    path = report.write_slide_report(d, panel=r["panel"], record=record, table=r["table"], summary=r["summary"],
+                                     library=r["library"], channels=r["channels"])
+    assert path == d / "qc" / "report.html"
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]  # no temp file left over
     page = path.read_text(encoding="utf-8")
     assert "QC report: slideA" in page and "/data/slideA.ome.tif" in page
+    assert "not drawn" not in page and len(_images(page)) == 5
+    assert "warning: a &lt;b&gt;warning&lt;/b&gt; of one stage" in page  # escaped, shown
     _no_network(page)
+
+
+def test_report_never_follows_a_manifest_row_out_of_out(tmp_path):
+    """A manifest row whose slide is '../victim' (or a link leaving OUT) is refused, never read or written."""
+    from qdplex.errors import InputError
+
+    out = tmp_path / "OUT"
+    victim = tmp_path / "victim"
+    (victim / "qc").mkdir(parents=True)
+    (victim / "run.json").write_text("{}")
+    (victim / "qc" / "report.html").write_text("theirs")
+    out.mkdir()
+    (out / "link").symlink_to(victim, target_is_directory=True)
+    pd.DataFrame({"slide": ["../victim", "link"], "input": ["x.tif", "y.tif"], "status": ["ok", "ok"],
+                  "error": ["", ""]}).to_csv(out / "manifest.csv", index=False)
+    with pytest.raises(InputError) as e:
+        report.report_from_outputs(out)
+    assert "../victim" in str(e.value) and "link" in str(e.value)
+    assert (victim / "qc" / "report.html").read_text() == "theirs"
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "href=\"../victim" not in page and "href=\"link" not in page
 
 
 def test_cohort_report_lists_failures_and_links(tmp_path):
@@ -266,9 +284,9 @@ def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
     (out / "s1" / "cells.csv.bak").rename(out / "s1" / "cells.csv")
 
     # a rebuilt report does not make the batch think the slides are incomplete
-    from qdplex.pipeline import run
+    from qdplex.batch import run_batch
 
-    manifest = run([syn / "slides"], panel, out, scheduler="synchronous", quiet=True)
+    manifest = run_batch([syn / "slides"], panel, out, scheduler="synchronous", quiet=True)
     assert sorted(manifest.loc[manifest["status"] == "ok", "action"]) == ["skipped", "skipped"]
 
     shot = _screenshot(out / "s0" / "qc" / "report.html", tmp_path)[..., :3]
@@ -276,13 +294,13 @@ def test_run_writes_reports_and_report_command_rebuilds_them(tmp_path):
 
 
 def test_report_of_a_tiled_whole_slide_run_reads_a_reduced_pyramid_level(tmp_path):
+    from qdplex.batch import process_slide
     from qdplex.io import read_image, write_ome_tiff
-    from qdplex.pipeline import process_slide
     from qdplex.synth import make_slide, write_slide
 
     panel = read_panel(ROOT / "pipelines" / "prostate-ar-psa.toml")
     paths = write_slide(make_slide(panel, shape=(160, 160), seed=2, name="ws"), tmp_path / "syn")
-    row = process_slide(paths["slide"], panel, tmp_path / "out", tile=96)  # the tiled whole-slide path
+    row = process_slide(paths["slide"], panel, tmp_path / "out", storage="disk", tile=96)  # tiled, on disk
     assert row["status"] == "ok"
     page = report.slide_report_from_outputs(tmp_path / "out" / "ws").read_text(encoding="utf-8")
     assert "not drawn" not in page and len(_images(page)) == 5 and "image 160×160 px" in page

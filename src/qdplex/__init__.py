@@ -8,6 +8,9 @@ The public API (re-exported names only; each module is imported on first use)::
     res = qdplex.unmix(img, lib.subset(["DAPI", "QD605", "QD655", "AF"]))
     seg = qdplex.segment(res.abundances.plane("DAPI").compute(), pixel_size_um=img.pixel_size_um)
     table = qdplex.quantify(res.abundances, seg)
+
+    result = qdplex.run_slide(img, panel)                  # one slide, any size, in memory or on disk
+    qdplex.run_batch(["slides/"], panel, "out/")           # many slides into OUT/ (what `qdplex run` does)
 """
 
 from __future__ import annotations
@@ -52,10 +55,13 @@ _EXPORTS = {
     "Panel": "panel",
     "Marker": "panel",
     "read_panel": "panel",
-    "run": "pipeline",
-    "run_slide": "pipeline",
-    "process_slide": "pipeline",
-    "SlideResult": "pipeline",
+    "run_slide": "slide",
+    "SlideResult": "slide",
+    "process_slide": "batch",
+    "run_batch": "batch",
+    "write_slide": "outputs",
+    "read_run_record": "outputs",
+    "panel_from_record": "outputs",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

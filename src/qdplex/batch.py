@@ -1,37 +1,45 @@
 """Many slides on dask.distributed: one task per slide, a manifest, resume, nothing lost.
 
-:func:`run_batch` is what ``qdplex run`` and :func:`qdplex.pipeline.run` call::
+:func:`run_batch` is what ``qdplex run`` calls; :func:`process_slide` is one slide of it
+(read → :func:`qdplex.slide.run_slide` → :func:`qdplex.outputs.write_slide` → QC report
+→ ``run.json``)::
 
     manifest = run_batch(["slides/"], panel, "out/")                 # local cluster
     manifest = run_batch(["slides/"], panel, "out/", scheduler="tcp://head:8786")
 
 How nothing is lost
 -------------------
-* Every slide is one independent task (:func:`qdplex.pipeline.process_slide`). A
-  slide that fails — corrupt or truncated file, wrong channel count, missing
-  metadata, a worker that dies — becomes a ``failed`` row of ``OUT/manifest.csv``
-  with its error, and the batch goes on.
+* Every slide is one independent task. A slide that fails — corrupt or truncated
+  file, wrong channel count, missing metadata, a full disk, a worker that dies —
+  becomes a ``failed`` row of ``OUT/manifest.csv`` with its error, and the batch goes on.
+* A slide too large for memory (``storage="disk"``, chosen by size) runs its tiles as
+  dask tasks on the scheduler in use, so one giant slide spreads over the cluster.
 * A slide is computed into ``OUT/.qdplex-staging/`` and its folder is renamed to
-  ``OUT/<slide>/`` only once every file is written and ``run.json`` records the
-  input's SHA-256, the panel's SHA-256, the qdplex version and the size of every
-  output file. An interrupted run (even ``kill -9``) therefore never leaves an
-  ``OUT/<slide>/`` that looks complete and is not.
-* Rerunning resumes: a slide whose ``OUT/<slide>/run.json`` matches the input,
-  panel and version, and whose files are all there with their recorded sizes, is
-  skipped (``action = "skipped"``); ``force=True`` recomputes it.
-* qdplex never writes into input folders: an ``OUT`` inside an input folder (or the
-  folder of an input file) is refused with :class:`~qdplex.errors.OutputError`.
+  ``OUT/<slide>/`` only once every file is written and ``run.json`` holds the
+  completion record: the slide's identity (:func:`qdplex.provenance.slide_identity`:
+  input, channel sidecars, panel and the files it names, output options, qdplex
+  version) and the SHA-256 of every output file. An interrupted run (even
+  ``kill -9``) therefore never leaves an ``OUT/<slide>/`` that looks complete and is not.
+* Rerunning resumes: a slide whose identity is unchanged and whose files all still
+  have their recorded content is skipped (``action = "skipped"``); ``force=True``
+  recomputes it.
+* qdplex never writes into input folders nor replaces what it did not write (see
+  :func:`check_output_location`).
+* SIGTERM (like Ctrl-C) stops the batch cleanly: the lock and the staging folder are
+  removed and the manifest lists what completed (the rest as ``interrupted``).
 * ``OUT/manifest.csv`` is rewritten (atomically) after every slide, ``OUT/run.json``
   holds the batch's provenance and ``OUT/qdplex.log`` every event.
 """
 
 from __future__ import annotations
 
-import inspect
+import errno
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -41,30 +49,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from .errors import OutputError, QdplexError
+from .outputs import LOCK, MANIFEST_COLUMNS, RECORD_KEY, RESERVED_NAMES, STAGING
+from .outputs import bad_slide_name as _bad_slide_name
 from .progress import BatchProgress
 
-__all__ = [
-    "run_batch",
-    "check_output_location",
-    "completed_slides",
-    "MANIFEST_COLUMNS",
-    "STAGING",
-    "LOCK",
-]
-
-#: Columns of ``OUT/manifest.csv``, in order.
-MANIFEST_COLUMNS = [
-    "slide", "input", "status", "error", "seconds", "input_sha256", "outputs",
-    "action", "panel_sha256", "qdplex_version", "worker", "finished",
-]
-#: Folder in OUT where slides are computed before being moved into place.
-STAGING = ".qdplex-staging"
-#: Lock file in OUT held by the running batch.
-LOCK = ".qdplex.lock"
-#: Key of the completion record that :mod:`qdplex.batch` adds to ``<slide>/run.json``.
-RECORD_KEY = "batch"
-#: Names in OUT that belong to the batch itself (never slide names, never replaced by a slide).
-RESERVED_NAMES = (STAGING, LOCK, "manifest.csv", "cohort_summary.csv", "report.html", "run.json", "qdplex.log")
+__all__ = ["run_batch", "process_slide", "check_output_location"]
 
 _LOCAL = (None, "local")
 _SYNC = ("synchronous", "sync", "single-threaded")
@@ -84,6 +73,7 @@ def run_batch(
     quiet: bool = False,
     fmt: str = "tiff",
     report: bool = True,
+    storage: str = "auto",
     tile: int | None = None,
     stream=None,
 ) -> pd.DataFrame:
@@ -115,10 +105,12 @@ def run_batch(
     fmt : {"tiff", "zarr"}
         Image output format (tiled pyramidal OME-TIFF, or OME-Zarr).
     report : bool
-        Write each slide's QC report.
+        Write each slide's QC report and the cohort report.
+    storage : {"auto", "memory", "disk"}
+        Where each slide's intermediate arrays live (:func:`qdplex.slide.run_slide`);
+        the outputs do not depend on it.
     tile : int, optional
-        Process every slide tile by tile (:mod:`qdplex.wholeslide`) with this tile size;
-        by default only slides above :data:`qdplex.wholeslide.WHOLESLIDE_PIXELS` are.
+        Tile side in pixels (default :data:`qdplex.slide.DEFAULT_TILE`).
     stream : file-like, optional
         Where progress goes (default ``sys.stderr``).
 
@@ -126,23 +118,29 @@ def run_batch(
     -------
     pandas.DataFrame
         The manifest (also in ``OUT/manifest.csv``): one row per slide, columns
-        :data:`MANIFEST_COLUMNS`; ``status`` is ``"ok"`` or ``"failed"``, ``action``
-        is ``"computed"``, ``"skipped"`` (outputs were complete) or ``"failed"``.
+        :data:`qdplex.outputs.MANIFEST_COLUMNS`; ``status`` is ``"ok"`` or ``"failed"``,
+        ``action`` is ``"computed"``, ``"skipped"`` (outputs were complete), ``"failed"``
+        or ``"interrupted"``; ``warnings`` lists the slide's warnings.
 
     Raises
     ------
     OutputError
-        OUT inside an input folder, or another live batch writing into OUT.
+        OUT inside an input folder, OUT not writable, or another live batch writing into OUT.
     QdplexError
-        No slides found, unknown format, unreachable scheduler.
+        No slides found, unknown format or storage, unreachable scheduler.
+    KeyboardInterrupt
+        On Ctrl-C or SIGTERM (``args[0]`` names the signal), after cleaning up.
     """
     from . import provenance as prov
     from .io import find_slides
+    from .outputs import check_format
     from .panel import Panel, read_panel
+    from .slide import STORAGES
 
     t_start = time.perf_counter()
-    if fmt not in ("tiff", "zarr"):
-        raise QdplexError(f"expected output format 'tiff' or 'zarr', found {fmt!r}")
+    check_format(fmt)
+    if storage not in STORAGES:
+        raise QdplexError(f"expected storage one of {STORAGES}, found {storage!r}")
     if not isinstance(panel, Panel):
         panel = read_panel(panel)
     inputs = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
@@ -159,24 +157,31 @@ def run_batch(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"expected a folder to write into, found {type(e).__name__}: {e.strerror or e}", path=out) from None
+        raise OutputError(f"expected a folder to write into, found {_os_error(e)}", path=out) from None
     lock = _acquire_lock(out)
     progress = None
+    rows: dict[int, dict] = {}
+    state = None
+    staging = out / STAGING
+    stopped = "batch interrupted"
+    restore = _on_sigterm()
     try:
-        staging = out / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except OSError as e:
+            raise OutputError(f"expected a writable output folder, found {_os_error(e)}", path=out) from None
         panel_sha = prov.panel_sha256(panel)
         version = prov.qdplex_version()
-        known = {} if force else completed_slides(out, panel_sha256=panel_sha, qdplex_version=version)
+        options = {"fmt": fmt, "report": bool(report), "tile": tile}
+        known = {} if force else _completed_slides(out)
         progress = BatchProgress(len(slides), log_file=out / "qdplex.log", quiet=quiet, stream=stream)
         params = {
             "scheduler": _describe(scheduler), "workers": workers, "include": include, "exclude": exclude,
-            "force": force, "fmt": fmt, "report": report, "tile": tile,
+            "force": force, "fmt": fmt, "report": report, "storage": storage, "tile": tile,
         }
         progress.info(f"batch of {len(slides)} slides into {out} ({json.dumps(params, default=str)})")
 
-        rows: dict[int, dict] = {}
         claimed: dict[str, str] = {}
         state = _State(out, slides, rows, progress)
 
@@ -185,6 +190,8 @@ def run_batch(
             rows[i] = row
             progress.finish(row["slide"], row["status"], row.get("seconds"), row.get("error") or None,
                             skipped=row["action"] == "skipped", key=_slide_guess(Path(row["input"])))
+            for w in row.get("warnings") or []:
+                progress.info(f"{row['slide']}: warning: {w}")
             state.write_manifest()
 
         # two inputs named alike would write one OUT/<slide>: the later ones fail, up front
@@ -207,7 +214,8 @@ def run_batch(
                 first[name] = path
                 todo.append((i, path))
 
-        common = {"panel": panel, "fmt": fmt, "report": report, "known": known, "tile": tile}
+        common = {"panel": panel, "panel_sha": panel_sha, "options": options, "known": known, "out": str(out),
+                  "storage": storage}
         if not todo:
             pass
         elif scheduler in _SYNC:
@@ -233,10 +241,111 @@ def run_batch(
         progress.close(summary)
         progress = None
         return manifest
+    except KeyboardInterrupt as e:
+        why = e.args[0] if e.args else "interrupted"
+        if state is not None:
+            for i, path in enumerate(slides):
+                rows.setdefault(i, {c: None for c in MANIFEST_COLUMNS} | {
+                    "slide": _slide_guess(path), "input": str(path), "status": "failed", "action": "interrupted",
+                    "error": f"not completed: the batch was stopped ({why}); rerun to resume", "outputs": ""})
+            shutil.rmtree(staging, ignore_errors=True)  # free the space before writing the manifest
+            try:
+                state.write_manifest()
+            except (OSError, QdplexError):
+                pass
+        raise
+    except OSError as e:  # the batch's own files (manifest, log, record) could not be written
+        stopped = f"batch stopped: {_os_error(e)}"
+        raise OutputError(f"expected to write the batch files, found {_os_error(e)}", path=out) from None
     finally:
+        restore()
+        shutil.rmtree(staging, ignore_errors=True)
         if progress is not None:
-            progress.close("batch interrupted")
+            try:
+                progress.close(stopped)
+            except Exception:  # a full disk must not hide the reason the batch stopped
+                pass
         _release_lock(lock)
+
+
+def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = True, storage: str = "auto",
+                  tile: int | None = None, progress=None, identity: Mapping[str, Any] | None = None) -> dict:
+    """Read one slide, run it (:func:`qdplex.slide.run_slide`) and write ``out_dir/<slide>/``.
+
+    The layout of the folder is :mod:`qdplex.outputs`'s (docs/architecture.md); ``run.json``
+    is written last.
+
+    Parameters
+    ----------
+    path : path
+        Slide file or folder (anything :func:`qdplex.io.read_image` reads).
+    panel : Panel or path
+    out_dir : path
+        The folder that receives ``<slide name>/``.
+    fmt : {"tiff", "zarr"}
+        Image output format.
+    report : bool
+        Also write the QC report ``<slide>/qc/report.html``.
+    storage : {"auto", "memory", "disk"}
+        See :func:`qdplex.slide.run_slide`; disk scratch arrays go into ``out_dir``.
+    tile : int, optional
+        Tile side in pixels.
+    progress : callable, optional
+        ``progress(stage, fraction)``.
+    identity : mapping, optional
+        The slide's identity (:func:`qdplex.provenance.slide_identity`), recorded in run.json.
+
+    Returns
+    -------
+    dict
+        ``slide``, ``input``, ``status`` ("ok"), ``error`` (""), ``seconds``,
+        ``outputs`` (name → path), ``timings``, ``warnings``.
+
+    Raises
+    ------
+    QdplexError
+        On unreadable input or any stage's bad-input error (a batch records it).
+    """
+    from . import outputs
+    from .io import read_image
+    from .panel import Panel, read_panel
+    from .slide import run_slide
+
+    t0 = time.perf_counter()
+    if not isinstance(panel, Panel):
+        panel = read_panel(panel)
+    path = Path(path)
+    image = read_image(path)
+    slide_dir = outputs.slide_dir_in(out_dir, image.name)
+    with run_slide(image, panel, storage=storage, tile=tile, scratch=out_dir, progress=progress) as result:
+        t = time.perf_counter()
+        paths = outputs.write_slide(result, slide_dir, fmt=fmt)
+        result.timings["write"] = time.perf_counter() - t
+        hashes = {str(path): identity["input_sha256"]} if identity else None
+        record = outputs.slide_record(result, inputs=[path], input_hashes=hashes,
+                                      parameters={"fmt": fmt, "report": bool(report)})
+        if identity:
+            record["identity"] = dict(identity)
+        if report:
+            from .report import write_slide_report
+
+            t = time.perf_counter()
+            paths["report"] = write_slide_report(slide_dir, panel=panel, record=record, table=result.table,
+                                                 summary=result.summary, library=result.library,
+                                                 channels=image.channels)
+            result.timings["report"] = time.perf_counter() - t
+            record["timings"]["report"] = round(result.timings["report"], 4)
+        paths["run"] = outputs.write_run_record(slide_dir, record)
+        return {
+            "slide": image.name,
+            "input": str(path),
+            "status": "ok",
+            "error": "",
+            "seconds": round(time.perf_counter() - t0, 3),
+            "outputs": {k: str(v) for k, v in paths.items()},
+            "timings": dict(result.timings),
+            "warnings": list(result.warnings),
+        }
 
 
 def check_output_location(inputs: Iterable, out, slides: Iterable | None = None) -> None:
@@ -248,8 +357,8 @@ def check_output_location(inputs: Iterable, out, slides: Iterable | None = None)
       folder holding each input file; an OME-Zarr slide, a folder itself, counts too).
     * No input lies under a path qdplex writes in OUT: ``OUT/<slide>`` for every slide
       of the batch, the staging folder, the lock and the batch files
-      (:data:`RESERVED_NAMES`). An input inside OUT elsewhere (``OUT/raw/s1.tif``) is
-      left alone.
+      (:data:`qdplex.outputs.RESERVED_NAMES`). An input inside OUT elsewhere
+      (``OUT/raw/s1.tif``) is left alone.
 
     Raises
     ------
@@ -286,81 +395,75 @@ def check_output_location(inputs: Iterable, out, slides: Iterable | None = None)
                 )
 
 
-def completed_slides(out, *, panel_sha256: str, qdplex_version: str) -> dict[tuple[str, str], dict]:
-    """Slides in ``out`` whose outputs are complete for this panel and qdplex version.
+def _completed_slides(out) -> dict[str, dict]:
+    """Completion records of the slide folders in ``out``, by slide identity.
 
-    A slide folder is complete when its ``run.json`` holds a batch record (written
-    last, before the folder was moved into place) with this panel hash and version,
-    and every output file it lists is present with its recorded size.
+    Read without hashing: a record is trusted for a skip only after
+    :func:`qdplex.outputs.completion_record` has checked every output's content.
 
     Returns
     -------
     dict
-        ``(input_sha256, input file name) → record`` (the record includes ``slide``).
+        ``identity_sha256 → record`` (the record includes ``slide``).
     """
+    from .outputs import read_run_record
+    from .errors import InputError
+
     out = Path(out)
-    found: dict[tuple[str, str], dict] = {}
+    found: dict[str, dict] = {}
     if not out.is_dir():
         return found
     for run_json in sorted(out.glob("*/run.json")):
-        rec = _read_record(run_json.parent)
-        if rec is None:
+        try:
+            rec = read_run_record(run_json.parent).get(RECORD_KEY)
+        except InputError:
             continue
-        if rec.get("panel_sha256") != panel_sha256 or rec.get("qdplex_version") != qdplex_version:
-            continue
-        found[(rec["input_sha256"], Path(rec["input"]).name)] = rec
+        if isinstance(rec, dict) and rec.get("complete") and isinstance(rec.get("identity"), dict):
+            ident = rec["identity"].get("identity_sha256")
+            if ident:
+                found[ident] = {**rec, "slide": run_json.parent.name}
     return found
 
 
 # --------------------------------------------------------------------------- the task
-def _slide_task(path, *, panel, fmt, report, known, stage_dir, progress=None, threads=None, tile=None) -> dict:
-    """Run one slide (on a worker): hash it, skip it if complete, else process it into ``stage_dir``.
+def _slide_task(path, *, panel, panel_sha, options, known, out, storage, stage_dir, progress=None,
+                threads=None) -> dict:
+    """Run one slide (on a worker): its identity, skip it if complete, else process it into ``stage_dir``.
 
     Never raises: any failure becomes a ``failed`` row with a one-line error.
     """
-    from .provenance import file_sha256
+    from .outputs import completion_record
+    from .provenance import slide_identity
 
     path = Path(path)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"slide": _slide_guess(path), "input": str(path), "stage_dir": str(stage_dir),
                            "worker": socket.gethostname()}
     try:
-        sha = file_sha256(path)
-        row["input_sha256"] = sha
-        hit = known.get((sha, path.name))
-        if hit is not None:
-            row.update(status="ok", action="skipped", slide=hit["slide"], seconds=hit.get("seconds"),
-                       error="", outputs=";".join(f"{hit['slide']}/{k}" for k in hit.get("outputs", {})))
+        ident = slide_identity(path, panel, options, panel_sha=panel_sha)
+        row["input_sha256"] = ident["input_sha256"]
+        row["identity"] = ident
+        hit = known.get(ident["identity_sha256"])
+        if hit is not None and completion_record(Path(out) / hit["slide"]) is not None:
+            row.update(status="ok", action="skipped", slide=hit["slide"], seconds=hit.get("seconds"), error="",
+                       outputs=";".join(f"{hit['slide']}/{k}" for k in list(hit.get("outputs", {})) + ["run.json"]),
+                       warnings=hit.get("warnings") or [])
             return row
-        from .pipeline import process_slide
-
-        kwargs = {"fmt": fmt, "report": report}
-        accepted = inspect.signature(process_slide).parameters
-        if progress is not None and "progress" in accepted:
-            kwargs["progress"] = progress
-        if tile is not None:
-            if "tile" not in accepted:
-                raise QdplexError("expected qdplex.pipeline.process_slide to accept tile=, found it does not")
-            kwargs["tile"] = int(tile)
         Path(stage_dir).mkdir(parents=True, exist_ok=True)
         import dask
 
         with dask.config.set(scheduler="threads", num_workers=threads or os.cpu_count()):
-            res = process_slide(path, panel, stage_dir, **kwargs)
-        res = dict(res or {})
-        status = res.get("status", "ok")
-        row.update(
-            status="ok" if status == "ok" else "failed",
-            action="computed" if status == "ok" else "failed",
-            slide=res.get("slide") or row["slide"],
-            error=str(res.get("error") or ""),
-            stage_outputs=res.get("outputs"),
-            timings=res.get("timings"),
-        )
+            res = process_slide(path, panel, stage_dir, fmt=options["fmt"], report=options["report"],
+                                storage=storage, tile=options["tile"], progress=progress, identity=ident)
+        row.update(status="ok", action="computed", slide=res.get("slide") or row["slide"], error="",
+                   timings=res.get("timings"), warnings=res.get("warnings") or [])
     except QdplexError as e:
-        row.update(status="failed", action="failed", error=_one_line(str(e)))
+        row.update(status="failed", action="failed", error=_one_line(str(e)) + _disk_full(stage_dir, str(e)))
     except MemoryError:
         row.update(status="failed", action="failed", error=f"{path}: out of memory while processing the slide")
+    except OSError as e:
+        msg = f"{path}: {_os_error(e)}"
+        row.update(status="failed", action="failed", error=_one_line(msg) + _disk_full(stage_dir, msg))
     except Exception as e:  # an unexpected failure must not stop the batch either
         row.update(status="failed", action="failed", error=_one_line(f"{path}: {type(e).__name__}: {e}"))
     row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -462,12 +565,13 @@ def _connect(scheduler, workers, n_slides):
 def _commit(result: dict, out: Path, claimed: dict, panel_sha: str, version: str) -> dict:
     """Move a finished slide from staging into ``OUT/<slide>`` (client side) and make its manifest row."""
     stage = Path(result.pop("stage_dir", "") or "")
-    stage_outputs = result.pop("stage_outputs", None)
-    timings = result.pop("timings", None)
+    identity = result.pop("identity", None)
+    result.pop("timings", None)
     row = {c: result.get(c) for c in MANIFEST_COLUMNS}
     row["panel_sha256"], row["qdplex_version"] = panel_sha, version
     row["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     row["error"] = row.get("error") or ""
+    row["warnings"] = list(row.get("warnings") or [])
     slide = str(row["slide"])
     try:
         other = claimed.get(slide)
@@ -482,7 +586,7 @@ def _commit(result: dict, out: Path, claimed: dict, panel_sha: str, version: str
             if other is not None and other != row["input"]:
                 raise OutputError(f"expected a unique slide name, found {slide!r} also made from {other}; "
                                   f"rename one of the two inputs", path=row["input"])
-            files = _seal(made, row, timings, stage_outputs)
+            files = _seal(made, row, identity)
             _swap_into_place(made, out / slide, out / STAGING)
             row["outputs"] = ";".join(f"{slide}/{f}" for f in files)
         if row["status"] == "ok":
@@ -491,7 +595,7 @@ def _commit(result: dict, out: Path, claimed: dict, panel_sha: str, version: str
         row.update(status="failed", action="failed", error=_one_line(str(e)))
     except OSError as e:
         row.update(status="failed", action="failed",
-                   error=_one_line(f"{out / slide}: could not move the outputs into place ({e})"))
+                   error=_one_line(f"{out / slide}: could not move the outputs into place ({_os_error(e)})"))
     finally:
         if stage and stage.exists() and stage.parent.name == STAGING:
             shutil.rmtree(stage, ignore_errors=True)
@@ -503,65 +607,27 @@ def _find_slide_dir(stage: Path, slide: str) -> Path:
     cand = stage / slide
     if cand.is_dir():
         return cand
-    dirs = [d for d in stage.iterdir() if d.is_dir()] if stage.is_dir() else []
+    dirs = [d for d in stage.iterdir() if d.is_dir() and not d.name.startswith(".")] if stage.is_dir() else []
     if len(dirs) == 1:
         return dirs[0]
-    raise OutputError(f"expected process_slide to write one slide folder, found {[d.name for d in dirs]}", path=stage)
+    raise OutputError(f"expected the slide to write one slide folder, found {[d.name for d in dirs]}", path=stage)
 
 
-def _seal(slide_dir: Path, row: dict, timings, stage_outputs) -> list[str]:
-    """Add the completion record to ``slide_dir/run.json`` (atomically); return the output files."""
-    from .io import atomic_path
-    from .provenance import run_record, to_jsonable
+def _seal(slide_dir: Path, row: dict, identity) -> list[str]:
+    """Add the completion record (identity, SHA-256 of every output) to ``slide_dir/run.json``."""
+    from .outputs import seal
 
-    run_json = slide_dir / "run.json"
-    files = sorted(p.relative_to(slide_dir).as_posix() for p in slide_dir.rglob("*")
-                   if p.is_file() and p != run_json)
-    sizes = {f: (slide_dir / f).stat().st_size for f in files}
-    doc: dict = {}
-    if run_json.is_file():
-        try:
-            doc = json.loads(run_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            doc = {}
-    if not doc:
-        doc = run_record(inputs=[row["input"]], input_hashes={row["input"]: row["input_sha256"]},
-                         timings=timings or {})
-    doc[RECORD_KEY] = to_jsonable({
-        "complete": True,
-        "slide": slide_dir.name,
+    return seal(slide_dir, {
         "input": str(Path(row["input"]).resolve()),
         "input_sha256": row["input_sha256"],
+        "identity": identity or {},
         "panel_sha256": row["panel_sha256"],
         "qdplex_version": row["qdplex_version"],
         "seconds": row.get("seconds"),
         "finished": row["finished"],
         "worker": row.get("worker"),
-        "outputs": sizes,
+        "warnings": row.get("warnings") or [],
     })
-    with atomic_path(run_json) as tmp:
-        Path(tmp).write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    return files + ["run.json"]
-
-
-def _read_record(slide_dir: Path) -> dict | None:
-    try:
-        doc = json.loads((slide_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    rec = doc.get(RECORD_KEY) if isinstance(doc, dict) else None
-    if not isinstance(rec, dict) or not rec.get("complete") or not rec.get("input_sha256"):
-        return None
-    for f, size in (rec.get("outputs") or {}).items():
-        p = slide_dir / f
-        try:
-            if p.stat().st_size != size:
-                return None
-        except OSError:
-            return None
-    rec = dict(rec)
-    rec["slide"] = slide_dir.name
-    return rec
 
 
 def _swap_into_place(made: Path, target: Path, staging: Path) -> None:
@@ -610,63 +676,32 @@ def _not_ours(folder: Path) -> str:
     return ""
 
 
-def _bad_slide_name(name: str) -> str:
-    """Why ``name`` cannot be a folder in OUT ("" when it can)."""
-    if not name or not name.strip():
-        return "empty"
-    if name in (".", "..") or set(name) <= {"."}:
-        return "only dots"
-    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        return "a path separator"
-    if name in RESERVED_NAMES:
-        return "a name qdplex uses for its own files"
-    return ""
-
-
 # --------------------------------------------------------------------------- manifest, summary, record
 class _State:
     def __init__(self, out: Path, slides: list[Path], rows: dict, progress: BatchProgress):
         self.out, self.slides, self.rows, self.progress = out, slides, rows, progress
 
     def write_manifest(self) -> pd.DataFrame:
-        from .io import atomic_path
+        from .outputs import write_manifest
 
-        recs = [self.rows[i] for i in sorted(self.rows)]
-        df = pd.DataFrame(recs, columns=MANIFEST_COLUMNS)
-        with atomic_path(self.out / "manifest.csv") as tmp:
-            _manifest_for_csv(df).to_csv(tmp, index=False)
-        return df
-
-
-def _manifest_for_csv(df: pd.DataFrame) -> pd.DataFrame:
-    """Hash columns written as ``sha256:<hex>``.
-
-    A bare hex digest such as ``86e24171…`` looks like a float with a huge exponent to
-    CSV readers: pandas' C parser infers a number and (pandas 2.3) crashes on it. The
-    prefix keeps the column text for every reader; run.json keeps the bare digest.
-    """
-    out = df.copy()
-    for col in ("input_sha256", "panel_sha256"):
-        vals = out[col].astype("object")
-        mask = vals.notna() & (vals.astype(str) != "")
-        out[col] = vals.where(~mask, "sha256:" + vals[mask].astype(str))
-    return out
+        return write_manifest(self.out, [self.rows[i] for i in sorted(self.rows)])
 
 
 def _write_cohort_summary(out: Path, manifest: pd.DataFrame, panel, progress: BatchProgress) -> None:
     from .io import atomic_path
+    from .outputs import COHORT_SUMMARY, SUMMARY_JSON
     from .score import cohort_summary
 
     summaries = {}
     for slide in manifest.loc[manifest["status"] == "ok", "slide"]:
         try:
-            summaries[slide] = json.loads((out / slide / "summary.json").read_text(encoding="utf-8"))
+            summaries[slide] = json.loads((out / slide / SUMMARY_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             progress.info(f"{slide}: no readable summary.json for the cohort summary ({e})")
     if not summaries:
         return
     df = cohort_summary(summaries, panel)
-    with atomic_path(out / "cohort_summary.csv") as tmp:
+    with atomic_path(out / COHORT_SUMMARY) as tmp:
         df.to_csv(tmp, index=False)
 
 
@@ -681,7 +716,7 @@ def _write_cohort_report(out: Path, progress: BatchProgress) -> None:
 
 
 def _write_batch_record(out: Path, panel, manifest: pd.DataFrame, params: dict, total_s: float, prov) -> None:
-    from .io import atomic_path
+    from .outputs import RUN_JSON, write_json
 
     doc = prov.run_record(panel=panel, parameters=params, timings={"total": total_s})
     doc["inputs"] = [
@@ -689,33 +724,65 @@ def _write_batch_record(out: Path, panel, manifest: pd.DataFrame, params: dict, 
         for _, r in manifest.iterrows()
     ]
     doc["slides"] = prov.to_jsonable(manifest.drop(columns=["outputs"]).to_dict(orient="records"))
-    with atomic_path(out / "run.json") as tmp:
-        Path(tmp).write_text(json.dumps(prov.to_jsonable(doc), indent=2), encoding="utf-8")
+    write_json(out / RUN_JSON, doc)
+
+
+# --------------------------------------------------------------------------- signals
+def _on_sigterm():
+    """While the batch runs, SIGTERM raises KeyboardInterrupt("SIGTERM") (the batch cleans up and
+    says what completed); returns the function restoring the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main interpreter
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- lock
 def _acquire_lock(out: Path) -> Path:
+    """Create ``OUT/.qdplex.lock`` holding this host and pid.
+
+    The lock is created whole (written aside, then hard-linked into place), so a lock
+    file that is empty or unreadable was left by a run killed long ago or by a user:
+    it is stale, like a lock of a dead process on this host, and replaced.
+    """
     lock = out / LOCK
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
+    for _ in range(3):
+        tmp = out / f"{LOCK}.{uuid.uuid4().hex[:8]}"
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            tmp.write_text(json.dumps(me), encoding="utf-8")
+            os.link(tmp, lock)
+            return lock
         except FileExistsError:
             try:
                 held = json.loads(lock.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                continue
             except (OSError, ValueError):
-                held = {}
-            if held.get("host") == me["host"] and not _alive(held.get("pid")):
-                lock.unlink(missing_ok=True)  # left by a run that was killed
+                held = None
+            if not isinstance(held, dict) or (held.get("host") == me["host"] and not _alive(held.get("pid"))):
+                lock.unlink(missing_ok=True)  # empty, unreadable, or left by a run that was killed
                 continue
             raise OutputError(
                 f"expected no other qdplex batch writing to this folder, found one running "
                 f"(host {held.get('host')}, pid {held.get('pid')}); delete {lock} if it is not running",
                 path=out,
             ) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        return lock
+        except OSError as e:
+            e.filename = None  # the lock's temporary name means nothing to the user; OUT does
+            raise OutputError(f"expected a writable output folder, found {_os_error(e)}", path=out) from None
+        finally:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
     raise OutputError(f"expected to create the lock file {lock}, found it recreated by another process", path=out)
 
 
@@ -737,6 +804,35 @@ def _alive(pid) -> bool:
 
 
 # --------------------------------------------------------------------------- helpers
+def _os_error(e: OSError) -> str:
+    """An OSError as the user should read it: a full disk and a read-only folder by name."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device (disk full) writing {e.filename or 'the outputs'}"
+    if e.errno in (errno.EROFS,):
+        return f"a read-only file system ({e.filename or 'the output folder'})"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write {e.filename or 'the output folder'}"
+    if e.errno == errno.EFBIG:
+        return f"a file larger than the system allows ({e.filename or 'an output'})"
+    return f"{type(e).__name__}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+
+
+#: Free bytes below which a failed write is reported as a full disk.
+_FULL = 1 << 20
+
+
+def _disk_full(where, message: str) -> str:
+    """``"; the disk holding OUT is full (N bytes free)"`` when it is, else "" (a short write
+    or an I/O error of a stage then reads as what it is)."""
+    if "disk full" in message:
+        return ""
+    try:
+        free = shutil.disk_usage(Path(where).parent if not Path(where).exists() else where).free
+    except OSError:
+        return ""
+    return f"; the disk holding the outputs is full ({free} bytes free)" if free < _FULL else ""
+
+
 def _slide_guess(path: Path) -> str:
     from .io.discover import slide_stem
 

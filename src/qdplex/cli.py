@@ -45,24 +45,34 @@ def _add_run(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output (OUT/qdplex.log is still written)")
     p.add_argument("--format", dest="fmt", choices=("tiff", "zarr"), default="tiff",
                    help="image outputs as tiled pyramidal OME-TIFF (default) or OME-Zarr")
+    p.add_argument("--storage", choices=("auto", "memory", "disk"), default="auto",
+                   help="where a slide's intermediate arrays live: in memory, or tile by tile in scratch "
+                   "storage on disk (bounded memory); auto (default) chooses by slide size. The outputs "
+                   "do not depend on it")
     p.set_defaults(func=_cmd_run)
 
 
 def _run_options(args) -> dict:
-    """Keyword options for :func:`qdplex.pipeline.run` taken from the parsed arguments."""
+    """Keyword options for :func:`qdplex.batch.run_batch` taken from the parsed arguments."""
     opts = {"report": not args.no_report}
-    for name in ("scheduler", "workers", "include", "exclude", "force", "quiet", "fmt"):
+    for name in ("scheduler", "workers", "include", "exclude", "force", "quiet", "fmt", "storage"):
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     return opts
 
 
 def _cmd_run(args) -> int:
+    from .batch import run_batch
     from .panel import read_panel
-    from .pipeline import run
 
     panel = read_panel(args.panel)
-    manifest = run(args.inputs, panel, args.out, **_run_options(args))
+    try:
+        manifest = run_batch(args.inputs, panel, args.out, **_run_options(args))
+    except KeyboardInterrupt as e:
+        why = e.args[0] if e.args else "Ctrl-C"
+        print(f"qdplex: interrupted ({why}); the slides completed so far are listed in "
+              f"{Path(args.out) / 'manifest.csv'}; rerun to resume", file=sys.stderr)
+        return 143 if why == "SIGTERM" else 130
     failed = manifest[manifest["status"] != "ok"]  # run_batch raises when it finds no slide
     n = len(manifest)
     print(f"qdplex: {n - len(failed)} of {n} slides done, {len(failed)} failed; manifest: {Path(args.out) / 'manifest.csv'}")

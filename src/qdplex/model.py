@@ -148,44 +148,63 @@ def _default_chunks(shape) -> tuple:
 class Segmentation:
     """Nuclei and cells as label images with equal IDs, and compartments derived from them.
 
+    The label images live in memory (numpy) or in scratch storage (any Y×X array read
+    by slices, e.g. a zarr array written tile by tile); stored arrays are never loaded
+    whole.
+
     Parameters
     ----------
-    nuclei, cells : numpy.ndarray
-        uint32 Y×X label images; a cell's ID equals its nucleus's ID (0 is background).
+    nuclei, cells : numpy.ndarray or stored Y×X array
+        uint32 label images; a cell's ID equals its nucleus's ID (0 is background).
     membrane_width_px : float
         Width in pixels of the membrane ring at the inner cell boundary.
+    stored_membrane : Y×X array, optional
+        The membrane ring when it was already computed (tile by tile); otherwise it is
+        derived from ``cells`` on first use.
     """
 
     nuclei: np.ndarray
     cells: np.ndarray
     membrane_width_px: float = 2.0
+    stored_membrane: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.nuclei = np.asarray(self.nuclei)
-        self.cells = np.asarray(self.cells)
-        if self.nuclei.shape != self.cells.shape or self.nuclei.ndim != 2:
+        self.nuclei = _label_array(self.nuclei)
+        self.cells = _label_array(self.cells)
+        if self.stored_membrane is not None:
+            self.stored_membrane = _label_array(self.stored_membrane)
+        shapes = {tuple(a.shape) for a in (self.nuclei, self.cells) + (
+            (self.stored_membrane,) if self.stored_membrane is not None else ())}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise SegmentationError(
                 f"expected nuclei and cells as two Y×X label images of one shape, "
                 f"found {self.nuclei.shape} and {self.cells.shape}"
             )
-        self.nuclei = self.nuclei.astype(np.uint32, copy=False)
-        self.cells = self.cells.astype(np.uint32, copy=False)
+
+    @property
+    def in_memory(self) -> bool:
+        """True when the label images are numpy arrays."""
+        return isinstance(self.cells, np.ndarray) and isinstance(self.nuclei, np.ndarray)
 
     @cached_property
-    def cytoplasm(self) -> np.ndarray:
-        """Cell minus its nucleus (uint32 labels, cell IDs)."""
+    def cytoplasm(self):
+        """Cell minus its nucleus (uint32 labels, cell IDs); lazy (dask) for stored labels."""
+        if not self.in_memory:
+            return da.where(da.from_array(self.nuclei) > 0, np.uint32(0), da.from_array(self.cells))
         out = self.cells.copy()
         out[self.nuclei > 0] = 0
         return out
 
     @cached_property
-    def membrane(self) -> np.ndarray:
+    def membrane(self):
         """A ring of ``membrane_width_px`` at the inner boundary of each cell (cell IDs)."""
+        if self.stored_membrane is not None:
+            return self.stored_membrane
         from .segment import membrane_ring  # local import keeps model light
 
-        return membrane_ring(self.cells, self.membrane_width_px)
+        return membrane_ring(np.asarray(self.cells), self.membrane_width_px)
 
-    def compartment(self, name: str) -> np.ndarray:
+    def compartment(self, name: str):
         """Label image of compartment ``name`` (one of :data:`COMPARTMENTS`)."""
         if name == "nucleus":
             return self.nuclei
@@ -199,4 +218,18 @@ class Segmentation:
 
     @property
     def n_cells(self) -> int:
+        if not self.in_memory:
+            cel = da.from_array(self.cells)
+            return int(da.unique(cel[cel > 0]).size.compute()) if cel.size else 0
         return int(np.unique(self.cells[self.cells > 0]).size)
+
+
+def _label_array(a):
+    """A numpy uint32 label image, or a stored one (zarr, memmap: sliceable, not a dask array) as is."""
+    stored = (not isinstance(a, (np.ndarray, da.Array)) and hasattr(a, "shape") and hasattr(a, "dtype")
+              and hasattr(a, "__getitem__"))
+    if stored:
+        if np.dtype(a.dtype) != np.uint32:
+            raise SegmentationError(f"expected stored uint32 label images, found dtype {a.dtype}")
+        return a
+    return np.asarray(a).astype(np.uint32, copy=False)

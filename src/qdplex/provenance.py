@@ -7,10 +7,10 @@ same form::
     from qdplex import provenance
     rec = provenance.run_record(panel=panel, inputs=[path], parameters={"fmt": "tiff"})
 
-The hashes are what a rerun compares to decide whether a slide's outputs are still
-valid (see :mod:`qdplex.batch`): the input file's SHA-256, the panel's SHA-256
-(its settings plus the *content* of the spectra and control files it names, not
-their paths) and the qdplex version.
+A rerun compares a slide's identity (:func:`slide_identity`) to decide whether its
+outputs are still valid (see :mod:`qdplex.batch`): the input's SHA-256 and its channel
+sidecars', the panel's SHA-256 (its settings plus the *content* of the spectra and
+control files it names, not their paths), the output options and the qdplex version.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "library_sha256",
     "host_info",
     "run_record",
+    "slide_identity",
     "to_jsonable",
 ]
 
@@ -198,6 +199,50 @@ def library_sha256(library) -> str:
             a = np.ascontiguousarray(np.asarray(arr, dtype=np.float64))
             h.update(str(a.shape).encode() + a.tobytes())
     return h.hexdigest()
+
+
+def _sidecars(path: Path) -> list[Path]:
+    """Every file beside ``path`` that can name its channels (see :func:`qdplex.io.channels.sidecar_for`)."""
+    from .io.discover import slide_stem
+
+    if path.is_dir():
+        return []  # a folder's own channels.csv is part of the folder's hash
+    names = [f"{slide_stem(path)}.channels.csv", "channels.csv", "markers.csv"]
+    return [path.with_name(n) for n in names if path.with_name(n).is_file()]
+
+
+def slide_identity(path, panel, options: Mapping[str, Any] | None = None, *, input_sha256: str | None = None,
+                   panel_sha: str | None = None) -> dict[str, Any]:
+    """Everything that decides a slide's outputs, and one hash of it.
+
+    Parameters
+    ----------
+    path : path
+        The slide file or folder.
+    panel : qdplex.panel.Panel
+    options : mapping, optional
+        Output options that change what is written (format, reports, tile).
+    input_sha256, panel_sha : str, optional
+        Already computed hashes (avoid hashing twice).
+
+    Returns
+    -------
+    dict
+        ``input_sha256``, ``sidecars`` (file name → SHA-256 of every channel sidecar
+        beside the input: ``<stem>.channels.csv``, ``channels.csv``, ``markers.csv``),
+        ``panel_sha256``, ``options``, ``qdplex_version`` and ``identity_sha256``
+        (the SHA-256 of all of them).
+    """
+    path = Path(path)
+    ident = {
+        "input_sha256": input_sha256 or file_sha256(path),
+        "sidecars": {p.name: file_sha256(p) for p in _sidecars(path)},
+        "panel_sha256": panel_sha or panel_sha256(panel),
+        "options": to_jsonable(dict(sorted((options or {}).items()))),
+        "qdplex_version": qdplex_version(),
+    }
+    ident["identity_sha256"] = _json_sha256(ident)
+    return ident
 
 
 def host_info() -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Layering (pure → from disk → CLI)::
 
     slide_report_html(...)        arrays, tables and dicts → HTML text (figures inline)
-    write_slide_report(result, slide_dir)       a SlideResult → slide_dir/qc/report.html
-    slide_report_from_outputs(slide_dir)        the files of OUT/<slide>/ → the same page
+    write_slide_report(slide_dir, panel=..., record=...)   the written images of OUT/<slide>/
+                                  and what the caller has → slide_dir/qc/report.html
+    slide_report_from_outputs(slide_dir)        the same, everything read from OUT/<slide>/
     cohort_report_html(manifest, table, ...)    tables → HTML text
     write_cohort_report(out)                    OUT/manifest.csv + cohort_summary.csv → OUT/report.html
     report_from_outputs(out)                    every slide's report, then the cohort's (``qdplex report OUT``)
@@ -38,7 +39,6 @@ __all__ = [
     "cohort_report_html",
     "write_cohort_report",
     "report_from_outputs",
-    "REPORT_NAME",
 ]
 
 #: File name of the reports (``OUT/<slide>/qc/report.html`` and ``OUT/report.html``).
@@ -296,6 +296,7 @@ def slide_report_html(
     source: str | None = None,
     image_shape: tuple[int, int] | None = None,
     max_side: int = 1024,
+    warnings: Sequence[str] = (),
 ) -> str:
     """The QC report of one slide as a self-contained HTML page.
 
@@ -328,6 +329,8 @@ def slide_report_html(
         Full-resolution Y×X size, when ``abundances`` is a reduced pyramid level.
     max_side : int
         Longest side of image previews in pixels.
+    warnings : sequence of str
+        The slide's warnings (from any stage), shown under the title.
 
     Returns
     -------
@@ -350,6 +353,7 @@ def slide_report_html(
 
     meta.append(f"qdplex {__version__}, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     parts.append(f"<p class=meta>{' · '.join(meta)}</p>")
+    parts += [f"<div class=warn>warning: {_e(w)}</div>" for w in warnings]
 
     # scores
     parts.append("<h2>Scores</h2>")
@@ -443,57 +447,78 @@ def slide_report_html(
     return _page(f"qdplex QC: {name}", "\n".join(parts))
 
 
-def write_slide_report(result, out_dir, *, max_side: int = 1024) -> Path:
-    """Write the QC report of a :class:`qdplex.pipeline.SlideResult` to ``out_dir/qc/report.html``.
+def write_slide_report(slide_dir, *, panel, record: Mapping[str, Any] | None = None, table: pd.DataFrame | None = None,
+                       summary: Mapping[str, Any] | None = None, library=None, channels=None,
+                       max_side: int = 1024) -> Path:
+    """Write ``slide_dir/qc/report.html`` for a slide whose images are written in ``slide_dir``.
+
+    The one report writer for every slide (any storage, just computed or rebuilt by
+    ``qdplex report``): the image previews come from the written (pyramidal) images,
+    read at the coarsest level still ``max_side`` pixels across, so the report of a
+    whole slide reads a few MB.
 
     Parameters
     ----------
-    result : qdplex.pipeline.SlideResult
-        The slide as computed by :func:`qdplex.pipeline.run_slide`.
-    out_dir : str or Path
-        The slide's output folder (``OUT/<slide>``).
+    slide_dir : path
+        ``OUT/<slide>`` holding ``unmixed``, ``nuclei`` and ``cells`` images (either format).
+    panel : qdplex.panel.Panel
+    record : mapping, optional
+        The slide's ``run.json`` (thresholds, timings, inputs, warnings).
+    table, summary : optional
+        The cell table and the slide scores (default: read from ``slide_dir``).
+    library : SpectralLibrary, optional
+        The spectra used for unmixing (spectra plot and crosstalk check).
+    channels : sequence of Channel, optional
+        The raw image's channels.
 
     Returns
     -------
     Path
-        The written report (written atomically).
+        The written report (written atomically). A report that cannot be built
+        becomes a short page saying why, with a RuntimeWarning.
     """
-    unm = result.unmixed
-    kwargs = dict(
-        name=result.image.name,
-        panel=result.panel,
-        abundances=unm.abundances,
-        nuclei=result.segmentation.nuclei,
-        cells=result.segmentation.cells,
-        table=result.table,
-        thresholds=result.thresholds,
-        summary=result.summary,
-        residual=getattr(unm, "residual", None),
-        saturated=getattr(unm, "saturated", None),
-        library=result.library,
-        channels=result.image.channels,
-        timings=result.timings,
-        source=result.image.source,
-        max_side=max_side,
-    )
+    from . import outputs
+    from .io import read_image
+
+    slide_dir = Path(slide_dir)
+    rec = dict(record or {})
+    name = slide_dir.name
     try:
-        text = slide_report_html(**kwargs)
+        paths = {k: outputs.find_image(slide_dir, k) for k in outputs.IMAGE_KINDS}
+        missing = [k for k, p in paths.items() if p is None]
+        if missing:
+            raise InputError(f"expected the slide images {missing} to build its report, found them missing",
+                             path=slide_dir)
+        if table is None:
+            tp = outputs.table_path(slide_dir, "parquet")
+            table = pd.read_parquet(tp) if tp.is_file() else pd.read_csv(outputs.table_path(slide_dir, "csv"))
+        if summary is None:
+            sp = slide_dir / outputs.SUMMARY_JSON
+            summary = outputs.read_json(sp) if sp.is_file() else {}
+        abundances = _read_for_preview(paths["unmixed"], max_side)  # lazy: only previews are computed
+        nuclei = _read_for_preview(paths["nuclei"], max_side).data[0]
+        cells = _read_for_preview(paths["cells"], max_side).data[0]
+        residual = abundances.plane("residual") if "residual" in abundances.channel_names else None
+        thresholds = rec.get("thresholds") or dict(summary).get("thresholds") or {}
+        inputs = rec.get("inputs") or []
+        source = inputs[0].get("path") if inputs and isinstance(inputs[0], Mapping) else None
+        text = slide_report_html(
+            name=name, panel=panel, abundances=abundances, nuclei=nuclei, cells=cells, table=table,
+            thresholds={k: float(v) for k, v in thresholds.items() if v is not None},
+            summary=summary, residual=residual, library=library, channels=channels,
+            timings=rec.get("timings") or {}, source=source,
+            image_shape=read_image(paths["unmixed"]).shape[1:], max_side=max_side,
+            warnings=rec.get("warnings") or dict(summary).get("warnings") or (),
+        )
     except Exception as e:  # the slide's tables and images are valid: keep them, say why the report is short
-        warnings.warn(f"{result.image.name}: QC report not built ({type(e).__name__}: {e})", RuntimeWarning)
-        text = _page(f"qdplex QC: {result.image.name}",
-                     f"<h1>QC report: {_e(result.image.name)}</h1><div class=err>the report could not be built: "
+        warnings.warn(f"{name}: QC report not built ({type(e).__name__}: {e})", RuntimeWarning)
+        text = _page(f"qdplex QC: {name}",
+                     f"<h1>QC report: {_e(name)}</h1><div class=err>the report could not be built: "
                      f"{_e(type(e).__name__)}: {_e(e)}</div>")
-    return _atomic_write_text(Path(out_dir) / "qc" / REPORT_NAME, text)
+    return _atomic_write_text(outputs.report_path(slide_dir), text)
 
 
 # --------------------------------------------------------------------------- from disk
-def _first(slide_dir: Path, names: Sequence[str]) -> Path | None:
-    for n in names:
-        if (slide_dir / n).exists():
-            return slide_dir / n
-    return None
-
-
 def _read_for_preview(path: Path, max_side: int):
     """Read ``path`` lazily at the coarsest pyramid level still ≥ ``max_side`` on its longer side.
 
@@ -513,88 +538,33 @@ def _read_for_preview(path: Path, max_side: int):
     return img
 
 
-def _panel_from_record(rec: Mapping[str, Any], where: Path):
-    """The Panel recorded in ``run.json`` (re-read from its file when that still exists)."""
-    from .panel import panel_from_dict, read_panel
-
-    d = rec.get("panel") or {}
-    if not d:
-        raise InputError("expected a 'panel' entry in run.json, found none", path=where)
-    path = d.get("path")
-    if path and Path(path).is_file():
-        return read_panel(path)
-    raw = {k: d[k] for k in ("name", "nuclear_stain", "unmixing", "segmentation", "quantification", "scoring")
-           if d.get(k) is not None}
-    raw["markers"] = [{k: v for k, v in m.items() if v is not None} for m in d.get("markers", [])]
-    if d.get("pixel_size_um"):
-        raw["image"] = {"pixel_size_um": d["pixel_size_um"]}
-    return panel_from_dict(raw, path=where)
-
-
-def _refresh_recorded_size(slide_dir: Path, written: Path) -> None:
-    """Keep a batch completion record in ``run.json`` true after rewriting one of its outputs.
-
-    :mod:`qdplex.batch` records the size of every output file and treats a slide whose
-    files differ as incomplete; a rebuilt report must not make ``qdplex run`` redo it.
-    """
-    from .batch import RECORD_KEY
-
-    run_json = slide_dir / "run.json"
-    try:
-        doc = json.loads(run_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    rec = doc.get(RECORD_KEY) if isinstance(doc, dict) else None
-    rel = written.relative_to(slide_dir).as_posix()
-    if not isinstance(rec, dict) or rel not in (rec.get("outputs") or {}):
-        return
-    rec["outputs"][rel] = written.stat().st_size
-    _atomic_write_text(run_json, json.dumps(doc, indent=2))
-
-
 def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
     """Rebuild ``slide_dir/qc/report.html`` from the files in a slide's output folder.
 
-    Reads ``unmixed.ome.tif`` (or ``.ome.zarr``), ``nuclei``/``cells`` labels,
-    ``cells.parquet`` (or ``cells.csv``), ``summary.json`` and ``run.json``
-    (panel, thresholds, timings, input). The spectra are the built-in library's
-    for the panel on the input's channels when the input is still readable.
+    Reads ``run.json`` (panel, thresholds, timings, input, warnings) through
+    :mod:`qdplex.outputs`, then :func:`write_slide_report`. The spectra are the
+    panel's library on the input's channels when the input is still readable.
+    The completion record in ``run.json`` is updated with the new report's hash.
 
     Returns
     -------
     Path
         The written report.
     """
+    from . import outputs
     from .io import read_image
 
     slide_dir = Path(slide_dir)
-    unmixed_path = _first(slide_dir, ["unmixed.ome.tif", "unmixed.ome.zarr"])
-    nuclei_path = _first(slide_dir, ["nuclei.ome.tif", "nuclei.ome.zarr"])
-    cells_path = _first(slide_dir, ["cells.ome.tif", "cells.ome.zarr"])
-    table_path = _first(slide_dir, ["cells.parquet", "cells.csv"])
-    missing = [n for n, p in [("unmixed.ome.tif", unmixed_path), ("nuclei.ome.tif", nuclei_path),
-                              ("cells.ome.tif", cells_path), ("cells.csv", table_path),
-                              ("run.json", _first(slide_dir, ["run.json"]))] if p is None]
+    rec = outputs.read_run_record(slide_dir)
+    missing = [f"{k}{outputs.FORMATS['tiff']}" for k in outputs.IMAGE_KINDS if outputs.find_image(slide_dir, k) is None]
+    if not any(outputs.table_path(slide_dir, f).is_file() for f in ("parquet", "csv")):
+        missing.append("cells.csv")
     if missing:
-        raise InputError(f"expected the slide outputs {missing} to rebuild its report, found them missing", path=slide_dir)
-    rec = json.loads((slide_dir / "run.json").read_text(encoding="utf-8"))
-    summary = {}
-    if (slide_dir / "summary.json").is_file():
-        summary = json.loads((slide_dir / "summary.json").read_text(encoding="utf-8"))
-    panel = _panel_from_record(rec, slide_dir / "run.json")
-
-    abundances = _read_for_preview(unmixed_path, max_side)  # lazy: only previews are computed
-    nuclei = _read_for_preview(nuclei_path, max_side).data[0]
-    cells = _read_for_preview(cells_path, max_side).data[0]
-    table = pd.read_parquet(table_path) if table_path.suffix == ".parquet" else pd.read_csv(table_path)
-    residual = abundances.plane("residual") if "residual" in abundances.channel_names else None
-
-    params = rec.get("parameters") or {}
-    thresholds = rec.get("thresholds") or params.get("thresholds") or summary.get("thresholds") or {}
-    timings = rec.get("timings") or rec.get("timings_s") or params.get("timings_s") or {}
+        raise InputError(f"expected the slide outputs {missing} to rebuild its report, found them missing",
+                         path=slide_dir)
+    panel = outputs.panel_from_record(rec, where=slide_dir / outputs.RUN_JSON)
     inputs = rec.get("inputs") or []
-    source = inputs[0]["path"] if inputs and isinstance(inputs[0], Mapping) else None
-
+    source = inputs[0].get("path") if inputs and isinstance(inputs[0], Mapping) else None
     library = channels = None
     if source and Path(source).exists():
         try:
@@ -604,15 +574,9 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
             library = library_for_panel(panel, channels)
         except Exception:  # the input moved or changed: the report goes without spectra
             library = channels = None
-
-    text = slide_report_html(
-        name=slide_dir.name, panel=panel, abundances=abundances, nuclei=nuclei, cells=cells, table=table,
-        thresholds={k: float(v) for k, v in thresholds.items() if v is not None},
-        summary=summary, residual=residual, library=library, channels=channels, timings=timings,
-        source=source, image_shape=read_image(unmixed_path).shape[1:], max_side=max_side,
-    )
-    path = _atomic_write_text(slide_dir / "qc" / REPORT_NAME, text)
-    _refresh_recorded_size(slide_dir, path)
+    path = write_slide_report(slide_dir, panel=panel, record=rec, library=library, channels=channels,
+                              max_side=max_side)
+    outputs.refresh_output_hash(slide_dir, path)
     return path
 
 
@@ -705,12 +669,17 @@ def _score_priority(column: str) -> tuple[int, str]:
 
 
 def _cohort_scores(out: Path, manifest: pd.DataFrame) -> pd.DataFrame | None:
-    path = out / "cohort_summary.csv"
+    from . import outputs
+
+    path = out / outputs.COHORT_SUMMARY
     if path.is_file():
         return pd.read_csv(path)
     rows = []
     for slide in manifest["slide"].astype(str):
-        f = out / slide / "summary.json"
+        try:
+            f = outputs.slide_dir_in(out, slide) / outputs.SUMMARY_JSON
+        except QdplexError:
+            continue
         if f.is_file():
             rows.append({"slide": slide, **_flatten(json.loads(f.read_text(encoding="utf-8")))})
     return pd.DataFrame(rows) if rows else None
@@ -726,14 +695,17 @@ def write_cohort_report(out) -> Path:
     Path
         The written report.
     """
+    from . import outputs
+
     out = Path(out)
-    mpath = out / "manifest.csv"
-    if not mpath.is_file():
-        raise InputError("expected a qdplex output folder holding manifest.csv, found no manifest.csv", path=out)
-    manifest = pd.read_csv(mpath, dtype={"slide": str})
+    manifest = outputs.read_manifest(out)
     links = {}
     for slide in manifest["slide"].astype(str):
-        if (out / slide / "qc" / REPORT_NAME).is_file():
+        try:
+            d = outputs.slide_dir_in(out, slide)
+        except QdplexError:  # a row naming '../x' or a link out of OUT is listed, never followed
+            continue
+        if outputs.report_path(d).is_file():
             links[slide] = f"{slide}/qc/{REPORT_NAME}"
     text = cohort_report_html(manifest, _cohort_scores(out, manifest),
                               title=f"qdplex cohort report: {out.resolve().name}", links=links)
@@ -757,17 +729,16 @@ def report_from_outputs(out, *, max_side: int = 1024) -> list[Path]:
     list of Path
         The slide reports, then the cohort report.
     """
+    from . import outputs
+
     out = Path(out)
-    mpath = out / "manifest.csv"
-    if not mpath.is_file():
-        raise InputError("expected a qdplex output folder holding manifest.csv, found no manifest.csv", path=out)
-    manifest = pd.read_csv(mpath, dtype={"slide": str})
+    manifest = outputs.read_manifest(out)
     written, failed = [], []
     for _, row in manifest.iterrows():
         if str(row.get("status")) != "ok":
             continue
         try:
-            written.append(slide_report_from_outputs(out / str(row["slide"]), max_side=max_side))
+            written.append(slide_report_from_outputs(outputs.slide_dir_in(out, row["slide"]), max_side=max_side))
         except QdplexError as e:  # one unreadable slide folder must not stop the others
             failed.append(str(e))
     written.append(write_cohort_report(out))

@@ -34,7 +34,7 @@ TILE_ABOVE = 2048
 #: Images with a side longer than this also get pyramid levels (down to about one tile).
 PYRAMID_ABOVE = 4096
 #: Dask images up to this many bytes are computed at once; larger ones are streamed.
-IN_MEMORY_BYTES = 256 * 2**20
+IN_MEMORY_BYTES = 64 * 2**20
 _WRITABLE = (np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.float32, np.float64)
 
 

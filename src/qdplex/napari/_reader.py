@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,13 @@ from ._layers import abundance_layers, label_layers, slide_layer
 __all__ = ["napari_get_reader", "read_slide", "read_output_folder", "is_output_folder"]
 
 _TIFF = (".tif", ".tiff")
-#: output images of a slide folder, in the two output formats (``--format tiff|zarr``)
-_SUFFIXES = (".ome.tif", ".ome.zarr")
 
 
-def _output(folder: Path, stem: str) -> Path | None:
-    for suffix in _SUFFIXES:
-        p = folder / f"{stem}{suffix}"
-        if p.exists():
-            return p
-    return None
+def _output(folder: Path, kind: str) -> Path | None:
+    """The slide's ``kind`` image in either output format (names owned by :mod:`qdplex.outputs`)."""
+    from qdplex.outputs import find_image
+
+    return find_image(folder, kind)
 
 
 def is_output_folder(path) -> bool:
@@ -98,27 +94,28 @@ def _fit_library(panel, image):
 
 
 def _read_json(path: Path) -> dict:
+    from qdplex.errors import QdplexError
+    from qdplex.outputs import read_json
+
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
+        return read_json(path) if path.is_file() else {}
+    except QdplexError:
         return {}
 
 
 def _panel_from_run(run: dict):
-    """The panel recorded in run.json (by its file when it still exists, else from the dict)."""
-    from qdplex.panel import panel_from_dict, read_panel
+    """The panel recorded in run.json (:func:`qdplex.outputs.panel_from_record`), or None."""
+    import warnings
 
-    raw = run.get("panel")
-    if not isinstance(raw, dict):
+    from qdplex.errors import QdplexError
+    from qdplex.outputs import panel_from_record
+
+    if not isinstance(run.get("panel"), dict):
         return None
-    p = raw.get("path")
     try:
-        if p and Path(p).is_file():
-            return read_panel(p)
-        raw = {k: v for k, v in raw.items() if k not in ("path", "spectra_files", "autofluorescence_control", "autofluorescence_components")}
-        raw = {k: v for k, v in raw.items() if v not in (None, {}, [])}
-        return panel_from_dict(raw)
-    except Exception:  # an unreadable panel only disables scoring widgets
+        return panel_from_record(run)
+    except QdplexError as e:  # an unreadable panel only disables scoring widgets: say so
+        warnings.warn(f"the panel in run.json cannot be read back ({e}); scoring widgets are off", RuntimeWarning)
         return None
 
 
@@ -148,10 +145,12 @@ def read_output_folder(path) -> list[tuple]:
 
     from qdplex.io import read_image
 
+    from qdplex.outputs import RUN_JSON, SUMMARY_JSON, table_path
+
     folder = Path(_one(path))
     slide = folder.name
-    run = _read_json(folder / "run.json")
-    summary = _read_json(folder / "summary.json")
+    run = _read_json(folder / RUN_JSON)
+    summary = _read_json(folder / SUMMARY_JSON)
     layers: list[tuple] = []
     image = _input_image(run)
     if image is not None:
@@ -170,7 +169,8 @@ def read_output_folder(path) -> list[tuple]:
         cells = _labels(cells_path)
         nuc_path = _output(folder, "nuclei")
         nuclei = _labels(nuc_path) if nuc_path is not None else np.zeros_like(cells)
-        table = pd.read_csv(folder / "cells.csv") if (folder / "cells.csv").is_file() else None
+        csv = table_path(folder, "csv")
+        table = pd.read_csv(csv) if csv.is_file() else None
         thresholds = summary.get("thresholds") or run.get("thresholds") or {}
         state = {
             "panel": panel,

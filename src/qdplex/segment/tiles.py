@@ -198,7 +198,10 @@ def segment_tiled(
             )
             task = dask.delayed(_tile_objects)(arr[y0:y1, x0:x1], core, d, method, model, grids, k, (y0, x0), noise)
             jobs.append(((y0, x0), task))
-        results = dask.compute(*[t for _, t in jobs], scheduler="threads", num_workers=nw)
+        # tiles are tasks of a distributed client when one is in use (one slide over a cluster)
+        sched = dask.config.get("scheduler", None)
+        on = {"scheduler": sched} if hasattr(sched, "submit") else {"scheduler": "threads", "num_workers": nw}
+        results = dask.compute(*[t for _, t in jobs], **on)
         for ((y0, x0), _), (lab, keep_ids) in zip(jobs, results):
             if keep_ids.size == 0:
                 continue
