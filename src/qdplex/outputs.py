@@ -272,30 +272,12 @@ def panel_from_record(record: Mapping[str, Any], *, where=None):
         When the record holds no panel; :class:`~qdplex.errors.PanelError` when it does
         not validate (e.g. a spectra file named by it is gone).
     """
-    from .panel import panel_from_dict
+    from .panel import Panel
 
     d = record.get("panel") if isinstance(record, Mapping) else None
     if not isinstance(d, Mapping) or not d:
         raise InputError("expected a 'panel' entry in run.json, found none", path=where)
-    raw: dict[str, Any] = {"name": d.get("name"), "nuclear_stain": d.get("nuclear_stain") or "DAPI"}
-    raw["markers"] = [{k: v for k, v in m.items() if v is not None} for m in d.get("markers") or []]
-    if d.get("spectra_files"):
-        raw["spectra"] = {"files": [str(p) for p in d["spectra_files"]]}
-    af: dict[str, Any] = {}
-    if d.get("autofluorescence_control"):
-        af["control"] = str(d["autofluorescence_control"])
-    if d.get("autofluorescence_components") not in (None, 1):
-        af["components"] = int(d["autofluorescence_components"])
-    if af:
-        raw["autofluorescence"] = af
-    image = {k: d[k] for k in ("pixel_size_um", "camera_offset") if d.get(k) is not None}
-    if image:
-        raw["image"] = image
-    for sec in ("unmixing", "segmentation", "quantification", "scoring"):
-        if d.get(sec):
-            raw[sec] = dict(d[sec])
-    path = d.get("path")
-    return panel_from_dict(raw, path=path, base_dir=Path(path).parent if path else None)
+    return Panel.from_record(dict(d))
 
 
 # --------------------------------------------------------------------------- completion record
