@@ -33,7 +33,7 @@ def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_m
 
     Each pixel is added once to its nucleus (when in one) or else to its cell's
     cytoplasm, and once more to its membrane ring; the cell totals are derived
-    afterwards (:func:`qdplex.quantify.accumulate.derive_cells`). Two rare cases keep this exact for any
+    afterwards (``accumulate._derive_cells``). Two rare cases keep this exact for any
     label images: nucleus pixels outside their own cell go to slot ``NOUT`` (to be
     subtracted from that cell) and cell pixels inside another object's nucleus to
     slot ``CX`` (to be added). ``cells``/``nuclei``/``membrane`` carry ``hy``/``hx``
@@ -50,6 +50,11 @@ def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_m
     memb = np.empty(w, dtype=np.int64)  # membrane row, or -1
     oddn = np.empty(w, dtype=np.int64)  # nucleus row of a nucleus pixel outside its own cell, or -1
     oddc = np.empty(w, dtype=np.int64)  # cell row of that pixel, or -1
+    m1 = s1[MEM]
+    m2 = s2[MEM]
+    rs = np.empty(w, dtype=np.int64)  # the row's runs: first, end, accumulator row
+    re = np.empty(w, dtype=np.int64)
+    rp = np.empty(w, dtype=np.int64)
     for y in range(h):
         ly = y + hy
         any_mem = False
@@ -87,47 +92,12 @@ def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_m
             else:
                 oddn[x] = -1
                 oddc[x] = -1
-        # per channel: contiguous reads, sums kept in registers along each run of one label
+        # runs of one label, then every channel of a run at once: the C sums are
+        # independent chains (each still adds its run's pixels in order, left to right)
+        _add_runs(img, y, prim, w, f1, f2, rs, re, rp)
+        if any_mem:
+            _add_runs(img, y, memb, w, m1, m2, rs, re, rp)
         for k in range(C):
-            cur = -1
-            a1 = 0.0
-            a2 = 0.0
-            for x in range(w):
-                p = prim[x]
-                if p != cur:
-                    if cur >= 0:
-                        f1[cur, k] += a1
-                        f2[cur, k] += a2
-                    cur = p
-                    a1 = 0.0
-                    a2 = 0.0
-                if p >= 0:
-                    v = np.float64(img[k, y, x])
-                    a1 += v
-                    a2 += v * v
-            if cur >= 0:
-                f1[cur, k] += a1
-                f2[cur, k] += a2
-            if any_mem:
-                cur = -1
-                a1 = 0.0
-                a2 = 0.0
-                for x in range(w):
-                    p = memb[x]
-                    if p != cur:
-                        if cur >= 0:
-                            s1[MEM, cur, k] += a1
-                            s2[MEM, cur, k] += a2
-                        cur = p
-                        a1 = 0.0
-                        a2 = 0.0
-                    if p >= 0:
-                        v = np.float64(img[k, y, x])
-                        a1 += v
-                        a2 += v * v
-                if cur >= 0:
-                    s1[MEM, cur, k] += a1
-                    s2[MEM, cur, k] += a2
             if any_odd:
                 for x in range(w):
                     inn = oddn[x]
@@ -154,6 +124,65 @@ def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_m
                         _minmax(mn, mx, NUC, lut[n], k, v)
                     if memb[x] >= 0:
                         _minmax(mn, mx, MEM, memb[x], k, v)
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_runs(img, y, slot, w, f1, f2, rs, re, rp):  # pragma: no cover - compiled
+    """Add row ``y`` of ``img`` to ``f1``/``f2`` (sum, sum of squares) along the runs of ``slot``
+    (accumulator row per pixel, −1 = none), one run at a time, four channels of a pixel together."""
+    C = img.shape[0]
+    n = 0
+    x = 0
+    while x < w:
+        p = slot[x]
+        x0 = x
+        x += 1
+        while x < w and slot[x] == p:
+            x += 1
+        if p >= 0:
+            rs[n] = x0
+            re[n] = x
+            rp[n] = p
+            n += 1
+    k0 = 0
+    while k0 + 4 <= C:  # four channels at a time in registers: eight independent chains
+        for r in range(n):
+            b0 = b1 = b2 = b3 = 0.0
+            q0 = q1 = q2 = q3 = 0.0
+            for x in range(rs[r], re[r]):
+                v0 = np.float64(img[k0, y, x])
+                v1 = np.float64(img[k0 + 1, y, x])
+                v2 = np.float64(img[k0 + 2, y, x])
+                v3 = np.float64(img[k0 + 3, y, x])
+                b0 += v0
+                q0 += v0 * v0
+                b1 += v1
+                q1 += v1 * v1
+                b2 += v2
+                q2 += v2 * v2
+                b3 += v3
+                q3 += v3 * v3
+            p = rp[r]
+            f1[p, k0] += b0
+            f2[p, k0] += q0
+            f1[p, k0 + 1] += b1
+            f2[p, k0 + 1] += q1
+            f1[p, k0 + 2] += b2
+            f2[p, k0 + 2] += q2
+            f1[p, k0 + 3] += b3
+            f2[p, k0 + 3] += q3
+        k0 += 4
+    for k in range(k0, C):  # the rest one by one
+        for r in range(n):
+            b0 = 0.0
+            q0 = 0.0
+            for x in range(rs[r], re[r]):
+                v0 = np.float64(img[k, y, x])
+                b0 += v0
+                q0 += v0 * v0
+            p = rp[r]
+            f1[p, k] += b0
+            f2[p, k] += q0
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
