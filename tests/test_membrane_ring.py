@@ -1,31 +1,13 @@
-"""The compiled membrane ring equals its definition by Euclidean distance transform, bit for bit."""
+"""The compiled membrane ring equals its definition by Euclidean distance transform (scipy), bit for bit."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
 from qdplex.segment import membrane_ring
-
-
-def _ring_by_edt(cells, width):
-    """The ring as defined (and as qdplex computed it before the compiled kernel): cell pixels
-    closer than ``width`` to a boundary pixel, by ``scipy.ndimage.distance_transform_edt``."""
-    lab = np.asarray(cells, np.uint32)
-    edge = np.zeros(lab.shape, bool)
-    dy = lab[1:, :] != lab[:-1, :]
-    dx = lab[:, 1:] != lab[:, :-1]
-    edge[1:, :] |= dy
-    edge[:-1, :] |= dy
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge &= lab > 0
-    if not edge.any():
-        return np.zeros(lab.shape, np.uint32)
-    ring = edge if width <= 1 else (ndi.distance_transform_edt(~edge) < width) & (lab > 0)
-    return np.where(ring, lab, 0).astype(np.uint32)
+from qdplex.segment._ring import ring_by_edt as _ring_by_edt  # the definition (the former implementation)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -78,3 +78,27 @@ def ring(lab, width):  # pragma: no cover - compiled
             if hit:
                 out[y, x] = v
     return out
+
+
+def ring_by_edt(cells, width):
+    """The ring by its definition, with ``scipy.ndimage.distance_transform_edt`` (numpy).
+
+    This was :func:`qdplex.segment.membrane_ring` before the compiled :func:`ring`; it
+    stays as the reference the tests compare :func:`ring` with (bit for bit) and the
+    baseline ``benchmarks/bench_quantify.py`` times it against.
+    """
+    from scipy import ndimage as ndi
+
+    lab = np.asarray(cells).astype(np.uint32, copy=False)
+    edge = np.zeros(lab.shape, bool)
+    dy = lab[1:, :] != lab[:-1, :]
+    dx = lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] |= dy
+    edge[:-1, :] |= dy
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge &= lab > 0
+    if not edge.any():
+        return np.zeros(lab.shape, np.uint32)
+    ring_ = edge if width <= 1 else (ndi.distance_transform_edt(~edge) < width) & (lab > 0)
+    return np.where(ring_, lab, 0).astype(np.uint32)
