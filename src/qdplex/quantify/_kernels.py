@@ -13,6 +13,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._numba import announce_compilation
+
+announce_compilation()  # one line on stderr when a first run compiles qdplex's kernels
+
 # compartment slots of the accumulator arrays (fixed order = model.COMPARTMENTS),
 # and two more while a block is accumulated (see accumulate)
 NUC, CYT, MEM, CELL, NOUT, CX = range(6)
@@ -344,7 +348,9 @@ def _chain(qy, qx, k, key, order, hy, hx):
 def _append(verts, nv, hy, hx, h):
     if nv + h > verts.shape[0]:
         grown = np.empty((2 * (nv + h), 2), dtype=np.float64)
-        grown[:nv] = verts[:nv]
+        for t in range(nv):  # element by element: a slice copy compiles a shape-error message (slow)
+            grown[t, 0] = verts[t, 0]
+            grown[t, 1] = verts[t, 1]
         verts = grown
     for t in range(h):
         verts[nv, 0] = hy[t]
@@ -385,13 +391,13 @@ def hulls_from_runs(runs, n_labels):
     idx = np.empty(6 * kmax, dtype=np.int64)
     hy = np.empty(12 * kmax + 1, dtype=np.float64)
     hx = np.empty(12 * kmax + 1, dtype=np.float64)
-    nv = 0
+    nv = start[0]  # 0, typed int64 (a literal 0 would compile _append twice)
     for L in range(n_labels):
         start[L] = nv
         k = first[L + 1] - first[L]
         if k == 0:
             continue
-        j = 0
+        j = k - k  # 0, typed int64 (a literal 0 would compile _chain twice)
         for t in range(first[L], first[L + 1]):
             r = order[t]
             row = np.float64(runs[r, 1])
@@ -419,7 +425,7 @@ def hulls(lab, py, px, n_labels):
     m = lab.shape[0]
     start = np.zeros(n_labels + 1, dtype=np.int64)
     verts = np.empty((m + 8, 2), dtype=np.float64)
-    nv = 0
+    nv = start[0]  # 0, typed int64 (a literal 0 would compile _append twice)
     a = 0
     for L in range(n_labels):
         start[L] = nv
@@ -448,8 +454,13 @@ def hull_pixel_counts(start, verts):
         b = start[i + 1]
         if b - a < 3:
             continue
-        r0 = np.int64(np.ceil(verts[a:b, 0].min() - eps))
-        r1 = np.int64(np.floor(verts[a:b, 0].max() + eps))
+        vmin = verts[a, 0]
+        vmax = verts[a, 0]
+        for e in range(a + 1, b):
+            vmin = min(vmin, verts[e, 0])
+            vmax = max(vmax, verts[e, 0])
+        r0 = np.int64(np.ceil(vmin - eps))
+        r1 = np.int64(np.floor(vmax + eps))
         total = 0
         for r in range(r0, r1 + 1):
             fr = np.float64(r)

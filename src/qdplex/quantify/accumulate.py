@@ -199,7 +199,7 @@ def _context(arr, y0, y1, x0, x1, halo=2):
     H, W = arr.shape
     a0 = max(0, y0 - halo)
     b0 = max(0, x0 - halo)
-    out = np.asarray(arr[a0:min(H, y1 + halo), b0:min(W, x1 + halo)])
+    out = np.ascontiguousarray(arr[a0:min(H, y1 + halo), b0:min(W, x1 + halo)])  # one compiled layout
     return out, y0 - a0, x0 - b0
 
 
