@@ -10,14 +10,16 @@ written. Two measurements:
   compilations (nested ones are inside them), per kernel module, as wall time and
   as the compiling thread's CPU time (the steadier figure on a busy machine); the
   second run shows what the disk cache leaves (0 when every kernel is cached);
-* wall time of the command as a user types it (default local cluster), cold and warm.
+* wall time of the command as a user types it (default local cluster), cold and warm;
+* with ``--precompile``: ``python -m qdplex._precompile`` on fresh caches (as an
+  install step would), then the compilation left to the first run.
 
 The difference cold − warm of the wall time is printed too, as a check of the
 first figure (it also counts loading the cache). Target: compilation ≤ 5 s (CPU).
 
 Run::
 
-    .venv/bin/python benchmarks/bench_compile.py
+    .venv/bin/python benchmarks/bench_compile.py [--precompile] [--no-command]
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def _command(caches: dict, out: Path) -> tuple[float, list[str]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--no-command", action="store_true", help="skip the wall-time runs of the plain command")
+    p.add_argument("--precompile", action="store_true",
+                   help="also: fresh caches, `python -m qdplex._precompile` (as an install step), then the first run")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="qdplex-bench-compile-") as tmp:
         tmp = Path(tmp)
@@ -115,14 +119,27 @@ def main(argv=None) -> int:
         for mod, s in sorted(cold["per_module"].items(), key=lambda kv: -kv[1]):
             print(f"    {s:5.2f} s CPU  {mod}")
         print(f"first-run message: {cold['compile_lines'] or 'none'}; second run: {warm['compile_lines'] or 'none'}")
+        if args.precompile:
+            caches3 = {"NUMBA_CACHE_DIR": str(tmp / "numba3"), "QDPLEX_KERNEL_DIR": str(tmp / "kernels3")}
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "qdplex._precompile"], cwd=ROOT, env=_env(caches3),
+                           capture_output=True, check=True)
+            tp = time.perf_counter() - t
+            after = _in_process(caches3, tmp / "out-pre")
+            print(f"python -m qdplex._precompile on fresh caches: {tp:.1f} s; then the first run: compilation "
+                  f"{after['compile']:.1f} s (CPU {after['compile_cpu']:.1f} s; {after['compiles']} kernels: "
+                  f"{', '.join(sorted(after['per_module']))}) of {after['wall']:.1f} s")
         if not args.no_command:
             caches2 = {"NUMBA_CACHE_DIR": str(tmp / "numba2"), "QDPLEX_KERNEL_DIR": str(tmp / "kernels2")}
             tc, lc = _command(caches2, tmp / "cmd-cold")
             tw, lw = _command(caches2, tmp / "cmd-warm")
             print(f"qdplex run sample_data/slides --panel sample_data/panel.toml --out TMP: fresh caches {tc:.1f} s, "
                   f"cached {tw:.1f} s, difference {tc - tw:.1f} s; message {lc or 'none'}, then {lw or 'none'}")
-    ok = cold["compile_cpu"] <= 5.0 and warm["compiles"] == 0
-    print(f"{'PASS' if ok else 'FAIL'} (target: compilation ≤ 5 s on a new install, none once cached)")
+    first = after["compile_cpu"] if args.precompile else cold["compile_cpu"]
+    ok = first <= 5.0 and warm["compiles"] == 0
+    print(f"{'PASS' if ok else 'FAIL'}: first run compiles {first:.1f} s CPU "
+          f"{'after the precompile step' if args.precompile else 'on a new install'} "
+          f"(target ≤ 5 s), {warm['compiles']} kernels once cached (target 0)")
     return 0 if ok else 1
 
 

@@ -8,6 +8,9 @@ the first run of a new install (or of a new qdplex/numba version) compiles them.
 that numba actually compiles a qdplex kernel (a cache miss, not a cache load), one
 line goes to standard error. Importing :mod:`qdplex.quantify` (which ``import
 qdplex`` does) turns it on.
+
+:func:`qdplex._precompile.precompile` (``python -m qdplex._precompile``) compiles
+some of them ahead of time, e.g. as an install step.
 """
 
 from __future__ import annotations
@@ -60,3 +63,4 @@ def announce_compilation(stream=None) -> None:
             pass
 
     event.register("numba:compile", _FirstCompile())
+
