@@ -32,7 +32,7 @@ def mark_present(a, flags):
 
 
 @numba.njit(cache=True, nogil=True)
-def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_minmax, cnt, s1, s2, mn, mx):
+def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, cnt, s1, s2):
     """Add the intensities of one C×h×w block to the per-label sums (one pass).
 
     Each pixel is added once to its nucleus (when in one) or else to its cell's
@@ -41,7 +41,7 @@ def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_m
     label images: nucleus pixels outside their own cell go to slot ``NOUT`` (to be
     subtracted from that cell) and cell pixels inside another object's nucleus to
     slot ``CX`` (to be added). ``cells``/``nuclei``/``membrane`` carry ``hy``/``hx``
-    rows/columns of context before the block.
+    rows/columns of context before the block. Minima and maxima are :func:`minmax`'s.
     """
     C = img.shape[0]
     h = img.shape[1]
@@ -101,8 +101,8 @@ def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_m
         _add_runs(img, y, prim, w, f1, f2, rs, re, rp)
         if any_mem:
             _add_runs(img, y, memb, w, m1, m2, rs, re, rp)
-        for k in range(C):
-            if any_odd:
+        if any_odd:
+            for k in range(C):
                 for x in range(w):
                     inn = oddn[x]
                     if inn < 0:
@@ -114,20 +114,6 @@ def accumulate(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, do_m
                     if ic >= 0:
                         s1[CX, ic, k] += v
                         s2[CX, ic, k] += v * v
-            if do_minmax:
-                for x in range(w):
-                    lx = x + hx
-                    c = cells[ly, lx]
-                    n = nuclei[ly, lx] if has_nuc else zero
-                    v = np.float64(img[k, y, x])
-                    if c != 0:
-                        _minmax(mn, mx, CELL, lut[c], k, v)
-                        if n == 0:
-                            _minmax(mn, mx, CYT, lut[c], k, v)
-                    if n != 0:
-                        _minmax(mn, mx, NUC, lut[n], k, v)
-                    if memb[x] >= 0:
-                        _minmax(mn, mx, MEM, memb[x], k, v)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -196,6 +182,31 @@ def _minmax(mn, mx, slot, row, k, v):
     if v > mx[slot, row, k]:
         mx[slot, row, k] = v
 
+
+
+@numba.njit(cache=True, nogil=True)
+def minmax(img, cells, nuclei, membrane, has_nuc, has_mem, lut, hy, hx, mn, mx):  # pragma: no cover - compiled
+    """Per-compartment minimum and maximum of each channel over one block (a pass of its own,
+    compiled only when a table asks for ``min``/``max``); arguments as :func:`accumulate`."""
+    C = img.shape[0]
+    zero = cells[0, 0] - cells[0, 0]
+    for y in range(img.shape[1]):
+        ly = y + hy
+        for x in range(img.shape[2]):
+            lx = x + hx
+            c = cells[ly, lx]
+            n = nuclei[ly, lx] if has_nuc else zero
+            m = membrane[ly, lx] if has_mem else zero
+            for k in range(C):
+                v = np.float64(img[k, y, x])
+                if c != 0:
+                    _minmax(mn, mx, CELL, lut[c], k, v)
+                    if n == 0:
+                        _minmax(mn, mx, CYT, lut[c], k, v)
+                if n != 0:
+                    _minmax(mn, mx, NUC, lut[n], k, v)
+                if m != 0:
+                    _minmax(mn, mx, MEM, lut[m], k, v)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -20,7 +20,8 @@ import pandas as pd
 
 from ..errors import InputError, SegmentationError
 from ..model import COMPARTMENTS
-from ._kernels import CELL, CX, CYT, NOUT, NUC, accumulate, hull_pixel_counts, hulls, hulls_from_runs, mark_present, shape_sums
+from ._kernels import (CELL, CX, CYT, NOUT, NUC, accumulate, hull_pixel_counts, hulls, hulls_from_runs, mark_present,
+                       minmax, shape_sums)
 
 __all__ = [
     "Accumulator",
@@ -286,12 +287,11 @@ def accumulate_block(acc: Accumulator, block, cells, nuclei=None, membrane=None,
     part.labels = labels
     part.has_membrane = me is not None
     dummy = np.zeros((1, 1), common)
-    mm = (part.min, part.max) if acc.minmax else (np.zeros((4, 1, 1)), np.zeros((4, 1, 1)))
-    accumulate(
-        block, cl, nu if nu is not None else dummy, me if me is not None else dummy,
-        nu is not None, me is not None, lut, hy, hx, acc.minmax,
-        part.count, part.sum, part.sumsq, mm[0], mm[1],
-    )
+    labs = (block, cl, nu if nu is not None else dummy, me if me is not None else dummy,
+            nu is not None, me is not None, lut, hy, hx)
+    accumulate(*labs, part.count, part.sum, part.sumsq)
+    if acc.minmax:
+        minmax(*labs, part.min, part.max)
     _derive_cells(part.count, part.sum, part.sumsq)
     part.count, part.sum, part.sumsq = part.count[:4].copy(), part.sum[:4].copy(), part.sumsq[:4].copy()
     runs = shape_sums(cl, lut, hy, hx, h, w, y0, x0, H, W, part.geo, part.bbox, part.perimeter, _PERIM_W)
