@@ -15,13 +15,18 @@ then runs them alternately ``--repeat`` times (so both see the same machine load
 and reports the best time of each. Memory: a second fresh process runs qdplex once.
 
 The compartment label images are inputs for both (segmentation output), so the
-membrane ring is derived before the clock starts. Numba kernels are compiled (or
-loaded from cache) on a small image first. It prints both times, their ratio, and
-qdplex's memory relative to the image's size: the peak memory the call adds (peak
-RSS minus RSS before the call, and the Python-allocated peak seen by tracemalloc),
-and, for transparency, the whole process's peak RSS, which also counts the inputs
-(the image and three label images) and the imported libraries. Targets (issue 5):
-time ratio ≤ 0.5, and peak memory of the quantification ≤ 2× the image.
+membrane ring is derived before the clock starts; the same process also times the
+ring itself — :func:`qdplex.segment.membrane_ring` (2-pixel width) against its
+definition by ``scipy.ndimage.distance_transform_edt`` (the implementation before
+the compiled kernel, :func:`qdplex.segment._ring.ring_by_edt`), checking they are
+equal. Numba kernels are compiled (or loaded from cache) on a small image first.
+It prints the times, their ratios, and qdplex's memory relative to the image's
+size: the peak memory the call adds (peak RSS minus RSS before the call, and the
+Python-allocated peak seen by tracemalloc), and, for transparency, the whole
+process's peak RSS, which also counts the inputs (the image and three label
+images) and the imported libraries. Targets: time ratio ≤ 0.25 (issue 13; 0.5 in
+issue 5), the membrane ring of the 4096² cell image ≤ 1 s (issue 13), and peak
+memory of the quantification ≤ 2× the image (issue 5).
 
 Run::
 
@@ -101,21 +106,34 @@ def _warm_up(img, seg, names) -> None:
 
 
 def _child_time(folder: Path, repeat: int) -> dict:
-    """Both methods on the same data in one process, alternating, ``repeat`` times each."""
+    """Both methods on the same data in one process, alternating, ``repeat`` times each;
+    then the membrane ring, compiled and by distance transform, ``repeat`` times each."""
     from steinbock.measurement.intensities import IntensityAggregation, measure_intensites
 
     from qdplex.quantify import quantify
+    from qdplex.segment import membrane_ring
+    from qdplex.segment._ring import ring_by_edt
 
     img, seg, names = _load(folder)
     _warm_up(img, seg, names)
-    times = {"qdplex": [], "steinbock": []}
+    membrane_ring(seg.cells[:256, :256], 2)
+    times = {"qdplex": [], "steinbock": [], "ring": [], "ring_edt": [], "qdplex_cpu": [], "steinbock_cpu": []}
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ref = measure_intensites(img, seg.cells, names, IntensityAggregation.MEAN)
         times["steinbock"].append(time.perf_counter() - t)
-        t = time.perf_counter()
+        times["steinbock_cpu"].append(time.process_time() - c)
+        t, c = time.perf_counter(), time.process_time()
         table = quantify(img, seg, channel_names=names)
         times["qdplex"].append(time.perf_counter() - t)
+        times["qdplex_cpu"].append(time.process_time() - c)
+    for _ in range(repeat):
+        t = time.perf_counter()
+        ring = membrane_ring(seg.cells, 2)
+        times["ring"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ring_ref = ring_by_edt(seg.cells, 2)
+        times["ring_edt"].append(time.perf_counter() - t)
     means = table[[f"{n}_cell_mean" for n in names]].to_numpy()
     return {
         "times": times,
@@ -124,6 +142,7 @@ def _child_time(folder: Path, repeat: int) -> dict:
         "stats_steinbock": ref.shape[1],
         "same_ids": bool(np.array_equal(table.index.to_numpy(), ref.index.to_numpy())),
         "max_diff": float(np.abs(means - ref.to_numpy()).max()),
+        "ring_equal": bool(np.array_equal(ring, ring_ref)),
     }
 
 
@@ -182,8 +201,13 @@ def main(argv=None) -> int:
     print(f"qdplex quantify, full table:                   best {min(tq):.2f} s of {len(tq)} "
           f"({', '.join(f'{v:.2f}' for v in tq)}) — {res['stats_qdplex']} statistics × {res['rows']} cells "
           f"+ morphology")
-    print(f"time ratio qdplex / steinbock: {ratio:.2f} (target ≤ 0.5; median ratio "
-          f"{np.median(tq) / np.median(ts):.2f}) for {res['stats_qdplex'] / res['stats_steinbock']:.0f}× the statistics")
+    print(f"time ratio qdplex / steinbock: {ratio:.2f} (target ≤ 0.25; median ratio "
+          f"{np.median(tq) / np.median(ts):.2f}) for {res['stats_qdplex'] / res['stats_steinbock']:.0f}× the statistics; "
+          f"CPU-time ratio {min(res['times']['qdplex_cpu']) / min(res['times']['steinbock_cpu']):.2f} "
+          f"(both single-threaded: the wall ratio minus the machine's contention)")
+    tr, te = res["times"]["ring"], res["times"]["ring_edt"]
+    print(f"membrane ring (2 px) of the {args.size}² cell image: best {min(tr):.2f} s (target ≤ 1 s at 4096²); "
+          f"by distance transform {min(te):.2f} s; ratio {min(tr) / min(te):.3f}; equal {res['ring_equal']}")
     extra = mem["peak_rss_mb"] - mem["rss_before_mb"]
     print(f"qdplex memory added by the call: {extra:.0f} MB RSS = {extra / img_mb:.2f}× the image (target ≤ 2); "
           f"Python-allocated peak {mem['traced_peak_mb']:.0f} MB = {mem['traced_peak_mb'] / img_mb:.2f}×")
@@ -192,9 +216,11 @@ def main(argv=None) -> int:
           f"({mem['rss_before_mb']:.0f} MB before the call)")
     print(f"cell means equal steinbock's: same cell IDs {res['same_ids']}, max |difference| "
           f"{res['max_diff']:.2e} (target ≤ 1e-5)")
-    ok = (res["same_ids"] and res["max_diff"] <= 1e-5 and ratio <= 0.5
-          and extra <= 2 * img_mb and mem["traced_peak_mb"] <= 2 * img_mb)
-    print("PASS" if ok else "FAIL")
+    correct = res["same_ids"] and res["max_diff"] <= 1e-5 and res["ring_equal"]
+    fast = ratio <= 0.25 and min(tr) <= 1.0 and extra <= 2 * img_mb and mem["traced_peak_mb"] <= 2 * img_mb
+    full = args.size == 4096
+    ok = correct and (fast or not full)
+    print(("PASS" if ok else "FAIL") + ("" if full else " (results only: the time targets are for --size 4096)"))
     return 0 if ok else 1
 
 

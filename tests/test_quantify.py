@@ -260,3 +260,128 @@ def test_label_id_ranges_give_the_same_table(factor):
     got = quantify(mi, big)
     np.testing.assert_array_equal(got.index.to_numpy(), base.index.to_numpy() * factor)
     np.testing.assert_allclose(got.to_numpy(), base.to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- exact sums, order statistics by tile
+def _run_order_sums(img, slots):
+    """Per accumulator row: the sums of the pixels of each run of one row along x, each run summed
+    left to right from 0.0 and then added to the row's total — the summation order of qdplex's
+    accumulation, written out in Python (so the compiled kernel can be checked bit for bit)."""
+    C, H, W = img.shape
+    s1, s2 = {}, {}
+    for y in range(H):
+        x = 0
+        while x < W:
+            p, x0 = slots[y, x], x
+            while x < W and slots[y, x] == p:
+                x += 1
+            if p == 0:
+                continue
+            t1, t2 = s1.setdefault(p, [0.0] * C), s2.setdefault(p, [0.0] * C)
+            for k in range(C):
+                a1 = a2 = 0.0
+                for xx in range(x0, x):
+                    v = float(img[k, y, xx])
+                    a1 += v
+                    a2 += v * v
+                t1[k] += a1
+                t2[k] += a2
+    return s1, s2
+
+
+def test_compartment_sums_follow_the_run_order_bit_for_bit():
+    seg = _synthetic_seg((60, 70), n=14, seed=19)
+    rng = np.random.default_rng(6)
+    img = rng.gamma(2.0, 50.0, size=(5,) + seg.cells.shape).astype(np.float32)  # 4 + 1 channels
+    names = list("abcde")
+    acc = accumulate_block(Accumulator(names, seg.cells.shape), img, seg.cells, seg.nuclei, seg.membrane)
+    acc.consolidate()
+    for comp, lab in (("nucleus", seg.nuclei), ("cytoplasm", seg.cytoplasm), ("membrane", seg.membrane)):
+        s1, s2 = _run_order_sums(img, lab)
+        k = COMPARTMENTS.index(comp)
+        rows = np.searchsorted(acc.labels, np.array(sorted(s1), np.uint64))
+        np.testing.assert_array_equal(acc.sum[k, rows], np.array([s1[i] for i in sorted(s1)]), err_msg=comp)
+        np.testing.assert_array_equal(acc.sumsq[k, rows], np.array([s2[i] for i in sorted(s2)]), err_msg=comp)
+
+
+def _odd_segmentation():
+    """Synthetic cells plus two awkward cases: a nucleus far outside its own cell, and a big cell."""
+    seg = _synthetic_seg((110, 140), n=45, seed=23)
+    nuclei, cells = seg.nuclei.copy(), seg.cells.copy()
+    some = int(np.unique(cells[cells > 0])[3])
+    nuclei[100:106, 130:137] = some  # this cell's nucleus also has pixels far away
+    cells[2:60, 2:9] = 77_777  # a long thin cell crossing many tiles
+    out = Segmentation(nuclei, cells, membrane_width_px=2)
+    return out
+
+
+def test_median_quantiles_by_tile_equal_whole_image():
+    from qdplex.quantify import label_extents, order_stats_for, owned
+
+    seg = _odd_segmentation()
+    rng = np.random.default_rng(8)
+    img = rng.gamma(2.0, 50.0, size=(3,) + seg.cells.shape).astype(np.float32)
+    names = ["A", "B", "C"]
+    kw = dict(stats=("mean", "median"), quantiles=(0.1, 0.5, 0.975))
+    whole = quantify(img, seg, channel_names=names, **kw)
+    mi = MultiplexImage(img, [Channel(n) for n in names])
+    mi.data = mi.data.rechunk((3, 27, 41))  # order statistics per chunk, for the cells it owns
+    tiled = quantify(mi, seg, **kw)
+    cols = [c for c in whole.columns if c.endswith(("_median", "_q10", "_q50", "_q97_5"))]
+    assert len(cols) == 3 * 4 * 4
+    pd.testing.assert_frame_equal(tiled[cols], whole[cols], check_exact=True)
+    # against numpy, for each compartment (the odd nucleus included)
+    for comp in COMPARTMENTS:
+        lab = seg.compartment(comp)
+        for cid in list(whole.index[::9]) + [77_777]:
+            vals = img[1][lab == cid].astype(np.float64)
+            got = whole.at[cid, f"B_{comp}_q97_5"]
+            assert (np.isnan(got) and vals.size == 0) or got == np.quantile(vals, 0.975)
+    # by hand, as a run layer would: tiles of 50×50 rows/cols, each giving the cells it owns
+    ids = whole.index.to_numpy()
+    ext = label_extents(ids, seg.cells, seg.nuclei, seg.membrane, strip=17)
+    parts = []
+    for y0 in range(0, 110, 50):
+        for x0 in range(0, 140, 50):
+            mine = owned(whole["Y_centroid"], whole["X_centroid"], (y0, y0 + 50, x0, x0 + 50))
+            parts.append(order_stats_for(img, seg.cells, seg.nuclei, seg.membrane, ids[mine], ext[mine], names,
+                                         COMPARTMENTS, **kw))
+    by_hand = pd.concat(parts).sort_index()
+    assert by_hand.index.is_unique and len(by_hand) == len(ids)
+    pd.testing.assert_frame_equal(by_hand[cols], whole[cols], check_exact=True)
+
+
+def test_label_extents_equal_numpy():
+    from qdplex.quantify import label_extents
+
+    seg = _odd_segmentation()
+    ids = np.unique(seg.cells[seg.cells > 0])
+    ext = label_extents(np.r_[ids, 10**9], seg.cells, seg.nuclei, strip=13)
+    for i, cid in enumerate(ids):
+        ys, xs = np.nonzero((seg.cells == cid) | (seg.nuclei == cid))
+        assert ext[i].tolist() == [ys.min(), ys.max(), xs.min(), xs.max()]
+    assert ext[-1, 1] < ext[-1, 0]  # absent: an empty box
+
+
+def test_order_stats_read_zarr_labels_by_window(tmp_path):
+    """Labels on disk (the whole-slide path's DiskSegmentation): the same medians, read tile by tile."""
+    import zarr
+
+    from qdplex.wholeslide import DiskSegmentation
+
+    seg = _odd_segmentation()
+    img = np.random.default_rng(9).gamma(2.0, 50.0, size=(2,) + seg.cells.shape).astype(np.float32)
+    root = zarr.open_group(str(tmp_path / "labels.zarr"), mode="w")
+    arrays = []
+    for name in ("nuclei", "cells", "membrane"):
+        z = root.create_array(name, shape=seg.cells.shape, chunks=(32, 32), dtype=np.uint32)
+        z[:] = getattr(seg, name)
+        arrays.append(z)
+    disk = DiskSegmentation(*arrays, seg.membrane_width_px)
+    mi = MultiplexImage(img, [Channel("A"), Channel("B")])
+    mi.data = mi.data.rechunk((2, 32, 32))
+    kw = dict(stats=("median",), quantiles=(0.25,), compartments=("nucleus", "membrane", "cell"))
+    got = quantify(mi, disk, **kw)
+    want = quantify(img, seg, channel_names=["A", "B"], **kw)
+    cols = [c for c in want.columns if c.endswith(("_median", "_q25"))]
+    pd.testing.assert_frame_equal(got[cols], want[cols], check_exact=True)

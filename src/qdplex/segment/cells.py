@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..model import Segmentation
-from . import _kernels
+from . import _kernels, _ring
 from ._checks import check_image, check_labels, check_positive, diameter_px as _diameter_px
 from .nuclei import estimate_diameter, segment_nuclei
 
@@ -86,21 +86,7 @@ def membrane_ring(cells, width_px: float) -> np.ndarray:
     """
     lab = check_labels(cells, "cell labels")
     width = check_positive(width_px, "membrane width in pixels")
-    edge = np.zeros(lab.shape, bool)
-    dy = lab[1:, :] != lab[:-1, :]
-    dx = lab[:, 1:] != lab[:, :-1]
-    edge[1:, :] |= dy
-    edge[:-1, :] |= dy
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge &= lab > 0
-    if not edge.any():
-        return np.zeros(lab.shape, np.uint32)
-    if width <= 1:
-        ring = edge
-    else:
-        ring = (ndi.distance_transform_edt(~edge) < width) & (lab > 0)
-    return np.where(ring, lab, 0).astype(np.uint32)
+    return _ring.ring(np.ascontiguousarray(lab), float(width))
 
 
 def _um_to_px(value_um: float, pixel_size_um, nucleus_px: float) -> float:
