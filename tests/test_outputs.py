@@ -111,17 +111,21 @@ def test_napari_reader_reads_the_recorded_panel_back(every_key_panel, tmp_path):
     _same(back.to_dict(), every_key_panel.to_dict())
 
 
-def test_a_record_whose_panel_files_are_gone_is_said_so(every_key_panel, tmp_path):
+def test_a_record_whose_panel_files_are_gone_still_reads_back(every_key_panel, tmp_path):
+    """A run.json is history: the panel reads back after the files it named are gone;
+    a record that is not a panel is a PanelError (and a warning in the napari reader)."""
     from qdplex.errors import PanelError
     from qdplex.napari._reader import _panel_from_run
     from qdplex.outputs import panel_from_record
 
     rec = {"panel": every_key_panel.to_dict()}
     Path(rec["panel"]["spectra_files"][0]).unlink()
-    with pytest.raises(PanelError, match="spectra"):
-        panel_from_record(rec)
+    _same(panel_from_record(rec).to_dict(), rec["panel"])
+    bad = {"panel": dict(rec["panel"], markers="HER2")}
+    with pytest.raises(PanelError, match="markers"):
+        panel_from_record(bad)
     with pytest.warns(RuntimeWarning, match="cannot be read back"):
-        assert _panel_from_run(rec) is None
+        assert _panel_from_run(bad) is None
 
 
 def test_names_of_the_slide_folder(tmp_path):
