@@ -364,10 +364,10 @@ def test_label_extents_equal_numpy():
 
 
 def test_order_stats_read_zarr_labels_by_window(tmp_path):
-    """Labels on disk (the whole-slide path's DiskSegmentation): the same medians, read tile by tile."""
+    """Labels on disk (the slide path's disk storage): the same medians, read tile by tile."""
     import zarr
 
-    from qdplex.wholeslide import DiskSegmentation
+    from qdplex.model import Segmentation
 
     seg = _odd_segmentation()
     img = np.random.default_rng(9).gamma(2.0, 50.0, size=(2,) + seg.cells.shape).astype(np.float32)
@@ -377,7 +377,7 @@ def test_order_stats_read_zarr_labels_by_window(tmp_path):
         z = root.create_array(name, shape=seg.cells.shape, chunks=(32, 32), dtype=np.uint32)
         z[:] = getattr(seg, name)
         arrays.append(z)
-    disk = DiskSegmentation(*arrays, seg.membrane_width_px)
+    disk = Segmentation(arrays[0], arrays[1], seg.membrane_width_px, stored_membrane=arrays[2])
     mi = MultiplexImage(img, [Channel("A"), Channel("B")])
     mi.data = mi.data.rechunk((2, 32, 32))
     kw = dict(stats=("median",), quantiles=(0.25,), compartments=("nucleus", "membrane", "cell"))

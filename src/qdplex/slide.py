@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, QdplexError
-from .model import COMPARTMENTS, Channel, MultiplexImage, Segmentation
+from .model import Channel, MultiplexImage, Segmentation
 from .panel import Panel
 
 __all__ = ["SlideResult", "run_slide", "choose_storage", "STORAGES", "MEMORY_PIXELS", "DEFAULT_TILE"]
@@ -367,11 +367,8 @@ def run_slide(
             for v in quantiles:
                 if not 0.0 <= v <= 1.0:
                     raise InputError(f"expected quantiles in [0, 1], found {v}")
-            additive = tuple(s for s in stats if s != "median")
-            quant = quantify(unmixed, seg, panel, stats=additive, quantiles=(), pixel_size_um=px)
-            if "median" in stats or quantiles:
-                quant = _with_order_stats(quant, unmixed.abundances.channel_names, stored["abundances"], seg,
-                                          stats, quantiles, tile)
+            # medians and quantiles: exact, per chunk for the cells whose centroid it holds (bounded memory)
+            quant = quantify(unmixed, seg, panel, stats=stats, quantiles=quantiles, pixel_size_um=px)
             table = cell_table(quant, panel)
             timings["quantify"] = time.perf_counter() - t
             report("quantify", 0.75)
@@ -489,104 +486,6 @@ def _fraction_above(abundances, channel: int, labels, threshold: float, ids, til
         k[lo:lo + m] += hit[:m]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n[ids] > 0, k[ids] / n[ids], np.nan)
-
-
-def _stat_name(q: float) -> str:
-    return f"q{100.0 * float(q):g}".replace(".", "_")
-
-
-def _with_order_stats(quant: pd.DataFrame, names, data, seg: Segmentation, stats, quantiles,
-                      tile: int) -> pd.DataFrame:
-    """Add per-cell medians and quantiles to ``quant`` with bounded memory.
-
-    A cell is owned by the tile holding its centroid; each tile reads a window reaching
-    ``halo`` pixels beyond it, ``halo`` being the largest distance of any cell pixel from
-    its centroid (measured in a first pass), so every owned cell is whole in the window.
-    Quantiles interpolate linearly, as :func:`numpy.quantile` does. ``data`` is the stored
-    K×Y×X abundance array (planes ``names``), read by windows.
-    """
-    names = list(names)
-    cols0 = list(quant.columns)
-    comps = [c for c in COMPARTMENTS if any(col.startswith(f"{names[0]}_{c}_") for col in cols0)] or ["cell"]
-    qs = ([("median", 0.5)] if "median" in stats else []) + [(_stat_name(q), float(q)) for q in quantiles]
-    ids = quant.index.to_numpy().astype(np.int64)
-    n_lab = int(ids.max()) + 1 if ids.size else 1
-    cy = np.full(n_lab, np.nan)
-    cx = np.full(n_lab, np.nan)
-    cy[ids] = quant["Y_centroid"].to_numpy()
-    cx[ids] = quant["X_centroid"].to_numpy()
-    cells, nuclei, ring = seg.cells, seg.nuclei, seg.membrane
-    H, W = cells.shape
-    tiles = _tiles(H, W, tile)
-
-    def reach(y0, y1, x0, x1):
-        lab = np.asarray(cells[y0:y1, x0:x1]).astype(np.int64)
-        r, c = np.nonzero(lab)
-        if r.size == 0:
-            return 0.0
-        l = lab[r, c]
-        d = np.maximum(np.abs(r + y0 - cy[l]), np.abs(c + x0 - cx[l]))
-        return float(np.nanmax(d)) if np.isfinite(d).any() else 0.0
-
-    halo = int(math.ceil(max([0.0, *_stream(reach, tiles)]))) + 2
-    own_y = np.floor(quant["Y_centroid"].to_numpy()).astype(np.int64)
-    own_x = np.floor(quant["X_centroid"].to_numpy()).astype(np.int64)
-
-    def one(y0, y1, x0, x1):
-        mine = ids[(own_y >= y0) & (own_y < y1) & (own_x >= x0) & (own_x < x1)]
-        out: dict[str, np.ndarray] = {}
-        if mine.size == 0:
-            return mine, out
-        a0, a1, b0, b1 = max(0, y0 - halo), min(H, y1 + halo), max(0, x0 - halo), min(W, x1 + halo)
-        win = np.asarray(data[:, a0:a1, b0:b1])
-        cel = np.asarray(cells[a0:a1, b0:b1]).astype(np.int64)
-        owned = np.zeros(n_lab, bool)
-        owned[mine] = True
-        for comp in comps:
-            if comp == "cell":
-                lab = cel
-            elif comp == "nucleus":
-                lab = np.asarray(nuclei[a0:a1, b0:b1]).astype(np.int64)
-            elif comp == "cytoplasm":
-                lab = np.where(np.asarray(nuclei[a0:a1, b0:b1]) > 0, 0, cel)
-            else:
-                lab = np.asarray(ring[a0:a1, b0:b1]).astype(np.int64)
-            lab = lab.ravel()
-            sel = np.flatnonzero(owned[np.minimum(lab, n_lab - 1)] & (lab > 0) & (lab < n_lab))
-            l = lab[sel]
-            for ci, name in enumerate(names):
-                v = win[ci].ravel()[sel].astype(np.float64)
-                order = np.lexsort((v, l))
-                ls, vs = l[order], v[order]
-                start = np.searchsorted(ls, mine, side="left")
-                n = np.searchsorted(ls, mine, side="right") - start
-                for qname, q in qs:
-                    pos = q * np.maximum(n - 1, 0)
-                    lo = np.floor(pos).astype(np.int64)
-                    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
-                    if vs.size:
-                        vlo = vs[np.minimum(start + lo, vs.size - 1)]
-                        vhi = vs[np.minimum(start + hi, vs.size - 1)]
-                        val = vlo + (pos - lo) * (vhi - vlo)
-                    else:
-                        val = np.zeros(mine.size)
-                    out[f"{name}_{comp}_{qname}"] = np.where(n > 0, val, np.nan)
-        return mine, out
-
-    new_cols = [f"{n}_{c}_{qn}" for n in names for c in comps for qn, _ in qs]
-    extra = {c: np.full(len(ids), np.nan) for c in new_cols}
-    for mine, vals in _stream(one, tiles):
-        if mine.size == 0:
-            continue
-        rows = np.searchsorted(ids, mine)
-        for c, v in vals.items():
-            extra[c][rows] = v
-    table = pd.concat([quant, pd.DataFrame(extra, index=quant.index)], axis=1)
-    # order as quantify gives it: per plane and compartment, the statistics as requested, then the quantiles
-    qnames = [_stat_name(q) for q in quantiles]
-    front = [f"{n}_{c}_{st}" for n in names for c in comps for st in list(stats) + qnames]
-    front = [f for f in front if f in table.columns]
-    return table[front + [c for c in table.columns if c not in front]]
 
 
 def _one_line(text: str) -> str:
