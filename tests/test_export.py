@@ -157,3 +157,26 @@ def test_spatialdata_without_raw_and_a_moved_input(slide_dir, tmp_path):
     with pytest.raises(InputError, match="raw slide"):
         to_spatialdata(slide_dir, raw=tmp_path / "moved.ome.tif")
     assert sd  # imported
+
+
+def test_export_command_and_a_forced_rerun(tmp_path, capsys):
+    """`qdplex export geojson` writes into the slide folder and lists the file in its record,
+    so `qdplex run --force` still replaces the folder (qdplex wrote everything in it)."""
+    import shutil
+
+    from qdplex.cli import main
+
+    out = tmp_path / "OUT"
+    assert main(["run", str(SAMPLE / "slides"), "--panel", str(SAMPLE / "panel.toml"), "--out", str(out),
+                 "--scheduler", "synchronous", "--quiet", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["export", "geojson", str(out / "sample")]) == 0
+    assert capsys.readouterr().out.strip().endswith("cells.geojson")
+    record = json.loads((out / "sample" / "run.json").read_text())["batch"]["outputs"]
+    assert record["cells.geojson"] == (out / "sample" / "cells.geojson").stat().st_size
+    assert main(["run", str(SAMPLE / "slides"), "--panel", str(SAMPLE / "panel.toml"), "--out", str(out),
+                 "--scheduler", "synchronous", "--quiet", "--no-report", "--force"]) == 0
+    assert not (out / "sample" / "cells.geojson").exists()
+    assert main(["export", "geojson", str(out / "sample"), str(out / "sample"), "--out", str(tmp_path / "x")]) == 2
+    assert "one SLIDE_DIR with --out" in capsys.readouterr().err
+    shutil.rmtree(out)

@@ -67,3 +67,45 @@ def read_slide_outputs(slide_dir) -> SlideOutputs:
     return SlideOutputs(folder=folder, name=str(name), unmixed=found["unmixed.ome.tif"],
                         nuclei=found["nuclei.ome.tif"], cells=found["cells.ome.tif"], table=table,
                         panel=panel, record=record, input=Path(raw) if raw else None)
+
+
+def register_outputs(folder, written) -> bool:
+    """Add files written into a slide folder to its qdplex record (``run.json``).
+
+    ``qdplex run`` replaces a slide folder (``--force``) only when its record lists
+    every file in it; an export written inside the folder is listed so that stays true.
+    Outputs outside ``folder`` and folders without the record are left alone.
+
+    Returns
+    -------
+    bool
+        Whether the record was updated.
+    """
+    from ..batch import RECORD_KEY
+    from ..io import atomic_path
+
+    folder = Path(folder).resolve()
+    run_json = folder / "run.json"
+    try:
+        doc = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    rec = doc.get(RECORD_KEY) if isinstance(doc, dict) else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), dict):
+        return False
+    added, replaced = {}, []
+    for w in written:
+        w = Path(w).resolve()
+        if not w.is_relative_to(folder):
+            continue
+        replaced.append(w.relative_to(folder).as_posix())
+        for f in ([w] if w.is_file() else sorted(p for p in w.rglob("*") if p.is_file())):
+            added[f.relative_to(folder).as_posix()] = f.stat().st_size
+    if not added:
+        return False
+    for k in [k for k in rec["outputs"] if any(k == r or k.startswith(r + "/") for r in replaced)]:
+        del rec["outputs"][k]  # an earlier export of the same path
+    rec["outputs"].update(added)
+    with atomic_path(run_json) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    return True

@@ -180,7 +180,8 @@ def write_cells_geojson(slide_dir, out_path=None) -> Path:
     slide_dir : str or Path
         ``OUT/<slide>`` as written by ``qdplex run`` (labels, ``cells.csv``, ``run.json``).
     out_path : str or Path, optional
-        Where to write (default ``slide_dir/cells.geojson``).
+        Where to write (default ``slide_dir/cells.geojson``). A file inside the slide
+        folder is added to its ``run.json`` record of outputs.
 
     Returns
     -------
@@ -188,7 +189,7 @@ def write_cells_geojson(slide_dir, out_path=None) -> Path:
         The written file.
     """
     from ..io import atomic_path, read_labels
-    from ._slide import read_slide_outputs
+    from ._slide import read_slide_outputs, register_outputs
 
     s = read_slide_outputs(slide_dir)
     out = Path(out_path) if out_path is not None else s.folder / "cells.geojson"
@@ -197,4 +198,5 @@ def write_cells_geojson(slide_dir, out_path=None) -> Path:
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, separators=(",", ":"), allow_nan=False)
+    register_outputs(s.folder, [out])  # qdplex wrote it: `qdplex run --force` may still replace the folder
     return out

@@ -123,7 +123,8 @@ def write_spatialdata(slide_dir, out_path=None, *, raw=None) -> Path:
         ``OUT/<slide>`` as written by ``qdplex run``.
     out_path : str or Path, optional
         The zarr folder to write (default ``slide_dir/spatialdata.zarr``); replaced
-        as a whole when it exists.
+        as a whole when it exists. A zarr inside the slide folder is added to its
+        ``run.json`` record of outputs.
     raw : None, str, Path or False
         As in :func:`to_spatialdata`.
 
@@ -133,6 +134,7 @@ def write_spatialdata(slide_dir, out_path=None, *, raw=None) -> Path:
         The written ``.zarr`` folder (read it with ``spatialdata.read_zarr``).
     """
     from ..io import atomic_path
+    from ._slide import register_outputs
 
     out = Path(out_path) if out_path is not None else Path(slide_dir) / "spatialdata.zarr"
     sdata = to_spatialdata(slide_dir, raw=raw)
@@ -141,4 +143,5 @@ def write_spatialdata(slide_dir, out_path=None, *, raw=None) -> Path:
         sdata.write(tmp.with_suffix(".zarr") if tmp.suffix != ".zarr" else tmp)
         if tmp.suffix != ".zarr":
             tmp.with_suffix(".zarr").rename(tmp)
+    register_outputs(slide_dir, [out])  # qdplex wrote it: `qdplex run --force` may still replace the folder
     return out
