@@ -197,7 +197,7 @@ def _add_check_panel(sub) -> None:
         "check-panel",
         help="pre-flight check of a panel's spectral library: condition number, angles, crosstalk",
         description="For the panel's spectral library (built-ins, its spectra files, its autofluorescence) on "
-        "the channels of SLIDE (or, without --image, a default λ-stack grid 420-720 nm in 10 nm steps), print "
+        "the channels of SLIDE (or, without --image, a default λ-stack grid 420–720 nm in 10 nm steps: 31 bands, each 10 nm wide), print "
         "the condition number, pairwise spectral angles and the expected crosstalk matrix, and warn on "
         "near-collinear pairs. A singular library is refused with an error naming the pair.",
     )
@@ -264,6 +264,11 @@ def _cmd_export(args) -> int:
 _REGISTRY = [_add_run, _add_synth, _add_report, _add_agree, _add_check_panel, _add_export]
 
 
+#: Optional imports → the extra that brings them (pyproject.toml [project.optional-dependencies]).
+_EXTRAS = {"sklearn": "stats", "ome_zarr": "omezarr", "imagecodecs": "codecs", "spatialdata": "spatialdata",
+           "napari": "napari"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qdplex`` command (also used to generate docs/cli.md)."""
     parser = argparse.ArgumentParser(
@@ -293,6 +298,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qdplex: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency (pyproject.toml extras) not installed
+        if args.debug:
+            raise
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            print(f"qdplex: internal error: ModuleNotFoundError: {e} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+            return 3
+        print(f"qdplex: error: this needs the optional package '{e.name}': pip install 'qdplex[{extra}]'",
+              file=sys.stderr)
+        return 2
     except Exception as e:  # unexpected: still one line, traceback with --debug
         if args.debug:
             raise
