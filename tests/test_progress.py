@@ -90,3 +90,21 @@ def test_cli_run_prints_header_progress_and_one_summary(tmp_path, capfd, monkeyp
     s = json.loads(out)
     assert (s["ok"], s["skipped"], s["failed"]) == (0, 1, 0)
     assert s["cells_csv"] == str(tmp_path / "OUT" / "sample" / "cells.csv") and s["report_html"] is None
+
+
+@pytest.mark.parametrize("module, extra", [("sklearn", "stats"), ("ome_zarr", "omezarr"), ("spatialdata", "spatialdata")])
+def test_a_missing_optional_package_names_its_extra(module, extra, monkeypatch, capsys):
+    import qdplex.cli as cli
+
+    def needs(args):
+        raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+
+    monkeypatch.setattr(cli, "_cmd_report", needs)
+    assert cli.main(["report", "OUT"]) == 2
+    assert capsys.readouterr().err == (f"qdplex: error: this needs the optional package '{module}': "
+                                       f"pip install 'qdplex[{extra}]'\n")
+    # every extra the CLI names exists in pyproject.toml
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(cli._EXTRAS.values()) <= set(extras)
