@@ -62,6 +62,11 @@ screenshots: setup-test sysdeps
 	  --screenshot=docs/images/qc-report.png --window-size=1280,2000 \
 	  "file://$(CURDIR)/$(DEMO_OUT)/sample/qc/report.html" 2>/dev/null; rc=$$?; rm -rf $$d; exit $$rc
 
+docs: setup-test
+	@echo "docs: docs/cli.md from the parser, then the site into site/"
+	@$(BIN)/python scripts/gen_cli_docs.py
+	@$(BIN)/mkdocs build --strict --quiet
+
 bench: setup-test
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
