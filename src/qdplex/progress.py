@@ -113,7 +113,8 @@ class BatchProgress:
             where = "this process, one slide at a time"
         else:
             where = f"the dask scheduler at {where}"
-        self._show(f"{self.total} slide{'s' if self.total != 1 else ''} → {show_path(out)}/ on {where}")
+        self._show(f"{self.total} slide{'s' if self.total != 1 else ''} → {show_path(out)}/ "
+                   f"{'in' if where.startswith('this process') else 'on'} {where}")
 
     def info(self, message: str, *, stream: bool = True) -> None:
         """A free-form line: log file; the stream too unless quiet or ``stream=False`` (above the bars on a TTY)."""
