@@ -1,58 +1,87 @@
 # qdplex — two commands:
-#   make demo   set up (.venv) and run the pipeline on the bundled sample slide
-#   make test   set up (.venv + Debian packages for Xvfb/Qt/Chromium) and run the whole test suite, the docs
-#               build and every benchmark at a small size (bench-quick: fails on an error, never on a timing)
+#   make demo   set up .venv with the core only (what `qdplex run` needs) and run the pipeline on the sample slide
+#   make test   add the extras (napari, scverse readers, docs toolchain) + Debian packages for Xvfb/Qt/Chromium,
+#               run the whole test suite (which builds the docs too) and every benchmark at a small size
+#               (bench-quick: fails on an error, never on a timing); leaves the checkout as it found it
+# and:
+#   make screenshots   refresh docs/images/ (napari.png, qc-report.png)
+#   make docs          regenerate docs/cli.md and build the site into site/
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.qdplex-installed
+CORE   := $(VENV)/.qdplex-core
+FULL   := $(VENV)/.qdplex-full
 DEMO_OUT ?= out/demo
+# quiet, no bytecode for modules never imported (Python compiles what it imports on first use;
+# the core's setup imports what `qdplex run` uses once, so that its bytecode is there before the run)
+PIP    := $(BIN)/python -m pip install -q --no-compile --disable-pip-version-check
+WARM_IMPORTS := import qdplex, qdplex.pipeline, qdplex.batch, qdplex.report, qdplex.figures, qdplex.tables, \
+	qdplex.io, qdplex.score, qdplex.spectra, matplotlib.figure, matplotlib.backends.backend_agg, anndata, \
+	fastparquet, distributed, tifffile, zarr
 
 # Debian packages: Xvfb + the libraries Qt needs (napari tests), Chromium (QC report test)
 DEB_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 \
 	libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0 libxcb-shape0 \
 	libxcb-cursor0 libdbus-1-3 libgl1 libegl1 libfontconfig1 chromium
 
-.PHONY: setup sysdeps demo test bench bench-quick docs clean
+.PHONY: setup setup-test sysdeps demo test screenshots bench bench-quick docs clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[all,test]"
-	touch $(STAMP)
+$(BIN)/python:
+	@echo "setup: creating $(VENV) ($(PYTHON) -m venv)"
+	@$(PYTHON) -m venv $(VENV)
 
-setup: $(STAMP)
+$(CORE): pyproject.toml | $(BIN)/python
+	@echo "setup: installing qdplex and its core dependencies into $(VENV)"
+	@$(PIP) -e .
+	@echo "setup: compiling the modules qdplex run imports (once, not in every dask worker at the first run)"
+	@$(BIN)/python -c "$(WARM_IMPORTS)"
+	@touch $@
+
+$(FULL): pyproject.toml | $(BIN)/python
+	@echo "setup: installing qdplex[all,docs,test] into $(VENV) (napari, scverse readers, docs toolchain)"
+	@$(PIP) -e ".[all,docs,test]"
+	@touch $@ $(CORE)
+
+setup: $(CORE)
+
+setup-test: $(FULL)
 
 sysdeps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ]; then echo "warning: missing Debian packages:$$missing (napari/report tests will skip)"; \
-	  else $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi; \
-	fi
+	@sh scripts/sysdeps.sh $(DEB_PACKAGES)
 
 demo: setup
-	$(BIN)/qdplex run sample_data/slides --panel sample_data/panel.toml --out $(DEMO_OUT)
-	@echo "outputs in $(DEMO_OUT)/ (manifest.csv, cohort_summary.csv, one folder per slide)"
+	@echo "demo: $(BIN)/qdplex run sample_data/slides --panel sample_data/panel.toml --out $(DEMO_OUT)"
+	@$(BIN)/qdplex run sample_data/slides --panel sample_data/panel.toml --out $(DEMO_OUT)
 
-test: setup sysdeps
+test: setup-test sysdeps
+	@echo "test: pytest (the suite builds the docs into a temporary folder and removes it)"
 	@if command -v xvfb-run >/dev/null; then \
 	  xvfb-run -a -s "-screen 0 1600x1200x24" $(BIN)/python -m pytest; \
 	else $(BIN)/python -m pytest; fi
-	$(BIN)/mkdocs build --strict --quiet -d $$(mktemp -d)
-	$(MAKE) bench-quick
+	@echo "test: bench-quick (every benchmark at a small size; fails on an error, never on a timing)"
+	@$(MAKE) --no-print-directory bench-quick
 
-docs: setup
-	$(BIN)/python scripts/gen_cli_docs.py
-	$(BIN)/mkdocs build --strict
+screenshots: setup-test sysdeps
+	@echo "screenshots: docs/images/napari.png (napari under Xvfb)"
+	@QDPLEX_SCREENSHOTS=docs/images xvfb-run -a -s "-screen 0 1600x1200x24" \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_napari.py -k plugin_end_to_end
+	@echo "screenshots: docs/images/qc-report.png (headless Chromium on the demo's QC report)"
+	@$(BIN)/qdplex run sample_data/slides --panel sample_data/panel.toml --out $(DEMO_OUT) --quiet --force
+	@d=$$(mktemp -d) && chromium --headless --no-sandbox --disable-gpu --no-first-run --user-data-dir=$$d \
+	  --screenshot=docs/images/qc-report.png --window-size=1280,2000 \
+	  "file://$(CURDIR)/$(DEMO_OUT)/sample/qc/report.html" 2>/dev/null; rc=$$?; rm -rf $$d; exit $$rc
 
-bench: setup
+docs: setup-test
+	@echo "docs: docs/cli.md from the parser, then the site into site/"
+	@$(BIN)/python scripts/gen_cli_docs.py
+	@$(BIN)/mkdocs build --strict --quiet
+
+bench: setup-test
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # every benchmark at a small size (about 3 min): fails on an error, never on a timing
-bench-quick: setup
-	$(BIN)/python benchmarks/quick.py
+bench-quick: setup-test
+	@$(BIN)/python benchmarks/quick.py
 
 clean:
 	rm -rf $(VENV) out site .pytest_cache

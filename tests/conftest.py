@@ -23,3 +23,16 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def breast_panel_path() -> Path:
     return PIPELINES / "breast-5plex.toml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_before():
+    """The checkout's git status before the first test (test_checkout.py compares after the last)."""
+    from test_checkout import checkout_state
+
+    return checkout_state(ROOT)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The checkout check runs after every other test."""
+    items.sort(key=lambda item: item.name == "test_checkout_left_as_found")

@@ -31,7 +31,7 @@ def site(tmp_path_factory) -> Path:
 
 
 def test_docs_build_strict_and_offline(site):
-    for page in ("index", "cli/index", "panels/index", "pipelines/index", "outputs/index",
+    for page in ("index", "cli/index", "panels/index", "pipelines/index", "outputs/index", "exports/index",
                  "qc-report/index", "tutorial/index", "napari/index", "architecture/index"):
         assert (site / f"{page}.html").is_file(), page
     # the built pages load nothing from the network (scripts, styles, images are local)
@@ -158,7 +158,8 @@ def test_output_reference_matches_a_real_run():
 
 # pages whose statements this file checks against the code (architecture.md is the
 # contract, owned and checked elsewhere)
-_PAGES = ("index.md", "panels.md", "pipelines.md", "outputs.md", "qc-report.md", "tutorial.md", "napari.md")
+_PAGES = ("index.md", "panels.md", "pipelines.md", "outputs.md", "exports.md", "qc-report.md", "tutorial.md",
+          "napari.md")
 
 
 def test_every_python_name_in_the_docs_exists():

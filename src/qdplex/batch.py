@@ -180,7 +180,7 @@ def run_batch(
             "scheduler": _describe(scheduler), "workers": workers, "include": include, "exclude": exclude,
             "force": force, "fmt": fmt, "report": report, "storage": storage, "tile": tile,
         }
-        progress.info(f"batch of {len(slides)} slides into {out} ({json.dumps(params, default=str)})")
+        progress.header(out, params)  # one line on the stream; the options in full to the log
 
         claimed: dict[str, str] = {}
         state = _State(out, slides, rows, progress)
@@ -536,8 +536,10 @@ def _connect(scheduler, workers, n_slides):
 
     if scheduler in _LOCAL:
         n = int(workers) if workers else max(1, min(os.cpu_count() or 1, n_slides))
+        # no dashboard; the scheduler's HTTP server (health routes) on a free loopback port, so no
+        # "port 8787 is already in use" warning when another dask cluster runs
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=50)
+                               silence_logs=50, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         return Client(cluster), cluster
     if isinstance(scheduler, Client):
         return scheduler, None
@@ -710,7 +712,7 @@ def _write_cohort_report(out: Path, progress: BatchProgress) -> None:
     from .report import write_cohort_report
 
     try:
-        progress.info(f"cohort QC report: {write_cohort_report(out)}")
+        progress.info(f"cohort QC report: {write_cohort_report(out)}", stream=False)  # the CLI's summary names it
     except Exception as e:  # the tables are what matter; the report must not lose them
         progress.info(f"cohort QC report not written: {type(e).__name__}: {e}")
 

@@ -42,7 +42,10 @@ def _add_run(sub) -> None:
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                    help="skip slides whose path matches GLOB (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute slides whose outputs are already complete")
-    p.add_argument("--quiet", action="store_true", help="no progress output (OUT/qdplex.log is still written)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only errors and the closing summary (OUT/qdplex.log is still written)")
+    p.add_argument("--json", dest="as_json", action="store_true",
+                   help="print the closing summary as one JSON object on stdout (counts, output paths, failures)")
     p.add_argument("--format", dest="fmt", choices=("tiff", "zarr"), default="tiff",
                    help="image outputs as tiled pyramidal OME-TIFF (default) or OME-Zarr")
     p.add_argument("--storage", choices=("auto", "memory", "disk"), default="auto",
@@ -62,25 +65,28 @@ def _run_options(args) -> dict:
 
 
 def _cmd_run(args) -> int:
+    import json
+    import time
+
     from .batch import run_batch
     from .panel import read_panel
+    from .progress import batch_summary, format_summary
 
+    t0 = time.perf_counter()
     panel = read_panel(args.panel)
     try:
-        manifest = run_batch(args.inputs, panel, args.out, **_run_options(args))
+        manifest = run_batch(args.inputs, panel, args.out, **_run_options(args))  # raises when it finds no slide
     except KeyboardInterrupt as e:
         why = e.args[0] if e.args else "Ctrl-C"
         print(f"qdplex: interrupted ({why}); the slides completed so far are listed in "
               f"{Path(args.out) / 'manifest.csv'}; rerun to resume", file=sys.stderr)
         return 143 if why == "SIGTERM" else 130
-    failed = manifest[manifest["status"] != "ok"]  # run_batch raises when it finds no slide
-    n = len(manifest)
-    print(f"qdplex: {n - len(failed)} of {n} slides done, {len(failed)} failed; manifest: {Path(args.out) / 'manifest.csv'}")
-    if not args.no_report and (Path(args.out) / "report.html").is_file():
-        print(f"qdplex: cohort QC report: {Path(args.out) / 'report.html'}")
-    for _, row in failed.iterrows():
-        print(f"qdplex: failed {row['slide']}: {row['error']}", file=sys.stderr)
-    return 1 if len(failed) else 0
+    summary = batch_summary(manifest, args.out, time.perf_counter() - t0)
+    if args.quiet:  # otherwise the progress lines showed them as they happened
+        for failure in summary["failures"]:
+            print(f"qdplex: failed {failure['slide']}: {failure['error']}", file=sys.stderr)
+    print(json.dumps(summary, indent=2) if args.as_json else format_summary(summary))
+    return 1 if summary["failed"] else 0
 
 
 # --------------------------------------------------------------------------- synth
@@ -203,7 +209,7 @@ def _add_check_panel(sub) -> None:
         "check-panel",
         help="pre-flight check of a panel's spectral library: condition number, angles, crosstalk",
         description="For the panel's spectral library (built-ins, its spectra files, its autofluorescence) on "
-        "the channels of SLIDE (or, without --image, a default λ-stack grid 420-720 nm in 10 nm steps), print "
+        "the channels of SLIDE (or, without --image, a default λ-stack grid 420–720 nm in 10 nm steps: 31 bands, each 10 nm wide), print "
         "the condition number, pairwise spectral angles and the expected crosstalk matrix, and warn on "
         "near-collinear pairs. A singular library is refused with an error naming the pair.",
     )
@@ -226,8 +232,53 @@ def _cmd_check_panel(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- main
-_REGISTRY = [_add_run, _add_synth, _add_report, _add_agree, _add_check_panel]
+# --------------------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a finished slide folder for other tools: SpatialData (scverse) or QuPath GeoJSON",
+        description="Read OUT/<slide> as written by 'qdplex run' and write, per slide folder, "
+        "'spatialdata': OUT/<slide>/spatialdata.zarr (raw and unmixed images, nuclei and cells labels, the cell "
+        "table annotating the cells; needs pip install 'qdplex[spatialdata]'), or 'geojson': "
+        "OUT/<slide>/cells.geojson (QuPath cell objects with nucleus, measurements and positivity).",
+    )
+    p.add_argument("what", choices=("spatialdata", "geojson"), help="the format to write")
+    p.add_argument("slides", nargs="+", metavar="SLIDE_DIR", type=Path, help="a slide output folder OUT/<slide>")
+    p.add_argument("--out", type=Path, default=None, metavar="PATH",
+                   help="where to write (only with one SLIDE_DIR; default inside SLIDE_DIR)")
+    p.add_argument("--raw", type=Path, default=None, metavar="SLIDE",
+                   help="spatialdata: the raw slide file, when it moved from the path run.json records")
+    p.add_argument("--no-raw", action="store_true", help="spatialdata: leave the raw image out")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .progress import show_path
+
+    if args.out is not None and len(args.slides) > 1:
+        raise QdplexError(f"expected one SLIDE_DIR with --out, found {len(args.slides)}")
+    if args.what == "spatialdata":
+        from .export.spatialdata import write_spatialdata
+
+        raw = False if args.no_raw else args.raw
+        for slide in args.slides:
+            print(f"qdplex: {show_path(write_spatialdata(slide, args.out, raw=raw))}")
+    else:
+        if args.raw is not None or args.no_raw:
+            raise QdplexError("expected --raw/--no-raw only with 'qdplex export spatialdata'")
+        from .export.geojson import write_cells_geojson
+
+        for slide in args.slides:
+            print(f"qdplex: {show_path(write_cells_geojson(slide, args.out))}")
+    return 0
+
+
+_REGISTRY = [_add_run, _add_synth, _add_report, _add_agree, _add_check_panel, _add_export]
+
+
+#: Optional imports → the extra that brings them (pyproject.toml [project.optional-dependencies]).
+_EXTRAS = {"sklearn": "stats", "ome_zarr": "omezarr", "imagecodecs": "codecs", "spatialdata": "spatialdata",
+           "napari": "napari"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +310,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qdplex: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency (pyproject.toml extras) not installed
+        if args.debug:
+            raise
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            print(f"qdplex: internal error: ModuleNotFoundError: {e} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+            return 3
+        print(f"qdplex: error: this needs the optional package '{e.name}': pip install 'qdplex[{extra}]'",
+              file=sys.stderr)
+        return 2
     except Exception as e:  # unexpected: still one line, traceback with --debug
         if args.debug:
             raise

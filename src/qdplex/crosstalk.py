@@ -207,7 +207,7 @@ def format_panel_check(check: PanelCheck) -> str:
     return "\n".join(lines)
 
 
-#: The λ-stack checked when no image is given: 420–720 nm in 10 nm bands.
+#: The λ-stack checked when no image is given: a grid 420–720 nm in 10 nm steps (31 bands, each 10 nm wide).
 DEFAULT_GRID = (420.0, 720.0, 10.0)
 
 

@@ -13,6 +13,11 @@ with the fraction of the slide done), a slide finishes — and shows them
 ``quiet=True`` silences the terminal/stream output (errors still reach the log file
 and the manifest). The class is independent of dask: :mod:`qdplex.batch` feeds it
 from the client side as futures complete and as workers report stages.
+
+The stream shows a one-line :meth:`BatchProgress.header` (how many slides, where to),
+the progress, and errors; the batch's closing summary goes to the log file only — the
+caller shows it once, e.g. with :func:`batch_summary` and :func:`format_summary`
+(what ``qdplex run`` prints).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-__all__ = ["BatchProgress", "LOGGER_NAME"]
+__all__ = ["BatchProgress", "LOGGER_NAME", "batch_summary", "format_summary", "show_path"]
 
 #: Name of the logger the batch writes to (``logging.getLogger(LOGGER_NAME)``).
 LOGGER_NAME = "qdplex.batch"
@@ -81,6 +86,7 @@ class BatchProgress:
         if not self.quiet and not self.tty:
             sh = logging.StreamHandler(self.stream)
             sh.setFormatter(logging.Formatter("qdplex: %(message)s"))
+            sh.addFilter(lambda record: getattr(record, "qdplex_stream", True))
             self._add_handler(sh)
         if not self.quiet and self.tty:
             from tqdm.auto import tqdm
@@ -92,12 +98,43 @@ class BatchProgress:
                                  file=self.stream, leave=True, **self._bar_opts)
 
     # ------------------------------------------------------------------ events
-    def info(self, message: str) -> None:
-        """A free-form line (log file; stream unless quiet; above the bars on a TTY)."""
+    def header(self, out, options: dict | None = None) -> None:
+        """The batch's first line: how many slides, where to, on what (``options`` in full to the log)."""
+        import json
+
+        opts = dict(options or {})
+        self.log.info("batch of %d slides into %s (%s)", self.total, out, json.dumps(opts, default=str),
+                      extra={"qdplex_stream": False})
+        where = opts.get("scheduler") or "local"
+        if where == "local":
+            n = opts.get("workers")
+            where = f"a local dask cluster ({n} worker{'s' if int(n) != 1 else ''})" if n else "a local dask cluster"
+        elif where in ("synchronous", "sync"):
+            where = "this process, one slide at a time"
+        else:
+            where = f"the dask scheduler at {where}"
+        self._show(f"{self.total} slide{'s' if self.total != 1 else ''} → {show_path(out)}/ "
+                   f"{'in' if where.startswith('this process') else 'on'} {where}")
+
+    def info(self, message: str, *, stream: bool = True) -> None:
+        """A free-form line: log file; the stream too unless quiet or ``stream=False`` (above the bars on a TTY)."""
         with self._lock:
-            self.log.info(message)
+            if stream:
+                self.log.info(message)
+                if self._overall is not None:
+                    self._tqdm.write(f"qdplex: {message}", file=self.stream)
+            else:
+                self.log.info(message, extra={"qdplex_stream": False})
+
+    def _show(self, message: str) -> None:
+        """A line on the stream (unless quiet), not in the log file."""
+        with self._lock:
+            if self.quiet:
+                return
             if self._overall is not None:
                 self._tqdm.write(f"qdplex: {message}", file=self.stream)
+            else:
+                print(f"qdplex: {message}", file=self.stream, flush=True)
 
     def start(self, slide: str) -> None:
         """Slide ``slide`` started on a worker."""
@@ -140,7 +177,8 @@ class BatchProgress:
                 msg += f": {error}"
                 self.log.error(msg)
             else:
-                self.log.info(msg + f"; {self._eta_text()}")
+                left = self.total - self.done
+                self.log.info(msg + (f"; {self._eta_text()}" if left > 0 else ""))
             bar = self._bars.pop(key or slide, None)
             if bar is not None:
                 bar.close()
@@ -155,10 +193,10 @@ class BatchProgress:
         return lambda stage, fraction: self.stage(slide, stage, fraction)
 
     def close(self, summary: str | None = None) -> None:
-        """Close the bars and detach the log handlers (``summary`` goes to the log first)."""
+        """Close the bars and detach the log handlers (``summary`` goes to the log file first, not the stream)."""
         with self._lock:
             if summary:
-                self.log.info(summary)
+                self.log.info(summary, extra={"qdplex_stream": False})
             for bar in self._bars.values():
                 bar.close()
             self._bars.clear()
@@ -207,3 +245,80 @@ def _hms(seconds: float) -> str:
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+# --------------------------------------------------------------------------- the closing summary
+def show_path(path) -> str:
+    """``path`` relative to the working folder when it lies below it, else absolute (one rule for every line)."""
+    import os
+
+    p = Path(path).expanduser().resolve()
+    try:
+        return str(p.relative_to(Path(os.getcwd()).resolve()))
+    except ValueError:
+        return str(p)
+
+
+def batch_summary(manifest, out, seconds: float | None = None) -> dict:
+    """What a finished batch did, for people (:func:`format_summary`) and scripts (JSON).
+
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        The manifest :func:`qdplex.batch.run_batch` returned (``slide``, ``status``,
+        ``action``, ``error``).
+    out : str or Path
+        The batch's output folder.
+    seconds : float, optional
+        Wall time of the batch.
+
+    Returns
+    -------
+    dict
+        ``slides``, ``ok`` (computed now), ``skipped`` (outputs already complete),
+        ``failed``, ``seconds``, ``out``, ``manifest``, ``cohort_report``, ``log``,
+        ``first_slide`` and its ``cells_csv`` and ``report_html`` (absolute paths, None
+        when not written) and ``failures`` (``slide``, ``error``).
+    """
+    out = Path(out).expanduser().resolve()
+    status = manifest["status"].astype(str)
+    action = manifest["action"].astype(str) if "action" in manifest.columns else status.where(status != "ok", "computed")
+    ok = status == "ok"
+
+    def existing(p: Path):
+        return str(p) if p.exists() else None
+
+    first = next((str(s) for s, good in zip(manifest["slide"], ok) if good), None)
+    failures = [{"slide": str(r["slide"]), "error": str(r.get("error") or "")}
+                for _, r in manifest[~ok].iterrows()]
+    return {
+        "slides": int(len(manifest)),
+        "ok": int((ok & (action != "skipped")).sum()),
+        "skipped": int((ok & (action == "skipped")).sum()),
+        "failed": int((~ok).sum()),
+        "seconds": None if seconds is None else round(float(seconds), 2),
+        "out": str(out),
+        "manifest": existing(out / "manifest.csv"),
+        "cohort_report": existing(out / "report.html"),
+        "log": existing(out / "qdplex.log"),
+        "first_slide": first,
+        "cells_csv": existing(out / first / "cells.csv") if first else None,
+        "report_html": existing(out / first / "qc" / "report.html") if first else None,
+        "failures": failures,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The closing lines ``qdplex run`` prints: counts, then where to look."""
+    took = "" if summary.get("seconds") is None else f" in {summary['seconds']:.1f} s"
+    lines = [f"qdplex: {summary['ok']} slide{'s' if summary['ok'] != 1 else ''} done, {summary['skipped']} skipped "
+             f"(already complete), {summary['failed']} failed{took}"]
+    rows = [("manifest", summary.get("manifest"), ""),
+            ("cells", summary.get("cells_csv"), f"  ({summary['first_slide']})" if summary.get("first_slide") else ""),
+            ("QC report", summary.get("report_html"), "  ← open in a browser"),
+            ("cohort report", summary.get("cohort_report"), ""),
+            ("log", summary.get("log"), "")]
+    for label, path, note in rows:
+        if path:
+            lines.append(f"  {label + ':':<15}{show_path(path)}{note}")
+    return "\n".join(lines)
