@@ -139,7 +139,7 @@ def test_tutorial_runs(tmp_path):
 def test_output_reference_matches_a_real_run():
     from qdplex.model import COMPARTMENTS
     from qdplex.panel import read_panel
-    from qdplex.pipeline import run_slide
+    from qdplex.slide import run_slide
     from qdplex.synth import make_slide
 
     panel = read_panel(ROOT / "pipelines" / "prostate-ar-psa.toml")

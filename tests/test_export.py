@@ -18,7 +18,7 @@ SAMPLE = ROOT / "sample_data"
 @pytest.fixture(scope="module")
 def slide_dir(tmp_path_factory) -> Path:
     """OUT/sample from the bundled sample slide (no QC report: not what is tested here)."""
-    from qdplex.pipeline import process_slide
+    from qdplex.batch import process_slide
 
     out = tmp_path_factory.mktemp("out")
     row = process_slide(SAMPLE / "slides" / "sample.ome.tif", SAMPLE / "panel.toml", out, report=False)

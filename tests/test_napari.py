@@ -273,7 +273,7 @@ def test_plugin_end_to_end(viewer, qt, tmp_path):
     # 8. the CLI's path: a slide file opened with the plugin's reader, processed by
     #    process_slide, and its output folder opened with the reader
     from qdplex.io import write_ome_tiff
-    from qdplex.pipeline import process_slide
+    from qdplex.batch import process_slide
 
     img = result.image
     slide_path = tmp_path / "slides" / "s1.ome.tif"

@@ -67,7 +67,7 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def _measure(panel, seed=3):
-    from qdplex.pipeline import run_slide
+    from qdplex.slide import run_slide
     from qdplex.synth import make_slide
 
     slide = make_slide(panel, shape=(192, 192), seed=seed, name=panel.name)

@@ -382,7 +382,7 @@ def test_sample_data_through_the_pipeline(tmp_path):
     from conftest import SAMPLE_DATA
 
     from qdplex.panel import read_panel
-    from qdplex.pipeline import process_slide
+    from qdplex.batch import process_slide
     from qdplex.synth import truth_accuracy_files
 
     row = process_slide(SAMPLE_DATA / "slides" / "sample.ome.tif", read_panel(SAMPLE_DATA / "panel.toml"),
@@ -435,7 +435,7 @@ def test_slide_from_measured_spectra_through_the_pipeline(shared_data, breast):
     unmixed by the pipeline with the modelled built-ins, still meets the accuracy targets."""
     import pandas as pd
 
-    from qdplex.pipeline import run_slide
+    from qdplex.slide import run_slide
     from qdplex.spectra import SpectralLibrary
     from qdplex.synth import make_slide, truth_accuracy
 

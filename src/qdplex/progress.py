@@ -189,7 +189,7 @@ class BatchProgress:
                 self._overall.update(1)
 
     def stage_callback(self, slide: str) -> Callable[[str, float], None]:
-        """A ``progress(stage, fraction)`` callable for :func:`qdplex.pipeline.run_slide`."""
+        """A ``progress(stage, fraction)`` callable for :func:`qdplex.slide.run_slide`."""
         return lambda stage, fraction: self.stage(slide, stage, fraction)
 
     def close(self, summary: str | None = None) -> None:

@@ -167,13 +167,13 @@ def label_layers(nuclei, cells, *, table=None, state=None, pixel_size_um=None, s
 
 
 def _unmix_offset(result) -> float:
-    """The camera offset the pipeline removed before unmixing (as :func:`qdplex.pipeline.run_slide` picks it)."""
+    """The camera offset the pipeline removed before unmixing (as :func:`qdplex.slide.run_slide` picks it)."""
     v = result.panel.camera_offset_for(result.image)
     return 0.0 if v is None else v
 
 
 def result_layers(result) -> list[tuple]:
-    """All layers for a :class:`qdplex.pipeline.SlideResult`: unmixed planes, residual, nuclei, cells."""
+    """All layers for a :class:`qdplex.slide.SlideResult`: unmixed planes, residual, nuclei, cells."""
     image = result.image
     ab = result.unmixed.abundances
     residual = getattr(result.unmixed, "residual", None)

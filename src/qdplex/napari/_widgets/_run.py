@@ -39,7 +39,7 @@ class _Relay(QObject):
 
 def _process(image, panel, relay):
     """Worker body: the pipeline and the layer data (heavy work stays off the GUI thread)."""
-    from qdplex.pipeline import run_slide
+    from qdplex.slide import run_slide
 
     result = run_slide(image, panel, progress=relay.progressed.emit)
     return result, result_layers(result)
@@ -58,7 +58,7 @@ class RunWidget(QWidget):
         super().__init__(parent)
         # import the pipeline's modules now: imports in the worker would hold the GIL
         # (and the import lock) and stall the viewer at the start of the first run
-        import qdplex.pipeline
+        import qdplex.slide
         import qdplex.quantify
         import qdplex.score
         import qdplex.segment
