@@ -173,10 +173,47 @@ def test_export_command_and_a_forced_rerun(tmp_path, capsys):
     assert main(["export", "geojson", str(out / "sample")]) == 0
     assert capsys.readouterr().out.strip().endswith("cells.geojson")
     record = json.loads((out / "sample" / "run.json").read_text())["batch"]["outputs"]
-    assert record["cells.geojson"] == (out / "sample" / "cells.geojson").stat().st_size
+    from qdplex.provenance import file_sha256
+
+    assert record["cells.geojson"] == file_sha256(out / "sample" / "cells.geojson")
     assert main(["run", str(SAMPLE / "slides"), "--panel", str(SAMPLE / "panel.toml"), "--out", str(out),
                  "--scheduler", "synchronous", "--quiet", "--no-report", "--force"]) == 0
     assert not (out / "sample" / "cells.geojson").exists()
     assert main(["export", "geojson", str(out / "sample"), str(out / "sample"), "--out", str(tmp_path / "x")]) == 2
     assert "one SLIDE_DIR with --out" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+def test_run_writes_the_exports_and_resumes_them(tmp_path, capsys):
+    """`qdplex run --geojson` (and `--format spatialdata`) write the exports into each slide
+    folder; they are part of the completion record (a rerun skips), and a rerun without the
+    option recomputes (the option is part of the slide's identity)."""
+    from qdplex.cli import main
+
+    out = tmp_path / "OUT"
+    fmt = ["--format", "spatialdata"] if _has("spatialdata") else []
+    args = ["run", str(SAMPLE / "slides"), "--panel", str(SAMPLE / "panel.toml"), "--out", str(out),
+            "--scheduler", "synchronous", "--quiet", "--no-report"]
+    assert main(args + ["--geojson"] + fmt) == 0
+    doc = json.loads((out / "sample" / "cells.geojson").read_text())
+    table = pd.read_csv(out / "sample" / "cells.csv")
+    assert len(doc["features"]) == len(table) > 0
+    if fmt:
+        import spatialdata
+
+        sd = spatialdata.read_zarr(out / "sample" / "spatialdata.zarr")
+        assert len(sd.tables["table"]) == len(table)
+    m = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert list(m["action"]) == ["computed"] and "cells.geojson" in m["outputs"].iloc[0]
+    assert main(args + ["--geojson"] + fmt) == 0
+    assert list(pd.read_csv(out / "manifest.csv", keep_default_na=False)["action"]) == ["skipped"]
+    assert main(args) == 0
+    assert list(pd.read_csv(out / "manifest.csv", keep_default_na=False)["action"]) == ["computed"]
+    assert not (out / "sample" / "cells.geojson").exists()
+    capsys.readouterr()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

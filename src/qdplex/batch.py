@@ -75,6 +75,7 @@ def run_batch(
     report: bool = True,
     storage: str = "auto",
     tile: int | None = None,
+    geojson: bool = False,
     stream=None,
 ) -> pd.DataFrame:
     """Run the pipeline on every slide found in ``inputs``, one dask task per slide.
@@ -102,10 +103,13 @@ def run_batch(
         Recompute slides whose outputs are complete.
     quiet : bool
         No progress on the terminal (the log file ``OUT/qdplex.log`` is still written).
-    fmt : {"tiff", "zarr"}
-        Image output format (tiled pyramidal OME-TIFF, or OME-Zarr).
+    fmt : {"tiff", "zarr", "spatialdata"}
+        Image output format (tiled pyramidal OME-TIFF, or OME-Zarr); ``"spatialdata"``
+        writes OME-Zarr images plus one SpatialData store per slide.
     report : bool
         Write each slide's QC report and the cohort report.
+    geojson : bool
+        Also write each slide's ``cells.geojson`` (QuPath cell objects).
     storage : {"auto", "memory", "disk"}
         Where each slide's intermediate arrays live (:func:`qdplex.slide.run_slide`);
         the outputs do not depend on it.
@@ -133,12 +137,12 @@ def run_batch(
     """
     from . import provenance as prov
     from .io import find_slides
-    from .outputs import check_format
+    from .outputs import RUN_FORMATS, check_format
     from .panel import Panel, read_panel
     from .slide import STORAGES
 
     t_start = time.perf_counter()
-    check_format(fmt)
+    check_format(fmt, allowed=RUN_FORMATS)
     if storage not in STORAGES:
         raise QdplexError(f"expected storage one of {STORAGES}, found {storage!r}")
     if not isinstance(panel, Panel):
@@ -173,12 +177,12 @@ def run_batch(
             raise OutputError(f"expected a writable output folder, found {_os_error(e)}", path=out) from None
         panel_sha = prov.panel_sha256(panel)
         version = prov.qdplex_version()
-        options = {"fmt": fmt, "report": bool(report), "tile": tile}
+        options = {"fmt": fmt, "report": bool(report), "tile": tile, "geojson": bool(geojson)}
         known = {} if force else _completed_slides(out)
         progress = BatchProgress(len(slides), log_file=out / "qdplex.log", quiet=quiet, stream=stream)
         params = {
             "scheduler": _describe(scheduler), "workers": workers, "include": include, "exclude": exclude,
-            "force": force, "fmt": fmt, "report": report, "storage": storage, "tile": tile,
+            "force": force, "fmt": fmt, "report": report, "geojson": geojson, "storage": storage, "tile": tile,
         }
         progress.header(out, params)  # one line on the stream; the options in full to the log
 
@@ -269,7 +273,8 @@ def run_batch(
 
 
 def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = True, storage: str = "auto",
-                  tile: int | None = None, progress=None, identity: Mapping[str, Any] | None = None) -> dict:
+                  tile: int | None = None, progress=None, identity: Mapping[str, Any] | None = None,
+                  geojson: bool = False) -> dict:
     """Read one slide, run it (:func:`qdplex.slide.run_slide`) and write ``out_dir/<slide>/``.
 
     The layout of the folder is :mod:`qdplex.outputs`'s (docs/architecture.md); ``run.json``
@@ -282,10 +287,14 @@ def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = Tru
     panel : Panel or path
     out_dir : path
         The folder that receives ``<slide name>/``.
-    fmt : {"tiff", "zarr"}
-        Image output format.
+    fmt : {"tiff", "zarr", "spatialdata"}
+        Image output format; ``"spatialdata"`` writes the images as OME-Zarr and also
+        ``<slide>/spatialdata.zarr`` (:func:`qdplex.export.write_spatialdata`).
     report : bool
         Also write the QC report ``<slide>/qc/report.html``.
+    geojson : bool
+        Also write ``<slide>/cells.geojson``, QuPath cell objects
+        (:func:`qdplex.export.write_cells_geojson`).
     storage : {"auto", "memory", "disk"}
         See :func:`qdplex.slide.run_slide`; disk scratch arrays go into ``out_dir``.
     tile : int, optional
@@ -319,7 +328,7 @@ def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = Tru
     slide_dir = outputs.slide_dir_in(out_dir, image.name)
     with run_slide(image, panel, storage=storage, tile=tile, scratch=out_dir, progress=progress) as result:
         t = time.perf_counter()
-        paths = outputs.write_slide(result, slide_dir, fmt=fmt)
+        paths = outputs.write_slide(result, slide_dir, fmt=outputs.image_format(fmt))
         result.timings["write"] = time.perf_counter() - t
         hashes = {str(path): identity["input_sha256"]} if identity else None
         record = outputs.slide_record(result, inputs=[path], input_hashes=hashes,
@@ -336,6 +345,16 @@ def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = Tru
             result.timings["report"] = time.perf_counter() - t
             record["timings"]["report"] = round(result.timings["report"], 4)
         paths["run"] = outputs.write_run_record(slide_dir, record)
+        # exports read the finished folder; the batch's completion record (sealed after) lists them
+        if fmt == "spatialdata" or geojson:
+            from . import export
+
+            t = time.perf_counter()
+            if fmt == "spatialdata":
+                paths["spatialdata"] = export.write_spatialdata(slide_dir, raw=path)
+            if geojson:
+                paths["geojson"] = export.write_cells_geojson(slide_dir)
+            result.timings["export"] = time.perf_counter() - t
         return {
             "slide": image.name,
             "input": str(path),
@@ -454,6 +473,7 @@ def _slide_task(path, *, panel, panel_sha, options, known, out, storage, stage_d
 
         with dask.config.set(scheduler="threads", num_workers=threads or os.cpu_count()):
             res = process_slide(path, panel, stage_dir, fmt=options["fmt"], report=options["report"],
+                                geojson=options.get("geojson", False),
                                 storage=storage, tile=options["tile"], progress=progress, identity=ident)
         row.update(status="ok", action="computed", slide=res.get("slide") or row["slide"], error="",
                    timings=res.get("timings"), warnings=res.get("warnings") or [])

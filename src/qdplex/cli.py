@@ -46,8 +46,12 @@ def _add_run(sub) -> None:
                    help="print only errors and the closing summary (OUT/qdplex.log is still written)")
     p.add_argument("--json", dest="as_json", action="store_true",
                    help="print the closing summary as one JSON object on stdout (counts, output paths, failures)")
-    p.add_argument("--format", dest="fmt", choices=("tiff", "zarr"), default="tiff",
-                   help="image outputs as tiled pyramidal OME-TIFF (default) or OME-Zarr")
+    p.add_argument("--format", dest="fmt", choices=("tiff", "zarr", "spatialdata"), default="tiff",
+                   help="image outputs as tiled pyramidal OME-TIFF (default) or OME-Zarr; spatialdata: "
+                   "OME-Zarr plus one SpatialData store per slide (<slide>/spatialdata.zarr, needs qdplex[spatialdata])")
+    p.add_argument("--geojson", action="store_true",
+                   help="also write <slide>/cells.geojson: QuPath cell objects (outline, nucleus, measurements, "
+                   "positivity as the class)")
     p.add_argument("--storage", choices=("auto", "memory", "disk"), default="auto",
                    help="where a slide's intermediate arrays live: in memory, or tile by tile in scratch "
                    "storage on disk (bounded memory); auto (default) chooses by slide size. The outputs "
@@ -58,7 +62,7 @@ def _add_run(sub) -> None:
 def _run_options(args) -> dict:
     """Keyword options for :func:`qdplex.batch.run_batch` taken from the parsed arguments."""
     opts = {"report": not args.no_report}
-    for name in ("scheduler", "workers", "include", "exclude", "force", "quiet", "fmt", "storage"):
+    for name in ("scheduler", "workers", "include", "exclude", "force", "quiet", "fmt", "storage", "geojson"):
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     return opts

@@ -33,7 +33,7 @@ __all__ = [
     # names of the output folder
     "FORMATS", "IMAGE_KINDS", "RUN_JSON", "SUMMARY_JSON", "MANIFEST", "COHORT_SUMMARY", "STAGING", "LOCK",
     "RESERVED_NAMES", "RECORD_KEY", "MANIFEST_COLUMNS",
-    "check_format", "image_path", "find_image", "table_path", "report_path", "bad_slide_name", "slide_dir_in",
+    "check_format", "image_format", "RUN_FORMATS", "image_path", "find_image", "table_path", "report_path", "bad_slide_name", "slide_dir_in",
     # the slide writer and run.json
     "write_slide", "slide_record", "write_run_record", "read_run_record", "panel_from_record",
     "write_json", "read_json",
@@ -70,11 +70,22 @@ MANIFEST_COLUMNS = [
 
 
 # --------------------------------------------------------------------------- names
-def check_format(fmt: str) -> str:
-    """``fmt`` when it is an image output format, else :class:`~qdplex.errors.QdplexError`."""
-    if fmt not in FORMATS:
-        raise QdplexError(f"expected output format 'tiff' or 'zarr', found {fmt!r}")
+#: Output formats of ``qdplex run --format``: the two image formats, and ``spatialdata``
+#: (images as OME-Zarr plus ``spatialdata.zarr``, one SpatialData store per slide).
+RUN_FORMATS = (*FORMATS, "spatialdata")
+
+
+def check_format(fmt: str, *, allowed=None) -> str:
+    """``fmt`` when it is an output format, else :class:`~qdplex.errors.QdplexError`."""
+    allowed = tuple(FORMATS) if allowed is None else tuple(allowed)
+    if fmt not in allowed:
+        raise QdplexError(f"expected output format {' or '.join(repr(a) for a in allowed)}, found {fmt!r}")
     return fmt
+
+
+def image_format(fmt: str) -> str:
+    """The image format that run format ``fmt`` writes (``spatialdata`` → ``zarr``)."""
+    return "zarr" if check_format(fmt, allowed=RUN_FORMATS) == "spatialdata" else fmt
 
 
 def image_path(slide_dir, kind: str, fmt: str = "tiff") -> Path:

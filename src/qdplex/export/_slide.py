@@ -41,25 +41,25 @@ def read_slide_outputs(slide_dir) -> SlideOutputs:
     InputError
         A file the exporters need (images, labels, ``cells.csv``, ``run.json``) is missing.
     """
-    from ..report import _panel_from_record
+    from .. import outputs
 
     folder = Path(slide_dir)
     if not folder.is_dir():
         raise InputError("expected a slide output folder (OUT/<slide>) written by qdplex run, found no folder",
                          path=folder)
     found = {
-        "unmixed.ome.tif": _first(folder, ["unmixed.ome.tif", "unmixed.ome.zarr"]),
-        "nuclei.ome.tif": _first(folder, ["nuclei.ome.tif", "nuclei.ome.zarr"]),
-        "cells.ome.tif": _first(folder, ["cells.ome.tif", "cells.ome.zarr"]),
-        "cells.csv": _first(folder, ["cells.csv"]),
+        "unmixed.ome.tif": outputs.find_image(folder, "unmixed"),
+        "nuclei.ome.tif": outputs.find_image(folder, "nuclei"),
+        "cells.ome.tif": outputs.find_image(folder, "cells"),
+        "cells.csv": _first(folder, [outputs.table_path(folder).name]),
         "run.json": _first(folder, ["run.json"]),
     }
     missing = [k for k, v in found.items() if v is None]
     if missing:
         raise InputError(f"expected the slide outputs {missing} (written by qdplex run), found them missing",
                          path=folder)
-    record = json.loads(found["run.json"].read_text(encoding="utf-8"))
-    panel = _panel_from_record(record, found["run.json"])
+    record = outputs.read_run_record(folder)
+    panel = outputs.panel_from_record(record, where=found["run.json"])
     table = pd.read_csv(found["cells.csv"])
     inputs = record.get("inputs") or []
     raw = inputs[0].get("path") if inputs and isinstance(inputs[0], dict) else None
@@ -81,8 +81,9 @@ def register_outputs(folder, written) -> bool:
     bool
         Whether the record was updated.
     """
-    from ..batch import RECORD_KEY
     from ..io import atomic_path
+    from ..outputs import RECORD_KEY
+    from ..provenance import file_sha256
 
     folder = Path(folder).resolve()
     run_json = folder / "run.json"
@@ -100,7 +101,7 @@ def register_outputs(folder, written) -> bool:
             continue
         replaced.append(w.relative_to(folder).as_posix())
         for f in ([w] if w.is_file() else sorted(p for p in w.rglob("*") if p.is_file())):
-            added[f.relative_to(folder).as_posix()] = f.stat().st_size
+            added[f.relative_to(folder).as_posix()] = file_sha256(f)  # the completion record's content hash
     if not added:
         return False
     for k in [k for k in rec["outputs"] if any(k == r or k.startswith(r + "/") for r in replaced)]:
