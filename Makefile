@@ -15,7 +15,7 @@ DEMO_OUT ?= out/demo
 # quiet, no bytecode for modules never imported (Python compiles what it imports on first use;
 # the core's setup imports what `qdplex run` uses once, so that its bytecode is there before the run)
 PIP    := $(BIN)/python -m pip install -q --no-compile --disable-pip-version-check
-WARM_IMPORTS := import qdplex, qdplex.pipeline, qdplex.batch, qdplex.report, qdplex.figures, qdplex.tables, \
+WARM_IMPORTS := import qdplex, qdplex.slide, qdplex.outputs, qdplex.batch, qdplex.report, qdplex.figures, qdplex.tables, \
 	qdplex.io, qdplex.score, qdplex.spectra, matplotlib.figure, matplotlib.backends.backend_agg, anndata, \
 	fastparquet, distributed, tifffile, zarr
 
@@ -35,6 +35,8 @@ $(CORE): pyproject.toml | $(BIN)/python
 	@$(PIP) -e .
 	@echo "setup: compiling the modules qdplex run imports (once, not in every dask worker at the first run)"
 	@$(BIN)/python -c "$(WARM_IMPORTS)"
+	@echo "setup: compiling qdplex's kernels into numba's disk cache (once, not in every dask worker at the first run)"
+	@$(BIN)/python -m qdplex._precompile
 	@touch $@
 
 $(FULL): pyproject.toml | $(BIN)/python
