@@ -56,7 +56,7 @@ _SECTION_KEYS = {
     "spectra": {"files"},
     "autofluorescence": {"control", "components", "spectrum"},
     "image": {"pixel_size_um", "camera_offset"},
-    "unmixing": {"method", "offset", "saturation", "exclude_saturated", "chunk"},
+    "unmixing": {"method", "offset", "refine", "saturation", "exclude_saturated", "chunk"},
     "segmentation": {
         "method", "diameter_um", "expand_um", "membrane_width_um", "membrane_guided", "tile", "overlap",
     },
@@ -104,7 +104,7 @@ class Panel:
     nuclear_stain: str = "DAPI"
     spectra_files: list[Path] = field(default_factory=list)
     autofluorescence_control: Path | None = None
-    autofluorescence_components: int = 1
+    autofluorescence_components: int | str = 1
     pixel_size_um: float | None = None
     camera_offset: float | None = None
     unmixing: dict[str, Any] = field(default_factory=dict)
@@ -147,7 +147,7 @@ class Panel:
         image's recorded ``metadata["camera_offset"]`` (OME ``DetectorSettings/@Offset``,
         or :mod:`qdplex.synth`), else None.
         """
-        for value in (self.unmixing.get("offset"), self.camera_offset,
+        for value in (None if self.unmixing.get("offset") == "auto" else self.unmixing.get("offset"), self.camera_offset,
                       getattr(image, "metadata", {}).get("camera_offset") if image is not None else None):
             if value is not None:
                 return value
@@ -262,9 +262,9 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
         thr = m.get("threshold")
         if thr is not None and not (
             (isinstance(thr, (int, float)) and not isinstance(thr, bool) and thr >= 0)
-            or (isinstance(thr, str) and thr in ("otsu", "gmm", "control"))
+            or (isinstance(thr, str) and thr in ("otsu", "gmm", "control", "mixture"))
         ):
-            raise _err(path, where + "threshold", "a number ≥ 0 or one of 'otsu', 'gmm', 'control'", thr)
+            raise _err(path, where + "threshold", "a number ≥ 0 or one of 'otsu', 'gmm', 'control', 'mixture'", thr)
         markers.append(Marker(mname, fluor, comp, float(thr) if isinstance(thr, (int, float)) else thr))
 
     names = [m.name for m in markers]
@@ -314,7 +314,8 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
         control = (base / c) if not Path(c).is_absolute() else Path(c)
         if not control.exists():
             raise _err(path, "autofluorescence.control", "an existing unstained control image", str(control))
-    components = _number(af, "components", path, "autofluorescence.", integer=True, default=1)
+    components = "auto" if af.get("components") == "auto" else _number(
+        af, "components", path, "autofluorescence.", integer=True, default=1)
 
     pixel_size = _number(sections["image"], "pixel_size_um", path, "image.", default=None)
     camera_offset = _number(sections["image"], "camera_offset", path, "image.", positive=False, default=None)
@@ -324,6 +325,14 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
     unm = dict(sections["unmixing"])
     if "method" in unm and unm["method"] not in ("nnls", "ols", "poisson"):
         raise _err(path, "unmixing.method", "one of 'nnls', 'ols', 'poisson'", unm["method"])
+    if "refine" in unm and not isinstance(unm["refine"], bool):
+        raise _err(path, "unmixing.refine", "true or false", unm["refine"])
+    off = unm.get("offset")
+    if off is not None and off != "auto" and not (
+            (isinstance(off, (int, float)) and not isinstance(off, bool) and off >= 0)
+            or (isinstance(off, list) and off and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and v >= 0 for v in off))):
+        raise _err(path, "unmixing.offset", "'auto', a number ≥ 0 or one per channel", off)
     seg = dict(sections["segmentation"])
     for k in ("diameter_um", "expand_um", "membrane_width_um"):
         if k in seg:
@@ -334,7 +343,7 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
         nuclear_stain=nuclear,
         spectra_files=spectra_files,
         autofluorescence_control=control,
-        autofluorescence_components=int(components),
+        autofluorescence_components=components if components == "auto" else int(components),
         pixel_size_um=None if pixel_size is None else float(pixel_size),
         camera_offset=None if camera_offset is None else float(camera_offset),
         unmixing=unm,

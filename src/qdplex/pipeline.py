@@ -119,6 +119,7 @@ def run_slide(image: MultiplexImage, panel: Panel, *, library=None, progress: Pr
 
     table, thresholds, summary = quantify_and_score(
         unmixed, seg, panel, px, timings=timings, progress=report, measured_completeness=True)
+    summary["warnings"] = list(unmixed.warnings)
     return SlideResult(image, panel, lib, unmixed, seg, table, summary, thresholds, timings)
 
 
@@ -130,7 +131,8 @@ def unmix_options(image: MultiplexImage, panel: Panel) -> dict:
     opts = panel.unmixing
     return {
         "method": opts.get("method", "nnls"),
-        "offset": panel.camera_offset_for(image),
+        "offset": "auto" if panel.camera_offset_for(None) is None else panel.camera_offset_for(None),
+        "refine": opts.get("refine", True),
         "saturation": opts.get("saturation"),
         "exclude_saturated": opts.get("exclude_saturated", False),
     }
@@ -315,6 +317,7 @@ def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = Tru
         record = prov.run_record(panel=panel, inputs=[path], parameters=params, timings=result.timings,
                                  library=result.library)
         record["thresholds"] = result.thresholds
+        record["unmixing"] = result.unmixed.record()
         paths = write_slide_outputs(result, slide_dir, fmt=fmt, provenance=record)
         result.timings["write"] = time.perf_counter() - t
         if report:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import dask.array as da
 import numpy as np
@@ -247,9 +247,30 @@ class UnmixResult:
     saturated : dask.array.Array
         Y×X bool, True where any channel reached the saturation level.
     library : SpectralLibrary
+        The spectra used: the given library, with the spectra refined on the slide
+        replaced (source ``"refined on slide …"``).
     method : str
     matrix : numpy.ndarray
-        The C×K mixing matrix used.
+        The C×K mixing matrix used (refined columns included).
+    offset : numpy.ndarray
+        The camera offset subtracted, per channel.
+    offset_record : dict
+        How the offset was found: ``values``, ``source`` (``"given"``, ``"file"``,
+        ``"estimated"``) and, when estimated, ``estimate`` (:mod:`qdplex.unmix.offset`).
+    refinement : dict
+        ``enabled``, and when enabled ``residual_before``, ``residual_after``,
+        ``pixels``, ``rounds`` and per spectrum ``refined``, ``cosine_to_prior``,
+        ``pixels``, ``reason`` (why refused, "" if refined) and ``column`` (the matrix
+        column used) (:mod:`qdplex.unmix.refine`).
+    autofluorescence : dict or None
+        How the autofluorescence components were chosen (the library's
+        ``autofluorescence`` record, :func:`qdplex.spectra.estimate_autofluorescence`).
+    quality : dict
+        Residual against the slide's noise floor (:func:`qdplex.unmix.checks.fit_quality`).
+    warnings : list of str
+        Plain-language fit warnings (:mod:`qdplex.unmix.checks`).
+    channels : list of str
+        The input channels, in the order of the matrix rows.
     """
 
     abundances: MultiplexImage
@@ -258,6 +279,32 @@ class UnmixResult:
     library: object
     method: str
     matrix: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    offset_record: dict = field(default_factory=dict)
+    refinement: dict = field(default_factory=lambda: {"enabled": False})
+    autofluorescence: dict | None = None
+    quality: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    channels: list = field(default_factory=list)
+
+    def record(self) -> dict:
+        """Everything about how this slide was unmixed, as a JSON-able dict (for ``run.json``):
+        method, endmembers and their sources, channels, offset (values and how found),
+        refinement, autofluorescence choice, fit quality and warnings."""
+        lib = self.library
+        names = list(getattr(lib, "names", []))
+        sources = getattr(lib, "sources", {}) or {}
+        return _jsonable({
+            "method": self.method,
+            "endmembers": names,
+            "sources": dict(sources),
+            "channels": list(self.channels),
+            "offset": dict(self.offset_record),
+            "refinement": dict(self.refinement),
+            "autofluorescence": self.autofluorescence,
+            "quality": dict(self.quality),
+            "warnings": list(self.warnings),
+        })
 
     def persist(self) -> "UnmixResult":
         """This result with abundances, residual and mask computed once and held in memory.
@@ -375,9 +422,25 @@ def _plan_options(options: dict) -> dict:
     return {k: options.get(k, v) for k, v in allowed.items()}
 
 
-def unmix(image, library, method: str = "nnls", *, offset=None, saturation=None,
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return [_jsonable(v) for v in o.tolist()]
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    return o
+
+
+def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, saturation=None,
           exclude_saturated: bool = False, nonfinite: str = "raise", poisson_iterations: int = 3,
-          gain: float = 1.0, read_noise: float = 1.0, chunk: int | None = 1024):
+          gain: float = 1.0, read_noise: float = 1.0, chunk: int | None = 1024, check: bool = True):
     """Unmix an image into one abundance plane per library endmember.
 
     Parameters
@@ -390,8 +453,18 @@ def unmix(image, library, method: str = "nnls", *, offset=None, saturation=None,
         :meth:`~qdplex.spectra.SpectralLibrary.matrix`), or a C×K matrix for arrays.
     method : {"nnls", "ols", "poisson"}
         See the module docstring.
-    offset : float or sequence of float, optional
+    offset : "auto", None, float or sequence of float
         Camera offset (dark level) subtracted from every channel (or per channel).
+        ``"auto"`` (default) or None: the offset the image records
+        (``metadata["camera_offset"]``), else estimated from the slide's darkest
+        pixels (:mod:`qdplex.unmix.offset`); a number wins. For a plain array (no
+        metadata, no channels) "auto" and None mean no offset.
+    refine : bool or sequence of str
+        Refine the spectra on the slide (:mod:`qdplex.unmix.refine`): True (default)
+        all but the spectra measured on controls (single-stain controls, and
+        autofluorescence from an unstained control: controls win), a list only those
+        endmembers, False none.
+        Plain arrays are never refined.
     saturation : float, optional
         Raw level at or above which a channel value is saturated; default the
         maximum of an integer dtype, none for floats.
@@ -407,6 +480,9 @@ def unmix(image, library, method: str = "nnls", *, offset=None, saturation=None,
     chunk : int, optional
         Spatial block size in pixels (all channels per block); None keeps the
         image's chunks.
+    check : bool
+        Compare the fit with the slide's noise floor and fill ``quality`` and
+        ``warnings`` (:mod:`qdplex.unmix.checks`).
 
     Returns
     -------
@@ -421,19 +497,55 @@ def unmix(image, library, method: str = "nnls", *, offset=None, saturation=None,
     InputError
         Non-finite pixels with ``nonfinite="raise"`` (at compute time).
     """
-    opts = dict(offset=offset, saturation=saturation, exclude_saturated=exclude_saturated,
+    opts = dict(saturation=saturation, exclude_saturated=exclude_saturated,
                 nonfinite=nonfinite, poisson_iterations=poisson_iterations, gain=gain, read_noise=read_noise)
     if not isinstance(image, MultiplexImage):
         if hasattr(library, "matrix") and not isinstance(library, np.ndarray):
             raise SpectraError("expected a C×K mixing matrix with a plain array (no channel metadata to sample "
                                "a SpectralLibrary on); wrap the array in a MultiplexImage with channels instead")
-        return unmix_array(np.asarray(image), library, method, chunk=chunk or 1024, **opts)
+        off = None if offset is None or (isinstance(offset, str) and offset == "auto") else offset
+        return unmix_array(np.asarray(image), library, method, chunk=chunk or 1024, offset=off, **opts)
     if not hasattr(library, "matrix") or isinstance(library, np.ndarray):
         raise SpectraError(f"expected a SpectralLibrary for a MultiplexImage, found {type(library).__name__}")
+    from .offset import resolve_offset
+
     where = image.source or image.name
-    M = library.matrix(image.channels)
+    M0 = library.matrix(image.channels)
     names = list(library.names)
-    plan = _make_plan(M, method=method, dtype=image.data.dtype, names=names, where=where, **opts)
+    _make_plan(M0, method=method, dtype=image.data.dtype, names=names, where=where, offset=None, **opts)  # checks
+    sat = _make_plan_saturation(saturation, image.data.dtype)
+    cache: list = []
+
+    def sample():
+        if not cache:
+            from ._sample import pixel_sample
+
+            cache.append(pixel_sample(image, saturation=sat))
+        return cache[0]
+
+    def fit(Y, M):
+        return unmix_array(Y, M, "nnls")
+
+    off, off_rec = resolve_offset(offset, image, sample, M0)
+    M, lib_used, refinement = M0, library, {"enabled": False}
+    if refine is not False and refine is not None:
+        from .refine import refine_matrix
+
+        wanted = set(names) if refine is True else {str(n) for n in refine}
+        fixed = {n for n in names if n not in wanted or str(library[n].source).startswith(_MEASURED)}
+        M, rec = refine_matrix(sample().Y - off[:, None], M0, names, fixed=fixed, unmix_fn=fit,
+                              channels=image.channels)
+        refinement = {"enabled": True, **rec}
+        lib_used = _refined_library(library, image.channels, M, rec, where)
+    quality, warns = {}, []
+    if check:
+        from .checks import fit_quality, fit_warnings
+        from .offset import estimate_offset
+
+        quality = fit_quality(sample(), M, off, fit)
+        dark = off_rec.get("estimate") or estimate_offset(sample(), M)
+        warns = fit_warnings(quality, image.channels, off_rec, dark, names)
+    plan = _make_plan(M, method=method, dtype=image.data.dtype, names=names, where=where, offset=off, **opts)
     data = _blocks(image.data, chunk)
     K = len(names)
     out = da.map_blocks(_unmix_block, data, plan=plan, dtype=np.float32,
@@ -441,5 +553,59 @@ def unmix(image, library, method: str = "nnls", *, offset=None, saturation=None,
     chans = [Channel(n, emission_nm=library.peak_nm(n), fluor=n) for n in names]
     abund = MultiplexImage(data=out[:K], channels=chans, pixel_size_um=image.pixel_size_um,
                            name=image.name, source=image.source, metadata=dict(image.metadata))
-    return UnmixResult(abundances=abund, residual=out[K], saturated=out[K + 1] > 0.5,
-                       library=library, method=method, matrix=M)
+    result = UnmixResult(abundances=abund, residual=out[K], saturated=out[K + 1] > 0.5,
+                         library=lib_used, method=method, matrix=M, offset=off, offset_record=off_rec,
+                         refinement=refinement, autofluorescence=getattr(library, "autofluorescence", None),
+                         quality=quality, warnings=warns, channels=[c.name for c in image.channels])
+    _log(where, result)
+    return result
+
+
+#: spectra measured on controls (single-stain, unstained): never refined on the slide
+_MEASURED = ("estimated: single-stain control", "estimated: unstained control")
+
+
+def _make_plan_saturation(saturation, dtype) -> float:
+    if saturation is not None:
+        return float(saturation)
+    dt = np.dtype(dtype)
+    return float(np.iinfo(dt).max) if dt.kind in "ui" else np.inf
+
+
+def _refined_library(library, channels, M: np.ndarray, rec: dict, where):
+    """``library`` with each refined spectrum replaced by its matrix column as a step
+    spectrum over the channel bands (for reports and the record)."""
+    from ..spectra import SpectralLibrary, _step_spectrum
+
+    out = SpectralLibrary(list(library))
+    for k, n in enumerate(library.names):
+        r = rec["spectra"][n]
+        if r["refined"]:
+            wl, dens = _step_spectrum(channels, M[:, k])
+            out.add(n, wl, dens, source=f"refined on slide {where} from [{library[n].source}] "
+                                        f"(cosine to prior {r['cosine_to_prior']:.4f}, {r['pixels']} pixels)")
+    out.autofluorescence = getattr(library, "autofluorescence", None)
+    return out
+
+
+def _log(where, result: UnmixResult) -> None:
+    """One log line: the offset used and how it was found, what refinement did, warnings."""
+    import logging
+
+    rec = result.offset_record
+    v = rec.get("values")
+    val = f"{v:.1f}" if isinstance(v, float) else "per channel " + ", ".join(f"{x:.1f}" for x in v)
+    how = {"given": "as given", "file": "recorded in the file", "estimated": "estimated from the darkest pixels"}
+    parts = [f"{where}: camera offset {val} ({how.get(rec.get('source'), rec.get('source'))})"]
+    ref = result.refinement
+    if ref.get("enabled"):
+        done = [n for n, r in ref["spectra"].items() if r["refined"]]
+        parts.append(f"spectra refined: {', '.join(done) or 'none'} (residual {ref['residual_before']:.3g} → "
+                     f"{ref['residual_after']:.3g})")
+    if result.quality:
+        parts.append(f"residual {result.quality['residual_to_noise']:.2f}× noise")
+    if result.warnings:
+        parts.append("WARNING: " + "; ".join(result.warnings))
+    # a child of the batch logger (qdplex.progress.LOGGER_NAME): the line lands in the run log
+    logging.getLogger("qdplex.batch.unmix").log(logging.WARNING if result.warnings else logging.INFO,
+                                                "; ".join(parts))
