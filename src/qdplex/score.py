@@ -88,7 +88,9 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("otsu", "gmm", "control")
+METHODS = ("mixture", "otsu", "gmm", "control")
+#: the threshold method when neither the marker nor ``[scoring] method`` names one
+DEFAULT_METHOD = "mixture"
 _ALLRED_NAMES = {"ER", "PR", "ESR1", "PGR", "ERα", "ERA", "PGR1"}
 
 
@@ -134,7 +136,7 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
         if not 0 < control_quantile < 1:
             raise InputError(f"expected control_quantile in (0, 1), found {control_quantile}")
         return float(np.quantile(c, control_quantile))
-    if method not in ("otsu", "gmm"):
+    if method not in ("otsu", "gmm", "mixture"):
         raise InputError(f"expected a threshold number or one of {METHODS}, found {method!r}")
     logv, c = _log(values)
     if logv.size < 2 or np.ptp(logv) == 0:
@@ -142,13 +144,55 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
         # a threshold just above the largest value, so that no cell is called positive
         top = float(np.exp(logv.max()) - c) if logv.size else 0.0
         return float(np.nextafter(max(top, 0.0), np.inf))
-    if method == "otsu":
-        from skimage.filters import threshold_otsu
-
-        t = threshold_otsu(logv)
+    if method == "mixture":
+        t = _mixture_threshold(logv, c)
+    elif method == "otsu":
+        t = _otsu(logv)
     else:
         t = _gmm_threshold(logv)
     return float(max(np.exp(t) - c, 0.0))
+
+
+def _otsu(x: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(x))
+
+
+#: most Gaussian components the "mixture" threshold tries
+MAX_MIXTURE = 4
+
+
+def _mixture_threshold(x: np.ndarray, c: float) -> float:
+    """Threshold (log scale) above the negative population of a mixture of 1–4 Gaussians.
+
+    Cells with no signal (value 0: log c) are negative and left out of the fit; the
+    number of components is chosen by BIC; the negative population is the component
+    with the lowest mean, and the threshold is where its posterior falls below 0.5 on
+    the way up to the next component — so further populations above it (a marker in
+    tumour and in stroma, at different levels) are all positive instead of splitting
+    the negatives from the brightest one as a two-class rule does. With one component
+    (nothing to separate by the mixture) Otsu's threshold is used.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    v = x[x > np.log(c) + 1e-9]
+    if v.size < 20 or np.ptp(v) == 0:
+        return _otsu(x)
+    if v.size > 20000:
+        v = np.random.default_rng(0).choice(v, 20000, replace=False)
+    fits = [GaussianMixture(k, random_state=0, n_init=2).fit(v[:, None]) for k in range(1, MAX_MIXTURE + 1)
+            if v.size >= 10 * k]
+    best = min(fits, key=lambda g: g.bic(v[:, None]))
+    if best.n_components == 1:
+        return _otsu(x)
+    means = best.means_.ravel()
+    order = np.argsort(means)
+    lo, nxt = order[0], order[1]
+    grid = np.linspace(means[lo], means[nxt], 512)
+    post = best.predict_proba(grid[:, None])[:, lo]
+    below = np.flatnonzero(post < 0.5)
+    return float(grid[below[0]]) if below.size else float(grid.mean())
 
 
 def _gmm_threshold(x: np.ndarray) -> float:
@@ -187,7 +231,7 @@ def thresholds_for(table: pd.DataFrame, panel, *, thresholds: Mapping | None = N
         marker → how it was set (``"fixed"``, ``"otsu"``, ``"gmm"``, ``"control"``).
     """
     sc = _scoring(panel)
-    default = sc.get("method", "otsu")
+    default = sc.get("method", DEFAULT_METHOD)
     q = float(sc.get("control_quantile", 0.99))
     if default not in METHODS:
         raise PanelError(f"key 'scoring.method': expected one of {METHODS}, found {default!r}", path=getattr(panel, "path", None))

@@ -293,7 +293,7 @@ class UnmixResult:
         refinement, autofluorescence choice, fit quality and warnings."""
         lib = self.library
         names = list(getattr(lib, "names", []))
-        sources = getattr(lib, "sources", {}) or {}
+        sources = lib.sources() if callable(getattr(lib, "sources", None)) else {}
         return _jsonable({
             "method": self.method,
             "endmembers": names,

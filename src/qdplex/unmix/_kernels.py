@@ -141,14 +141,16 @@ def _pivot_table(G: np.ndarray) -> np.ndarray:
     """
     K = G.shape[0]
     eye = np.eye(K)
-    tab = np.zeros((1 << K, K, K))
-    for code in range(1 << K):
-        f = np.array([(code >> j) & 1 for j in range(K)], dtype=bool)
-        A = np.zeros((K, K))
-        if f.any():
-            A[f] = np.linalg.solve(G[np.ix_(f, f)], G[f])
-        tab[code][f] = A[f]
-        tab[code][~f] = (G @ (A - eye))[~f]
+    codes = np.arange(1 << K)
+    bits = ((codes[:, None] >> np.arange(K)) & 1).astype(bool)  # [code, j]
+    A = np.zeros((1 << K, K, K))
+    for m in range(1, K + 1):  # one batched solve per passive-set size
+        cs = codes[bits.sum(axis=1) == m]
+        idx = np.array([np.flatnonzero(bits[c]) for c in cs])  # [n, m]
+        Gff = G[idx[:, :, None], idx[:, None, :]]  # [n, m, m]
+        A[cs[:, None], idx] = np.linalg.solve(Gff, G[idx])  # rows z_F = G_FF⁻¹ G_F
+    grad = np.einsum("ij,cjk->cik", G, A - eye)
+    tab = np.where(bits[:, :, None], A, grad)
     out = np.zeros((1 << K, _table_rows(K), _padded(K)))  # [code, p, j]: the product runs down columns
     out[:, :K, :K] = tab.transpose(0, 2, 1)
     return out

@@ -1,8 +1,8 @@
 """Fit warnings: does the library explain the slide?
 
 On the sampled pixels (offset removed, unmixed with the matrix actually used),
-:func:`fit_warnings` compares the residual with the slide's own noise floor: half the
-mean square difference of neighbouring raw pixel values (:mod:`qdplex.unmix._sample`),
+:func:`fit_warnings` compares the residual with the slide's own noise floor: the mean
+square second difference of neighbouring raw pixel values over 6 (:mod:`qdplex.unmix._sample`),
 which holds shot noise and read noise whatever the camera's gain. A good fit leaves a
 residual at about that floor (texture between neighbours makes the floor, and the
 ratio's baseline, a little conservative). Warnings, in plain words:
@@ -23,7 +23,7 @@ __all__ = ["fit_quality", "fit_warnings", "RESIDUAL_RATIO", "CHANNEL_RATIO"]
 
 RESIDUAL_RATIO = 3.0
 CHANNEL_RATIO = 4.0
-MAX_PIXELS = 16384
+MAX_PIXELS = 8192
 
 
 def _label(ch) -> str:

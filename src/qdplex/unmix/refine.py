@@ -7,7 +7,7 @@ column of the mixing matrix to the slide by alternating non-negative least squar
 
 1. unmix a sample of pixels (:mod:`qdplex.unmix._sample`, offset removed) with the
    current matrix;
-2. for each endmember, brightest first, take the pixels where it carries at least
+2. for each endmember (all from the same fit), take the pixels where it carries at least
    30 % of the fitted signal, keep the purest quarter of them (highest share) and of
    those the brighter half, and re-estimate its spectrum there as the per-channel
    median of (pixel − the other endmembers' fit) / its abundance — a median, so that
@@ -47,7 +47,7 @@ ROUNDS = 4
 #: refinements are kept only when they lower the sample's RMS residual by this share
 MIN_GAIN = 0.02
 #: pixels of the sample used for fitting
-MAX_PIXELS = 16384
+MAX_PIXELS = 8192
 
 
 def _cos(a, b) -> float:
@@ -60,7 +60,7 @@ def _angle(a, b) -> float:
 
 
 def _rms(Y, M, A) -> float:
-    R = Y - M @ A
+    R = Y - M.astype(np.float32) @ A.astype(np.float32)
     return float(np.sqrt(np.mean(R * R)))
 
 
@@ -124,15 +124,16 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     free = np.array([n not in fixed for n in names])
     centres = _lambda_centres(channels) if channels is not None else None
     A = unmix_fn(Y, M).astype(np.float64)
-    before = _rms(Yd, M, A)
+    before = _rms(Y, M, A)
     reason: dict[int, str] = {k: "measured on a control, or not asked for (controls win)"
                               for k in range(K) if not free[k]}
     npix = np.zeros(K, int)
     for _ in range(ROUNDS):
-        order = np.argsort(-(M.sum(axis=0) * A.sum(axis=1)))  # brightest endmember first
-        for k in order[free[order]]:
-            contrib = M.sum(axis=0)[:, None] * A  # K×N fitted signal per endmember
-            share = contrib[k] / np.maximum(contrib.sum(axis=0), 1e-12)
+        contrib = M.sum(axis=0)[:, None] * A  # K×N fitted signal per endmember
+        shares = contrib / np.maximum(contrib.sum(axis=0), 1e-12)
+        Mn = M.copy()
+        for k in np.flatnonzero(free):  # every column from the same fit, then one unmixing
+            share = shares[k]
             sel = (share >= DOMINANT_SHARE) & (A[k] > 0)
             if sel.sum() >= 4 * MIN_PIXELS:  # the purest quarter, brighter half: least mixed, least noisy
                 sel &= share >= np.quantile(share[sel], 0.75)
@@ -149,8 +150,9 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
                 continue
             w = PRIOR_PIXELS / (PRIOR_PIXELS + npix[k])  # the prior counts as this many pixels
             m = (1 - w) * m * (_peak(M0[:, k], centres) / _peak(m, centres)) + w * M0[:, k]
-            M[:, k] = m * (_peak(M0[:, k], centres) / _peak(m, centres))
-            A = unmix_fn(Y, M).astype(np.float64)
+            Mn[:, k] = m * (_peak(M0[:, k], centres) / _peak(m, centres))
+        M = Mn
+        A = unmix_fn(Y, M).astype(np.float64)
     for k in np.flatnonzero(free):
         if npix[k] < MIN_PIXELS:
             reason[k] = f"dominates only {npix[k]} sampled pixels (needs {MIN_PIXELS})"
