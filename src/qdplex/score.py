@@ -167,12 +167,12 @@ def _mixture_threshold(x: np.ndarray, c: float) -> float:
     """Threshold (log scale) above the negative population of a mixture of 1–4 Gaussians.
 
     Cells with no signal (value 0: log c) are negative and left out of the fit; the
-    number of components is chosen by BIC; the negative population is the component
-    with the lowest mean, and the threshold is where its posterior falls below 0.5 on
-    the way up to the next component — so further populations above it (a marker in
-    tumour and in stroma, at different levels) are all positive instead of splitting
-    the negatives from the brightest one as a two-class rule does. With one component
-    (nothing to separate by the mixture) Otsu's threshold is used.
+    number of components is chosen by BIC (a skewed negative population may take two);
+    the threshold is the deepest valley of the fitted density (with at least 2 % of the
+    cells on either side) — between the negatives and the first population above them
+    when a marker is expressed in several (tumour and stroma, at different levels),
+    where a two-class rule (Otsu, a two-Gaussian mixture) may split between the two
+    positive populations. Without a valley (one mode) Otsu's threshold is used.
     """
     from sklearn.mixture import GaussianMixture
 
@@ -186,13 +186,14 @@ def _mixture_threshold(x: np.ndarray, c: float) -> float:
     best = min(fits, key=lambda g: g.bic(v[:, None]))
     if best.n_components == 1:
         return _otsu(x)
-    means = best.means_.ravel()
-    order = np.argsort(means)
-    lo, nxt = order[0], order[1]
-    grid = np.linspace(means[lo], means[nxt], 512)
-    post = best.predict_proba(grid[:, None])[:, lo]
-    below = np.flatnonzero(post < 0.5)
-    return float(grid[below[0]]) if below.size else float(grid.mean())
+    grid = np.linspace(v.min(), v.max(), 1024)
+    pdf = np.exp(best.score_samples(grid[:, None]))
+    cdf = np.cumsum(pdf) / pdf.sum()
+    inner = np.flatnonzero((pdf[1:-1] < pdf[:-2]) & (pdf[1:-1] <= pdf[2:])) + 1
+    inner = inner[(cdf[inner] >= 0.02) & (cdf[inner] <= 0.98)]
+    if not inner.size:  # one mode: nothing the mixture can separate
+        return _otsu(x)
+    return float(grid[inner[np.argmin(pdf[inner])]])
 
 
 def _gmm_threshold(x: np.ndarray) -> float:
