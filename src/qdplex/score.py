@@ -6,6 +6,12 @@ per cell, a column per marker holding its mean in the marker's own compartment).
 Thresholds (per marker, :func:`marker_threshold`)
     * a number (``Marker.threshold`` in the panel, or ``thresholds={marker: value}``)
       in the same units as the table (unmixed abundance);
+    * ``"mixture"`` (the default): a mixture of 1–4 Gaussians on the log intensities
+      of the cells with signal, the number chosen by BIC; the threshold is the deepest
+      valley of the fitted density — between the negatives and the first population
+      above them, so that a marker expressed in several populations (tumour and
+      stroma, at different levels) keeps all of them positive (Otsu's threshold when
+      the density has one mode);
     * ``"otsu"``: Otsu's threshold (``skimage.filters.threshold_otsu``) of the log
       intensities;
     * ``"gmm"``: a two-component Gaussian mixture (scikit-learn) on the log
@@ -17,7 +23,8 @@ Thresholds (per marker, :func:`marker_threshold`)
 
   Log intensities are ``log(x + c)`` with ``c`` 1 % of the 99th percentile of the
   positive values (NNLS abundances are often exactly 0). The default method is
-  ``panel.scoring["method"]`` or ``"otsu"``; the panel's ``[scoring]`` table may
+  ``panel.scoring["method"]`` or ``"mixture"``; every threshold and how it was set are
+  in the summary (``thresholds``, ``threshold_methods``); the panel's ``[scoring]`` table may
   also give ``control_quantile``, ``cutoffs = {MARKER = [c1, c2, c3]}``,
   ``allred = [...]``, ``her2 = "HER2"``, ``complete = 0.9``, ``phenotype = [...]``.
 
@@ -111,7 +118,7 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
     ----------
     values : array-like
         Per-cell values (the marker column of a cell table).
-    method : float or {"otsu", "gmm", "control"}
+    method : float or {"mixture", "otsu", "gmm", "control"}
         A fixed threshold, or how to learn it (see the module docstring).
     control : array-like, optional
         Per-cell values of the same marker on a negative-control slide (``"control"``).
@@ -222,14 +229,14 @@ def thresholds_for(table: pd.DataFrame, panel, *, thresholds: Mapping | None = N
     """Threshold of every marker of ``panel``.
 
     Priority: ``thresholds[marker]`` (a number or a method), then
-    ``Marker.threshold``, then ``panel.scoring["method"]`` (default ``"otsu"``).
+    ``Marker.threshold``, then ``panel.scoring["method"]`` (default ``"mixture"``).
 
     Returns
     -------
     thresholds : dict
         marker → float.
     methods : dict
-        marker → how it was set (``"fixed"``, ``"otsu"``, ``"gmm"``, ``"control"``).
+        marker → how it was set (``"fixed"``, ``"mixture"``, ``"otsu"``, ``"gmm"``, ``"control"``).
     """
     sc = _scoring(panel)
     default = sc.get("method", DEFAULT_METHOD)

@@ -540,6 +540,21 @@ def _nmf(pix: np.ndarray, k: int, random_state: int):
     return model.fit_transform(pix), model.components_
 
 
+def _nmf_spectra(pix: np.ndarray, binned: np.ndarray, k: int, random_state: int):
+    """NMF components of the single pixels ``pix`` (N×C, offset removed, not clipped) or
+    of the binned ones. Clipping noise at zero lifts every dim spectral tail; where more
+    than 0.5 % of the values are negative (dim, noisy data) the binned pixels (noise
+    averaged before clipping) are factorised instead — binning mixes neighbouring
+    pixels, which costs purity only where abundances change from pixel to pixel."""
+    if binned is not pix and float(np.mean(pix < 0)) > 0.005:
+        h = _nmf(binned, k, random_state)[1]
+        from .unmix import unmix_array
+
+        w = np.clip(unmix_array(np.ascontiguousarray(pix.T, dtype=np.float32), h.T).T, 0.0, None)
+        return w, h
+    return _nmf(np.clip(pix, 0.0, None), k, random_state)
+
+
 def choose_af_components(pix: np.ndarray, *, max_components: int = MAX_AF_COMPONENTS,
                          gain: float = AF_GAIN, random_state: int = 0) -> dict:
     """How many autofluorescence spectra the control's pixels ``pix`` (N×C) hold.
@@ -638,7 +653,7 @@ def estimate_autofluorescence(image: MultiplexImage, n_components=1, *, offset=N
     if n_components == 1:
         comps, weights = np.clip(pix.mean(axis=0), 0.0, None)[None, :], np.ones(1)
     else:
-        w, comps = _nmf(binned, n_components, random_state)
+        w, comps = _nmf_spectra(pix, binned, n_components, random_state)
         scale = comps.max(axis=1, keepdims=True)
         scale[scale == 0] = 1.0
         comps = comps / scale
