@@ -310,6 +310,7 @@ def process_slide(path, panel, out_dir, *, fmt: str = "tiff", report: bool = Tru
         timings, paths = ws.timings, dict(ws.paths)
         record = prov.run_record(panel=panel, inputs=[path], parameters=params, timings=timings)
         record["thresholds"] = ws.thresholds
+        record["unmixing"] = ws.unmixing
     else:
         params["mode"] = "in-memory"
         result = run_slide(image, panel, progress=progress)

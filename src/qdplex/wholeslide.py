@@ -70,6 +70,7 @@ class WholeSlideResult:
     timings: dict = field(default_factory=dict)
     n_cells: int = 0
     shape: tuple = ()
+    unmixing: dict = field(default_factory=dict)  # UnmixResult.record()
 
 
 class DiskSegmentation(Segmentation):
@@ -242,6 +243,7 @@ def run_wholeslide(
 
             # 3. quantify one tile at a time -------------------------------------------------
             table, thresholds, summary = quantify_and_score(lazy, seg, panel, px, timings=timings, progress=report)
+            summary["warnings"] = list(res.warnings)
 
             # 4. write the outputs from the scratch arrays ----------------------------------
             t = time.perf_counter()
@@ -258,7 +260,8 @@ def run_wholeslide(
         paths["summary"] = slide_dir / "summary.json"
         write_json(paths["summary"], summary)
         report("score", 1.0)
-        return WholeSlideResult(table, summary, thresholds, paths, timings, n_cells=len(table), shape=(C, H, W))
+        return WholeSlideResult(table, summary, thresholds, paths, timings, n_cells=len(table), shape=(C, H, W),
+                                unmixing=res.record())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
