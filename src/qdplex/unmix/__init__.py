@@ -39,6 +39,14 @@ pixel left with fewer usable channels than endmembers gets zero abundances and a
 NaN residual. Integer input is converted to float32 (on the fly, no copy) before
 the offset is removed, so uint16 never wraps.
 
+On-slide estimates (images only, on a small spread-out pixel sample,
+:mod:`qdplex.unmix._sample`): the camera offset, when neither the caller nor the file
+gives it, is estimated from the darkest pixels (:mod:`qdplex.unmix.offset`); the fluors'
+spectra are refined on the slide (:mod:`qdplex.unmix.refine`, ``refine=False`` to skip);
+the fit is compared with the slide's noise floor and plain-language warnings are kept
+(:mod:`qdplex.unmix.checks`). :meth:`UnmixResult.record` gives all of it for ``run.json``;
+one log line (logger ``qdplex.batch.unmix``) says what was used.
+
 For a :class:`~qdplex.model.MultiplexImage` the work is lazy and block-wise
 (:func:`dask.array.map_blocks` over spatial chunks with all channels per block),
 so memory stays bounded by the chunk size; chunks of an in-memory image are cut
