@@ -22,6 +22,19 @@ def test_readme_python_example_runs(monkeypatch):
     assert list(ns["result"].table.columns[:6]) == ["CellID", "HER2", "ER", "PR", "EGFR", "mTOR"]
     assert ns["nuclei"].dtype == np.uint32 and ns["nuclei"].max() > 10
     assert len(ns["table"]) == ns["seg"].n_cells
+    # the example's numbers are run_slide's: same offset, same refined spectra, same planes
+    ex, run = ns["unmixed"], ns["result"].unmixed
+    assert ex.offset_record == run.offset_record == {"values": 100.0, "source": "given"}
+    np.testing.assert_allclose(ex.matrix, run.matrix)
+    a = np.asarray(ex.abundances.data)
+    b = np.asarray(run.abundances.data)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    qd655 = [c.fluor for c in run.abundances.channels].index("QD655")
+    assert abs(float(a[qd655].mean()) - float(b[qd655].mean())) < 1e-3
+    t, r = ns["table"], ns["result"].table.set_index("CellID")  # quantify's table is indexed by CellID
+    common = t.index.intersection(r.index)
+    assert len(common) >= 0.95 * len(r)
+    np.testing.assert_allclose(t.loc[common, "HER2_membrane_mean"], r.loc[common, "HER2"], rtol=1e-4, atol=1e-4)
 
 
 def test_readme_commands_exist():

@@ -115,7 +115,7 @@ def test_score_slide_summary():
     s = score_slide(table, PANEL)
     json.dumps(s, allow_nan=False)  # JSON-able, no NaN
     assert s["n_cells"] == len(table)
-    assert s["threshold_methods"] == {"HER2": "otsu", "ER": "fixed", "PR": "gmm"}
+    assert s["threshold_methods"] == {"HER2": "mixture", "ER": "fixed", "PR": "gmm"}  # mixture: the default
     assert s["thresholds"]["ER"] == 2.0
     assert s["markers"]["ER"]["percent_positive"] == pytest.approx(100 * np.mean(er >= 2.0))
     assert s["markers"]["HER2"]["percent_positive"] == pytest.approx(100 * hp.mean(), abs=0.5)

@@ -332,7 +332,7 @@ def test_damaged_kernel_cache_does_not_break_unmixing(tmp_path, monkeypatch, dam
     import sys
     import warnings
 
-    U = importlib.import_module("qdplex.unmix")
+    U = importlib.import_module("qdplex.unmix._cache")
     monkeypatch.setenv("QDPLEX_KERNEL_DIR", str(tmp_path))
     rng = np.random.default_rng(7)
     lib = SpectralLibrary.builtin(["QD565", "QD605", "QD655"])
@@ -397,3 +397,19 @@ def test_lazy_blocks_cut_from_larger_chunks_are_views():
     assert res.abundances.data.chunks[1] == (32, 32, 32, 4)
     whole = unmix(Y, lib.matrix(chans), offset=10)
     np.testing.assert_allclose(res.abundances.data.compute(), whole, atol=1e-5 * whole.max())
+
+
+def test_kernel_cache_key_is_the_kernel_code_only():
+    """The disk-cache key of a generated kernel hashes its code, not its docstrings or
+    comments: editing documentation never recompiles users' kernels, editing code does."""
+    from qdplex.unmix import _cache
+    from qdplex.unmix._codegen import kernel_source
+
+    body, name = kernel_source("fused", 3)
+    src = body + f"\n\n{name} = numba.njit(cache=True)({name})\n"
+    key = _cache._cache_key(src)
+    documented = src.replace("def _fused(", '"""module doc"""\n\ndef _fused(', 1).replace(
+        "    CS = C", '    """a docstring"""\n    # a comment\n    CS = C', 1)
+    assert documented != src and _cache._cache_key(documented) == key
+    assert _cache._cache_key(src.replace("T = 256", "T = 128", 1)) != key
+    assert _cache._cache_key(kernel_source("fused", 4)[0]) != key

@@ -98,7 +98,7 @@ _REMOVED_KEYS = {
 
 UNMIXING_METHODS = ("nnls", "ols", "poisson")
 SEGMENTATION_METHODS = ("auto", "classical", "cellpose", "stardist")
-SCORING_METHODS = ("otsu", "gmm", "control")
+SCORING_METHODS = ("mixture", "otsu", "gmm", "control")
 THRESHOLD_METHODS = SCORING_METHODS
 #: Most markers in ``[scoring] phenotype`` (their positivity combinations are counted: 2**n).
 MAX_PHENOTYPE_MARKERS = 12
@@ -252,7 +252,9 @@ class ScoringSettings:
     Attributes
     ----------
     method : str
-        Threshold method of markers without their own: ``"otsu"``, ``"gmm"``, ``"control"``.
+        Threshold method of markers without their own: ``"mixture"`` (default: 1–4
+        Gaussians chosen by BIC, threshold at the deepest valley), ``"otsu"``, ``"gmm"``,
+        ``"control"``.
     control_quantile : float
         Quantile of a negative control used as threshold, in (0, 1).
     cutoffs : dict
@@ -265,7 +267,7 @@ class ScoringSettings:
         Fraction of the membrane ring above threshold for a complete membrane, in (0, 1].
     """
 
-    method: str = "otsu"
+    method: str = "mixture"
     control_quantile: float = 0.99
     cutoffs: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     allred: tuple[str, ...] | None = None
@@ -301,7 +303,7 @@ class Marker:
         Where it is scored: one of ``nucleus``, ``cytoplasm``, ``membrane``, ``cell``.
     threshold : float or str, optional
         Positivity threshold: a number in unmixed abundance units, or a method name
-        (``"otsu"``, ``"gmm"``, ``"control"``); None means the panel's scoring default.
+        (``"mixture"``, ``"otsu"``, ``"gmm"``, ``"control"``); None means the panel's scoring default.
     """
 
     name: str
@@ -793,7 +795,7 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None, check_files: bool = 
             (_is_number(thr) and math.isfinite(thr) and thr >= 0)
             or (isinstance(thr, str) and thr in THRESHOLD_METHODS)
         ):
-            raise _err(path, where + "threshold", "a finite number ≥ 0 or one of 'otsu', 'gmm', 'control'", thr)
+            raise _err(path, where + "threshold", "a finite number ≥ 0 or one of " + ", ".join(repr(m) for m in THRESHOLD_METHODS), thr)
         for k in ("antibody", "description"):
             if k in m and not isinstance(m[k], str):
                 raise _err(path, where + k, "a string", m[k])

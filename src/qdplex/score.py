@@ -6,6 +6,12 @@ per cell, a column per marker holding its mean in the marker's own compartment).
 Thresholds (per marker, :func:`marker_threshold`)
     * a number (``Marker.threshold`` in the panel, or ``thresholds={marker: value}``)
       in the same units as the table (unmixed abundance);
+    * ``"mixture"`` (the default): a mixture of 1–4 Gaussians on the log intensities
+      of the cells with signal, the number chosen by BIC; the threshold is the deepest
+      valley of the fitted density — between the negatives and the first population
+      above them, so that a marker expressed in several populations (tumour and
+      stroma, at different levels) keeps all of them positive (Otsu's threshold when
+      the density has one mode);
     * ``"otsu"``: Otsu's threshold (``skimage.filters.threshold_otsu``) of the log
       intensities;
     * ``"gmm"``: a two-component Gaussian mixture (scikit-learn) on the log
@@ -17,7 +23,8 @@ Thresholds (per marker, :func:`marker_threshold`)
 
   Log intensities are ``log(x + c)`` with ``c`` 1 % of the 99th percentile of the
   positive values (NNLS abundances are often exactly 0). The default method is
-  ``panel.scoring["method"]`` or ``"otsu"``; the panel's ``[scoring]`` table may
+  ``panel.scoring["method"]`` or ``"mixture"``; every threshold and how it was set are
+  in the summary (``thresholds``, ``threshold_methods``); the panel's ``[scoring]`` table may
   also give ``control_quantile``, ``cutoffs = {MARKER = [c1, c2, c3]}``,
   ``allred = [...]``, ``her2 = "HER2"``, ``complete = 0.9``, ``phenotype = [...]``.
 
@@ -88,7 +95,9 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("otsu", "gmm", "control")
+METHODS = ("mixture", "otsu", "gmm", "control")
+#: the threshold method when neither the marker nor ``[scoring] method`` names one
+DEFAULT_METHOD = "mixture"
 _ALLRED_NAMES = {"ER", "PR", "ESR1", "PGR", "ERα", "ERA", "PGR1"}
 
 
@@ -109,7 +118,7 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
     ----------
     values : array-like
         Per-cell values (the marker column of a cell table).
-    method : float or {"otsu", "gmm", "control"}
+    method : float or {"mixture", "otsu", "gmm", "control"}
         A fixed threshold, or how to learn it (see the module docstring).
     control : array-like, optional
         Per-cell values of the same marker on a negative-control slide (``"control"``).
@@ -134,7 +143,7 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
         if not 0 < control_quantile < 1:
             raise InputError(f"expected control_quantile in (0, 1), found {control_quantile}")
         return float(np.quantile(c, control_quantile))
-    if method not in ("otsu", "gmm"):
+    if method not in ("otsu", "gmm", "mixture"):
         raise InputError(f"expected a threshold number or one of {METHODS}, found {method!r}")
     logv, c = _log(values)
     if logv.size < 2 or np.ptp(logv) == 0:
@@ -142,13 +151,56 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
         # a threshold just above the largest value, so that no cell is called positive
         top = float(np.exp(logv.max()) - c) if logv.size else 0.0
         return float(np.nextafter(max(top, 0.0), np.inf))
-    if method == "otsu":
-        from skimage.filters import threshold_otsu
-
-        t = threshold_otsu(logv)
+    if method == "mixture":
+        t = _mixture_threshold(logv, c)
+    elif method == "otsu":
+        t = _otsu(logv)
     else:
         t = _gmm_threshold(logv)
     return float(max(np.exp(t) - c, 0.0))
+
+
+def _otsu(x: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(x))
+
+
+#: most Gaussian components the "mixture" threshold tries
+MAX_MIXTURE = 4
+
+
+def _mixture_threshold(x: np.ndarray, c: float) -> float:
+    """Threshold (log scale) above the negative population of a mixture of 1–4 Gaussians.
+
+    Cells with no signal (value 0: log c) are negative and left out of the fit; the
+    number of components is chosen by BIC (a skewed negative population may take two);
+    the threshold is the deepest valley of the fitted density (with at least 2 % of the
+    cells on either side) — between the negatives and the first population above them
+    when a marker is expressed in several (tumour and stroma, at different levels),
+    where a two-class rule (Otsu, a two-Gaussian mixture) may split between the two
+    positive populations. Without a valley (one mode) Otsu's threshold is used.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    v = x[x > np.log(c) + 1e-9]
+    if v.size < 20 or np.ptp(v) == 0:
+        return _otsu(x)
+    if v.size > 20000:
+        v = np.random.default_rng(0).choice(v, 20000, replace=False)
+    fits = [GaussianMixture(k, random_state=0, n_init=2).fit(v[:, None]) for k in range(1, MAX_MIXTURE + 1)
+            if v.size >= 10 * k]
+    best = min(fits, key=lambda g: g.bic(v[:, None]))
+    if best.n_components == 1:
+        return _otsu(x)
+    grid = np.linspace(v.min(), v.max(), 1024)
+    pdf = np.exp(best.score_samples(grid[:, None]))
+    cdf = np.cumsum(pdf) / pdf.sum()
+    inner = np.flatnonzero((pdf[1:-1] < pdf[:-2]) & (pdf[1:-1] <= pdf[2:])) + 1
+    inner = inner[(cdf[inner] >= 0.02) & (cdf[inner] <= 0.98)]
+    if not inner.size:  # one mode: nothing the mixture can separate
+        return _otsu(x)
+    return float(grid[inner[np.argmin(pdf[inner])]])
 
 
 def _gmm_threshold(x: np.ndarray) -> float:
@@ -177,17 +229,17 @@ def thresholds_for(table: pd.DataFrame, panel, *, thresholds: Mapping | None = N
     """Threshold of every marker of ``panel``.
 
     Priority: ``thresholds[marker]`` (a number or a method), then
-    ``Marker.threshold``, then ``panel.scoring["method"]`` (default ``"otsu"``).
+    ``Marker.threshold``, then ``panel.scoring["method"]`` (default ``"mixture"``).
 
     Returns
     -------
     thresholds : dict
         marker → float.
     methods : dict
-        marker → how it was set (``"fixed"``, ``"otsu"``, ``"gmm"``, ``"control"``).
+        marker → how it was set (``"fixed"``, ``"mixture"``, ``"otsu"``, ``"gmm"``, ``"control"``).
     """
     sc = _scoring(panel)
-    default = sc.get("method", "otsu")
+    default = sc.get("method", DEFAULT_METHOD)
     q = float(sc.get("control_quantile", 0.99))
     if default not in METHODS:
         raise PanelError(f"key 'scoring.method': expected one of {METHODS}, found {default!r}", path=getattr(panel, "path", None))

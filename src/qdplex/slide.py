@@ -165,14 +165,20 @@ def _name_planes_by_marker(unmixed, panel: Panel):
 
 
 def _unmix_options(image: MultiplexImage, panel: Panel) -> dict:
-    opts = panel.unmixing
-    out = {
-        "method": opts.get("method", "nnls"),
-        "offset": panel.camera_offset_for(image),
-        "saturation": opts.get("saturation"),
-        "exclude_saturated": opts.get("exclude_saturated", False),
+    """Keywords of :func:`qdplex.unmix.unmix` from the panel's typed ``[unmixing]`` settings.
+
+    The camera offset: the panel's, else the file's, else ``"auto"`` (estimated from the
+    slide by :mod:`qdplex.unmix.offset`); the same rule as ``qdplex.unmix(image, library)``.
+    """
+    u = panel.settings.unmixing
+    offset = panel.camera_offset_for(image)
+    return {
+        "method": u.method,
+        "offset": "auto" if offset is None else offset,
+        "refine": u.refine,
+        "saturation": u.saturation,
+        "exclude_saturated": u.exclude_saturated,
     }
-    return out
 
 
 # --------------------------------------------------------------------------- storage

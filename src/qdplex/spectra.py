@@ -45,6 +45,7 @@ __all__ = [
     "BUILTIN_NAMES",
     "estimate_spectrum",
     "estimate_autofluorescence",
+    "choose_af_components",
     "library_for_panel",
     "lambda_grid",
 ]
@@ -184,6 +185,9 @@ class SpectralLibrary:
     """
 
     def __init__(self, spectra: Iterable[Spectrum] = ()):
+        #: how the autofluorescence components were chosen (set by
+        #: :func:`estimate_autofluorescence`; kept by :meth:`merge` and :meth:`subset`), or None
+        self.autofluorescence: dict | None = None
         self._spectra: dict[str, Spectrum] = {}
         for s in spectra:
             if s.name in self._spectra:
@@ -349,6 +353,7 @@ class SpectralLibrary:
         out = SpectralLibrary(self._spectra.values())
         for s in other._spectra.values():
             out._spectra[s.name] = s
+        out.autofluorescence = other.autofluorescence or self.autofluorescence
         return out
 
     def subset(self, names: Sequence[str]) -> "SpectralLibrary":
@@ -358,7 +363,9 @@ class SpectralLibrary:
         if missing:
             raise SpectraError(f"expected spectra for {missing} in the library, found only {self.names}")
         # spectra take the caller's spelling (e.g. a panel's "Hoechst 33342" for the built-in "Hoechst")
-        return SpectralLibrary(replace(self._spectra[k], name=canonical_fluor(n)) for n, k in zip(names, keys))
+        out = SpectralLibrary(replace(self._spectra[k], name=canonical_fluor(n)) for n, k in zip(names, keys))
+        out.autofluorescence = self.autofluorescence
+        return out
 
     # --- access ------------------------------------------------------------
     @property
@@ -564,7 +571,73 @@ def estimate_spectrum(image: MultiplexImage, *, name: str | None = None, offset=
     return lib
 
 
-def estimate_autofluorescence(image: MultiplexImage, n_components: int = 1, *, offset=None,
+#: most autofluorescence components ``n_components="auto"`` tries
+MAX_AF_COMPONENTS = 4
+#: a further component is kept while it removes at least this share of the remaining residual
+AF_GAIN = 0.3
+#: pixels averaged together before the factorisation
+AF_BIN = 16
+
+
+def _nmf(pix: np.ndarray, k: int, random_state: int):
+    """Rank-k non-negative factorisation of N×C ``pix``: (N×k weights, k×C components)."""
+    if k == 1:  # the least-squares rank-1 non-negative fit: the leading singular pair
+        u, sv, vt = np.linalg.svd(pix, full_matrices=False)
+        v = np.abs(vt[0])
+        return np.clip(pix @ v, 0, None)[:, None], v[None, :]
+    from sklearn.decomposition import NMF
+
+    model = NMF(n_components=k, init="nndsvda", max_iter=1000, tol=1e-5, random_state=random_state)
+    return model.fit_transform(pix), model.components_
+
+
+def _nmf_spectra(pix: np.ndarray, binned: np.ndarray, k: int, random_state: int):
+    """NMF components of the single pixels ``pix`` (N×C, offset removed, not clipped) or
+    of the binned ones. Clipping noise at zero lifts every dim spectral tail; where more
+    than 0.5 % of the values are negative (dim, noisy data) the binned pixels (noise
+    averaged before clipping) are factorised instead — binning mixes neighbouring
+    pixels, which costs purity only where abundances change from pixel to pixel."""
+    if binned is not pix and float(np.mean(pix < 0)) > 0.005:
+        h = _nmf(binned, k, random_state)[1]
+        from .unmix import unmix_array
+
+        w = np.clip(unmix_array(np.ascontiguousarray(pix.T, dtype=np.float32), h.T).T, 0.0, None)
+        return w, h
+    return _nmf(np.clip(pix, 0.0, None), k, random_state)
+
+
+def choose_af_components(pix: np.ndarray, *, max_components: int = MAX_AF_COMPONENTS,
+                         gain: float = AF_GAIN, random_state: int = 0) -> dict:
+    """How many autofluorescence spectra the control's pixels ``pix`` (N×C) hold.
+
+    The (binned) pixel spectra are factorised with 1, 2, … components; a further component is added while it
+    removes at least ``gain`` of the residual left by the previous ones (a spectrum the
+    others cannot make removes most of it; fitting noise removes about 1/C of it) and
+    the residual is still above 0.1 % of the signal.
+
+    Returns
+    -------
+    dict
+        ``components`` (the choice), ``residual_share`` (residual / signal energy per
+        number tried), ``rule``.
+    """
+    binned = pix
+    energy = float((binned ** 2).sum())
+    shares, k = [], 1
+    for k in range(1, int(max_components) + 1):
+        w, h = _nmf(binned, k, random_state)
+        shares.append(float(((binned - w @ h) ** 2).sum()) / max(energy, 1e-30))
+        if k > 1 and (shares[-2] - shares[-1]) < gain * shares[-2]:
+            k -= 1
+            break
+        if shares[-1] < 1e-3:
+            break
+    return {"components": int(k), "residual_share": [round(v, 6) for v in shares],
+            "rule": f"add a component while it removes ≥ {gain:.0%} of the remaining residual "
+                    f"(at most {max_components})"}
+
+
+def estimate_autofluorescence(image: MultiplexImage, n_components=1, *, offset=None,
                               saturation=None, max_pixels: int = 200_000,
                               random_state: int = 0) -> SpectralLibrary:
     """Estimate autofluorescence spectra from an unstained control image.
@@ -573,16 +646,22 @@ def estimate_autofluorescence(image: MultiplexImage, n_components: int = 1, *, o
     matrix factorisation (:class:`sklearn.decomposition.NMF`) into
     ``n_components`` spectra — e.g. a broad flavin/collagen-like and a red-shifted
     lipofuscin-like component. With one component the result is the mean pixel
-    spectrum. Components are ordered by their total signal and named ``"AF"``,
-    ``"AF2"``, ….
+    spectrum. With ``n_components="auto"`` the number is chosen from the data
+    (:func:`choose_af_components`). Components are ordered by their total signal and
+    named ``"AF"``, ``"AF2"``, …. The returned library's ``autofluorescence`` records
+    the choice and the offset used.
 
     Parameters
     ----------
     image : MultiplexImage
         The unstained control, channels with emission bands.
-    n_components : int
-        Number of autofluorescence spectra (≥ 1).
-    offset, saturation
+    n_components : int or "auto"
+        Number of autofluorescence spectra (≥ 1), or ``"auto"``.
+    offset : float, sequence of float, "auto" or None
+        Camera offset subtracted first (as in :func:`estimate_spectrum`); ``"auto"``:
+        the control's recorded offset, else estimated from its darkest pixels with a
+        constant endmember beside the built-in ``"AF"`` (:mod:`qdplex.unmix.offset`).
+    saturation
         As in :func:`estimate_spectrum`.
     max_pixels : int
         Pixels used (a regular subsample of the image).
@@ -592,27 +671,40 @@ def estimate_autofluorescence(image: MultiplexImage, n_components: int = 1, *, o
     SpectralLibrary
     """
     where = image.source or image.name
-    if int(n_components) < 1:
+    auto = isinstance(n_components, str)
+    if auto and n_components != "auto":
+        raise SpectraError(f"expected n_components ≥ 1 or 'auto', found {n_components!r}")
+    if not auto and (isinstance(n_components, bool) or int(n_components) < 1):
         raise SpectraError(f"expected n_components ≥ 1, found {n_components!r}")
-    n_components = int(n_components)
     sat = _saturation_level(image, saturation)
+    offset_rec = None
+    if isinstance(offset, str) or (offset is None and n_components == "auto"):
+        from .unmix._sample import pixel_sample
+        from .unmix.offset import resolve_offset
+
+        off, offset_rec = resolve_offset("auto", image, lambda: pixel_sample(image, saturation=sat),
+                                         SpectralLibrary.builtin([AUTOFLUORESCENCE]).matrix(image.channels))
+        offset = off
     raw = _pixel_spectra(image, max_pixels, None)
     pix = raw[np.all(raw < sat, axis=1)]
     if offset is not None:
         pix = pix - np.broadcast_to(np.asarray(offset, float), (pix.shape[1],))
-    pix = np.clip(pix, 0.0, None)
-    if pix.shape[0] < 10 * n_components or not pix.sum() > 0:
-        raise InputError(f"expected an unstained control with signal in at least {10 * n_components} unsaturated "
-                         f"pixels, found {pix.shape[0]} pixels and total signal {pix.sum():g}", path=where)
+    need = 10 * (MAX_AF_COMPONENTS if auto else int(n_components))
+    if pix.shape[0] < need or not np.clip(pix, 0, None).sum() > 0:
+        raise InputError(f"expected an unstained control with signal in at least {need} unsaturated "
+                         f"pixels, found {pix.shape[0]} pixels and total signal {np.clip(pix, 0, None).sum():g}",
+                         path=where)
+    # average groups of AF_BIN pixels before clipping at zero: noise averages away, the
+    # spectra stay (mixtures of the components are still their non-negative mixtures);
+    # clipping single noisy pixels would lift every spectrum's dim tail
+    nb = pix.shape[0] // AF_BIN
+    binned = np.clip(pix[: nb * AF_BIN].reshape(nb, AF_BIN, -1).mean(axis=1) if nb >= need else pix, 0.0, None)
+    choice = choose_af_components(binned, random_state=random_state) if auto else None
+    n_components = choice["components"] if auto else int(n_components)
     if n_components == 1:
-        comps, weights = pix.mean(axis=0)[None, :], np.ones(1)
+        comps, weights = np.clip(pix.mean(axis=0), 0.0, None)[None, :], np.ones(1)
     else:
-        from sklearn.decomposition import NMF
-
-        model = NMF(n_components=n_components, init="nndsvda", max_iter=1000, tol=1e-5,
-                    random_state=random_state)
-        w = model.fit_transform(pix)
-        comps = model.components_
+        w, comps = _nmf_spectra(pix, binned, n_components, random_state)
         scale = comps.max(axis=1, keepdims=True)
         scale[scale == 0] = 1.0
         comps = comps / scale
@@ -627,6 +719,10 @@ def estimate_autofluorescence(image: MultiplexImage, n_components: int = 1, *, o
         lib.add(nm, wl, dens, source=f"estimated: unstained control {where}, "
                                      f"{'mean pixel spectrum' if n_components == 1 else 'NMF'} component "
                                      f"{rank + 1} of {n_components} ({pix.shape[0]} pixels)")
+    lib.autofluorescence = {"control": str(where), "components": int(n_components),
+                            "chosen": "auto" if auto else "given", "names": lib.names,
+                            **({"selection": choice} if choice else {}),
+                            **({"offset": offset_rec} if offset_rec else {})}
     return lib
 
 
@@ -658,7 +754,8 @@ def library_for_panel(panel, channels=None) -> SpectralLibrary:
 
         control = read_image(panel.autofluorescence_control)
         offset = panel.camera_offset_for(control)
-        af = estimate_autofluorescence(control, panel.autofluorescence_components, offset=offset)
+        af = estimate_autofluorescence(control, panel.autofluorescence_components,
+                                       offset="auto" if offset is None else offset)
     else:
         af = SpectralLibrary.builtin([AUTOFLUORESCENCE])
     lib = lib.merge(af)

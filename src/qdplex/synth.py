@@ -56,6 +56,9 @@ __all__ = [
     "filter_channels",
     "truth_accuracy",
     "truth_accuracy_files",
+    "perturbed_library",
+    "MEASURED_SPECTRA",
+    "AF_SPECIES",
 ]
 
 # cell types of the layout, in the order of TissueLayout.cell_type codes
@@ -579,7 +582,7 @@ def _compartments(layout: TissueLayout) -> dict[str, np.ndarray]:
     }
 
 
-def _expression(rng, layout: TissueLayout, fraction=None):
+def _expression(rng, layout: TissueLayout, fraction=None, stroma=None):
     """Per-cell expression levels (index = cell ID) and positivity of one marker.
 
     Positivity is clonal in epithelium: each nest is mostly positive or mostly
@@ -587,6 +590,8 @@ def _expression(rng, layout: TissueLayout, fraction=None):
     panel's ``[synth] positive_fraction``) instead makes every epithelial cell
     positive with that probability. Levels are log-normal: positives around 1
     (σ = 0.45), negatives around 0.04 (σ = 0.5, unspecific binding).
+    ``stroma = (fraction, level)`` makes the marker a second population's too: that
+    fraction of stromal (fibroblast) cells positive around ``level`` (σ = 0.45).
     """
     n = layout.n
     ct = layout.cell_type
@@ -597,30 +602,118 @@ def _expression(rng, layout: TissueLayout, fraction=None):
         p[1:] = np.where(ct[1:] == 0, nest_p[layout.nest[1:]], 0.04)
     else:
         p[1:] = np.where(ct[1:] == 0, float(fraction), 0.04)
+    if stroma is not None:
+        p[1:] = np.where(ct[1:] == 1, float(stroma[0]), p[1:])
     pos = rng.random(n + 1) < p
     pos[0] = False
     level = np.where(pos, rng.lognormal(0.0, 0.45, n + 1), rng.lognormal(np.log(0.04), 0.5, n + 1))
+    if stroma is not None:
+        sp = pos & (ct == 1)
+        level = np.where(sp, rng.lognormal(np.log(float(stroma[1])), 0.45, n + 1), level)
     level[0] = 0.0
     return level.astype(np.float32), pos
 
 
-def _autofluorescence(rng, layout: TissueLayout) -> np.ndarray:
-    """Tissue autofluorescence density: a smooth base, fibrous stroma, granules in epithelial cytoplasm."""
+def _autofluorescence(rng, layout: TissueLayout, species: int = 1) -> np.ndarray:
+    """Tissue autofluorescence density: a smooth base, fibrous stroma, granules in epithelial cytoplasm.
+
+    One species (Y×X): all three together. Several (S×Y×X, in :data:`AF_SPECIES`
+    order): ``AF`` the base and fibres, ``AF2`` lipofuscin-like granules (2.5× brighter);
+    with three, the stroma fibres become their own ``AF3`` (collagen-like).
+    """
     px = layout.pixel_size_um
     shape = layout.cells.shape
     base = 0.12 * np.exp(0.35 * _smooth_noise(rng, shape, 12.0 / px))
     stroma = (layout.nest_map == 0) & (layout.cells == 0)
     stroma = ndi.gaussian_filter(stroma.astype(np.float32), 1.5 / px)
     fibres = np.clip(_smooth_noise(rng, shape, 1.2 / px), 0, None) * np.exp(0.3 * _smooth_noise(rng, shape, 6.0 / px))
-    out = base + 0.25 * stroma * fibres
+    fib = 0.25 * stroma * fibres
+    gran = np.zeros(shape, np.float32)
     cyto = (layout.cells > 0) & (layout.nuclei == 0) & (layout.cell_type[layout.cells] == 0)
     ys, xs = np.nonzero(cyto)
     if ys.size:
         k = rng.random(ys.size) < (px * px / 25.0)  # about one granule per 25 µm² of cytoplasm
         dots = np.zeros(shape, np.float32)
         dots[ys[k], xs[k]] = rng.lognormal(np.log(1.0), 0.4, int(k.sum()))
-        out = out + ndi.gaussian_filter(dots, 0.4 / px) * (2 * np.pi * (0.4 / px) ** 2)
-    return out.astype(np.float32)
+        gran = ndi.gaussian_filter(dots, 0.4 / px) * (2 * np.pi * (0.4 / px) ** 2)
+    if species <= 1:
+        return (base + fib + gran).astype(np.float32)
+    if species == 2:
+        return np.stack([base + fib, 2.5 * gran]).astype(np.float32)
+    return np.stack([base, 2.5 * gran, 1.5 * fib]).astype(np.float32)
+
+
+#: measured emission spectra (files of ``../shared/data/spectra``) that
+#: :func:`perturbed_library` reads, per fluor
+MEASURED_SPECTRA = {
+    "DAPI": "dapi_em_pubspectra.csv", "Hoechst": "hoechst33258_em_pubspectra.csv",
+    "QD525": "qdot525_em_pubspectra.csv", "QD565": "qdot565_em_pubspectra.csv",
+    "QD585": "qdot585_em_thermo.csv", "QD605": "qdot605_em_pubspectra.csv",
+    "QD655": "qdot655_em_thermo.csv", "QD705": "qdot705_em_thermo.csv", "QD800": "qdot800_em_thermo.csv",
+}
+
+#: autofluorescence species of synthetic slides unlike the built-in ``"AF"`` (peak 510 nm,
+#: FWHM 160 nm): name → (peak nm, FWHM nm, red/blue asymmetry, what it models)
+AF_SPECIES = {
+    "AF": (530.0, 175.0, 2.0, "broad, strongly red-skewed flavin/collagen-like tissue autofluorescence"),
+    "AF2": (615.0, 140.0, 1.3, "lipofuscin-like granules: red-shifted, broad"),
+    "AF3": (470.0, 105.0, 1.6, "collagen/elastin-like stroma fibres: blue-shifted"),
+}
+
+
+def perturbed_library(folder, names, *, shift_nm=5.0, width=0.15, af_species=1, seed=0):
+    """Measured spectra, each shifted and stretched at random: a library unlike the built-ins.
+
+    Each fluor's measured emission spectrum (:data:`MEASURED_SPECTRA`, read from
+    ``folder``) is moved by a uniform random shift in ±``shift_nm`` and its width scaled
+    by a uniform random factor in 1 ± ``width`` about its peak; the autofluorescence
+    species (``af_species`` of :data:`AF_SPECIES`) are two-sided Gaussians unlike the
+    built-in ``"AF"``, also shifted and stretched.
+
+    Parameters
+    ----------
+    folder : path
+        Folder of the measured spectra (``wavelength_nm,intensity`` CSVs), e.g.
+        ``../shared/data/spectra``.
+    names : sequence of str
+        The fluors (autofluorescence is added: ``AF``, ``AF2``, …).
+    shift_nm, width : float
+        Largest peak shift (nm) and relative width change.
+    af_species : int
+        Number of autofluorescence species (0–3).
+    seed : int
+
+    Returns
+    -------
+    (SpectralLibrary, dict)
+        The library and, per spectrum, the shift (nm) and width factor applied.
+    """
+    from .spectra import SpectralLibrary, _two_sided_gaussian
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    lib, changes = SpectralLibrary(), {}
+    grid = np.arange(300.0, 1000.25, 0.5)
+    for n in list(names) + list(AF_SPECIES)[: int(af_species)]:
+        d, f = float(rng.uniform(-shift_nm, shift_nm)), float(rng.uniform(1 - width, 1 + width))
+        if n in AF_SPECIES:
+            peak, fwhm, asym, what = AF_SPECIES[n]
+            wl, val = grid, _two_sided_gaussian(grid, peak, fwhm, asym)
+            src = f"synthetic {what}: peak {peak:g} nm, FWHM {fwhm:g} nm"
+        else:
+            if n not in MEASURED_SPECTRA:
+                raise InputError(f"expected a fluor with a measured spectrum {sorted(MEASURED_SPECTRA)}, found {n!r}")
+            path = folder / MEASURED_SPECTRA[n]
+            try:
+                tab = pd.read_csv(path)
+            except OSError as e:
+                raise InputError(f"expected a measured spectrum CSV, found {type(e).__name__}: {e}", path=path) from None
+            wl, val = tab.iloc[:, 0].to_numpy(float), np.clip(tab.iloc[:, 1].to_numpy(float), 0, None)
+            src = f"measured: {path.name}"
+            peak = float(wl[np.argmax(val)])
+        lib.add(n, peak + (wl - peak) * f + d, val, source=f"{src}; shifted {d:+.2f} nm, width ×{f:.3f} (qdplex.synth)")
+        changes[n] = {"shift_nm": round(d, 3), "width_factor": round(f, 4)}
+    return lib, changes
 
 
 def _centroid_table(cells: np.ndarray) -> pd.DataFrame:
@@ -690,13 +783,13 @@ def _synth_options(panel) -> dict:
     return opts
 
 
-def _mix_and_expose(rng, abundances, mixing, read_noise) -> np.ndarray:
+def _mix_and_expose(rng, abundances, mixing, read_noise, offset=CAMERA_OFFSET) -> np.ndarray:
     """Camera counts (uint16) of noise-free abundances K×Y×X through a C×K mixing matrix."""
     k, h, w = abundances.shape
     flat = abundances.reshape(k, -1)
     out = np.empty((mixing.shape[0], h, w), np.uint16)
     for c, row in enumerate(mixing.astype(np.float32)):  # one channel at a time: memory ~ one plane
-        counts = _camera(rng, (row @ flat).reshape(h, w), read_noise) + np.float32(CAMERA_OFFSET)
+        counts = _camera(rng, (row @ flat).reshape(h, w), read_noise) + np.float32(offset)
         out[c] = np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max)
     return out
 
@@ -721,6 +814,11 @@ def make_slide(
     library=None,
     seed=0,
     name="synthetic",
+    camera_offset=CAMERA_OFFSET,
+    record_offset=True,
+    autofluorescence_species=1,
+    stroma_expression=None,
+    stroma_level=0.4,
 ) -> SynthSlide:
     """A synthetic multiplexed QD slide of ``panel`` with its ground truth.
 
@@ -772,6 +870,22 @@ def make_slide(
         Random seed: equal arguments and seed give identical slides.
     name : str
         Slide name.
+    camera_offset : float
+        The camera's dark level (counts) added to every channel.
+    record_offset : bool
+        Record the offset in ``image.metadata["camera_offset"]`` (as OME
+        ``DetectorSettings/@Offset`` when written); False writes a slide that, like
+        most acquisition software's, does not say its dark level.
+    autofluorescence_species : int
+        1–3 autofluorescence endmembers (:data:`AF_SPECIES`): with 2, lipofuscin-like
+        granules (``AF2``) get their own red-shifted spectrum; with 3, stroma fibres
+        (``AF3``) too. Spectra ``AF2``/``AF3`` missing from ``library`` are the
+        :data:`AF_SPECIES` models.
+    stroma_expression : mapping, optional
+        marker → fraction of stromal cells that also express it (at ``stroma_level``):
+        markers expressed in more than one population.
+    stroma_level : float
+        Expression of those stromal cells (positive epithelial cells ≈ 1).
 
     Returns
     -------
@@ -798,7 +912,24 @@ def make_slide(
     shape = tuple(int(s) for s in shape)
     fluors = list(panel.fluors)
     use_af = float(autofluorescence) > 0
-    endmembers = fluors + (["AF"] if use_af else [])
+    n_af = int(autofluorescence_species) if use_af else 0
+    if use_af and not 1 <= n_af <= len(AF_SPECIES):
+        raise InputError(f"expected 1–{len(AF_SPECIES)} autofluorescence species, found {autofluorescence_species!r}")
+    af_names = list(AF_SPECIES)[:n_af]
+    missing = [a for a in af_names[1:] if a not in lib]
+    if missing:
+        from .spectra import _two_sided_gaussian
+
+        grid = np.arange(300.0, 1000.25, 0.5)
+        lib = lib.merge(type(lib)())  # a copy: the caller's library is left as it was
+        for a in missing:
+            peak, fwhm, asym, what = AF_SPECIES[a]
+            lib.add(a, grid, _two_sided_gaussian(grid, peak, fwhm, asym), source=f"qdplex.synth: {what}")
+    stroma_expression = dict(stroma_expression or {})
+    unknown = sorted(set(stroma_expression) - set(panel.marker_names))
+    if unknown:
+        raise InputError(f"expected stroma_expression for markers of the panel {panel.marker_names}, found {unknown}")
+    endmembers = fluors + af_names
     channel_mode = mode if channels is None else "channels"
     if channels is None:
         if mode == "lambda":
@@ -843,7 +974,8 @@ def make_slide(
     texture_rng = np.random.default_rng(ss[2])
     for m in panel.markers:
         k = endmembers.index(m.fluor)
-        level, pos = _expression(rng, layout, fractions.get(m.name))
+        st = (stroma_expression[m.name], stroma_level) if m.name in stroma_expression else None
+        level, pos = _expression(rng, layout, fractions.get(m.name), st)
         level = level * float(brightness.get(m.name, 1.0))
         lab = comps[m.compartment]
         texture = np.exp(0.2 * _smooth_noise(texture_rng, shape, 0.8 / px) - 0.02)
@@ -854,11 +986,15 @@ def make_slide(
         truth[m.name] = np.where(present, mean, np.nan).astype(np.float64)
         pheno[f"{m.name}_positive"] = pos[ids]
     if use_af:
-        planes[-1] = _autofluorescence(np.random.default_rng(ss[3]), layout) * float(autofluorescence) * unit[-1]
+        k0 = len(fluors)
+        planes[k0:] = _autofluorescence(np.random.default_rng(ss[3]), layout, n_af) * float(autofluorescence) * unit[k0:, None, None]
 
     blurred = _psf(planes, psf_sigma_um / px)
-    counts = _mix_and_expose(np.random.default_rng(ss[4]), blurred, mixing, float(read_noise))
-    meta = {"camera_offset": CAMERA_OFFSET, "synthetic": True, "seed": int(seed)}
+    offset = float(camera_offset)
+    counts = _mix_and_expose(np.random.default_rng(ss[4]), blurred, mixing, float(read_noise), offset)
+    meta = {"synthetic": True, "seed": int(seed)}
+    if record_offset:
+        meta = {"camera_offset": offset, **meta}
     image = MultiplexImage(counts, channels, pixel_size_um=px, name=name, source=None, metadata=dict(meta))
     ab_channels = [Channel(e, fluor=e) for e in endmembers]
     abundances = MultiplexImage(blurred, ab_channels, pixel_size_um=px, name=f"{name}_abundances")
@@ -876,8 +1012,9 @@ def make_slide(
         clay = tissue_layout(cshape, pixel_size_um=px, crowded=crowded, seed=crng)
         cpl = np.zeros((len(endmembers),) + cshape, np.float32)
         if use_af:
-            cpl[-1] = _autofluorescence(crng, clay) * float(autofluorescence) * unit[-1]
-        ccounts = _mix_and_expose(crng, _psf(cpl, psf_sigma_um / px), mixing, float(read_noise))
+            k0 = len(fluors)
+            cpl[k0:] = _autofluorescence(crng, clay, n_af) * float(autofluorescence) * unit[k0:, None, None]
+        ccounts = _mix_and_expose(crng, _psf(cpl, psf_sigma_um / px), mixing, float(read_noise), offset)
         control = MultiplexImage(ccounts, channels, pixel_size_um=px, name=f"{name}_unstained", metadata=dict(meta))
 
     settings = {
@@ -885,7 +1022,9 @@ def make_slide(
         "channels": [[c.name, c.emission_nm, c.bandwidth_nm] for c in channels],
         "crowded": bool(crowded), "uneven": bool(uneven), "autofluorescence": float(autofluorescence),
         "photons": float(photons), "read_noise": float(read_noise), "psf_sigma_um": float(psf_sigma_um),
-        "camera_offset": CAMERA_OFFSET, "seed": int(seed), "endmembers": endmembers,
+        "camera_offset": offset, "offset_recorded": bool(record_offset), "seed": int(seed),
+        "endmembers": endmembers, "autofluorescence_species": n_af,
+        "stroma_expression": stroma_expression, "stroma_level": float(stroma_level),
         "spectral_shift_nm": float(spectral_shift_nm), "spectral_shifts_nm": shifts,
         "unstained": bool(unstained), "control_shape": None if control is None else list(control.shape[1:]),
         "name": name,

@@ -1,0 +1,196 @@
+"""Spectra refined on the slide itself (semi-blind unmixing).
+
+Built-in or CSV spectra are the fluor's nominal emission; on a given slide a QD lot,
+its environment and the optics move and reshape it by a few nm, and tissue
+autofluorescence never looks like a generic model. :func:`refine_matrix` adapts each
+column of the mixing matrix to the slide by alternating non-negative least squares:
+
+1. unmix a sample of pixels (:mod:`qdplex.unmix._sample`, offset removed) with the
+   current matrix;
+2. for each endmember (all from the same fit), take the pixels where it carries at least
+   30 % of the fitted signal, keep the purest quarter of them (highest share) and of
+   those the brighter half, and re-estimate its spectrum there as the per-channel
+   median of (pixel − the other endmembers' fit) / its abundance — a median, so that
+   pixels where another endmember is under-fitted (a nuclear marker under the nuclear
+   stain) do not pull it; non-negative, scaled so that its interpolated peak equals the
+   prior's (abundances keep their units), and kept close to the prior (which weighs as
+   much as 25 pixels); unmix again;
+3. repeat (four rounds).
+
+A refinement is refused (the prior kept, and the reason recorded) when the endmember
+dominates too few pixels to be estimated, when its spectrum would turn away from its
+prior (cosine below :data:`MIN_COSINE`), or when it would drift toward another
+endmember (their angle shrinking below :data:`ANGLE_FLOOR` of the prior angle); all
+refinements are dropped when the sample's residual does not fall by 2 %. Spectra
+measured on controls (``estimate_spectrum`` on a single-stain control,
+``estimate_autofluorescence`` on an unstained one) win: :func:`qdplex.unmix.unmix`
+never refines them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["refine_matrix", "MIN_COSINE", "ANGLE_FLOOR"]
+
+#: smallest cosine between a refined spectrum and its prior
+MIN_COSINE = 0.95
+#: a pair's angle may not fall below this fraction of its prior angle
+ANGLE_FLOOR = 0.8
+#: the prior spectrum weighs as much as this many pixels in each re-fit
+PRIOR_PIXELS = 25
+#: an endmember dominates a pixel where it carries at least this share of the fitted signal
+DOMINANT_SHARE = 0.3
+#: fewest dominated pixels to re-fit a spectrum from
+MIN_PIXELS = 30
+ROUNDS = 4
+#: refinements are kept only when they lower the sample's RMS residual by this share
+MIN_GAIN = 0.02
+#: pixels of the sample used for fitting
+MAX_PIXELS = 8192
+
+
+def _cos(a, b) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+
+def _angle(a, b) -> float:
+    return float(np.degrees(np.arccos(np.clip(_cos(a, b), -1.0, 1.0))))
+
+
+def _rms(Y, M, A) -> float:
+    R = Y - M.astype(np.float32) @ A.astype(np.float32)
+    return float(np.sqrt(np.mean(R * R)))
+
+
+def _peak(m: np.ndarray, centres) -> float:
+    """The peak of a spectrum sampled as matrix column ``m``: through the largest value
+    and its two neighbours, the apex of a parabola in log (a Gaussian; the value the
+    band-integrated spectrum would reach at its true maximum), when the channels are
+    evenly spaced λ bands; else the largest value."""
+    i = int(np.argmax(m))
+    if centres is None or not 0 < i < len(m) - 1 or min(m[i - 1], m[i + 1]) <= 0:
+        return float(m[i])
+    a, b, c = np.log(m[i - 1]), np.log(m[i]), np.log(m[i + 1])
+    den = a - 2 * b + c
+    if den >= 0:
+        return float(m[i])
+    d = 0.5 * (a - c) / den
+    return float(np.exp(b - 0.25 * (a - c) * d))
+
+
+def _lambda_centres(channels):
+    """Band centres when ``channels`` are an evenly spaced λ-stack, else None."""
+    c = np.array([getattr(ch, "emission_nm", None) or np.nan for ch in channels], float)
+    if channels is None or len(c) < 5 or not np.all(np.isfinite(c)):
+        return None
+    d = np.diff(c)
+    return c if np.all(d > 0) and np.ptp(d) <= 1e-6 * d.mean() + 1e-9 else None
+
+
+def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
+                  channels=None) -> tuple[np.ndarray, dict]:
+    """Refine the C×K mixing matrix ``M0`` on the offset-subtracted pixels ``Y`` (C×N).
+
+    Parameters
+    ----------
+    Y : numpy.ndarray
+        C×N pixel spectra, offset removed.
+    M0 : numpy.ndarray
+        C×K prior mixing matrix.
+    names : sequence of str
+        Endmember names (for the record).
+    fixed : collection of str
+        Endmembers never refined (single-stain controls).
+    unmix_fn : callable
+        ``unmix_fn(Y, M) -> A`` (K×N non-negative abundances).
+
+    Returns
+    -------
+    (M, record)
+        The refined matrix and ``{"pixels", "rounds", "residual_before",
+        "residual_after", "spectra": {name: {"refined", "cosine_to_prior",
+        "pixels", "reason", "column"}}}``.
+    """
+    C, K = M0.shape
+    names = list(names)
+    if Y.shape[1] > MAX_PIXELS:
+        Y = Y[:, np.random.default_rng(0).choice(Y.shape[1], MAX_PIXELS, replace=False)]
+    Y = np.ascontiguousarray(Y, dtype=np.float32)
+    Yd = Y.astype(np.float64)
+    M = M0.copy()
+    peak0 = M0.max(axis=0)
+    free = np.array([n not in fixed for n in names])
+    centres = _lambda_centres(channels) if channels is not None else None
+    A = unmix_fn(Y, M).astype(np.float64)
+    before = _rms(Y, M, A)
+    reason: dict[int, str] = {k: "measured on a control, or not asked for (controls win)"
+                              for k in range(K) if not free[k]}
+    npix = np.zeros(K, int)
+    for _ in range(ROUNDS):
+        contrib = M.sum(axis=0)[:, None] * A  # K×N fitted signal per endmember
+        shares = contrib / np.maximum(contrib.sum(axis=0), 1e-12)
+        Mn = M.copy()
+        for k in np.flatnonzero(free):  # every column from the same fit, then one unmixing
+            share = shares[k]
+            sel = (share >= DOMINANT_SHARE) & (A[k] > 0)
+            if sel.sum() >= 4 * MIN_PIXELS:  # the purest quarter, brighter half: least mixed, least noisy
+                sel &= share >= np.quantile(share[sel], 0.75)
+                sel &= A[k] >= np.median(A[k, sel])
+            npix[k] = int(sel.sum())
+            if npix[k] < MIN_PIXELS:
+                continue
+            a = A[k, sel]
+            rest = Yd[:, sel] - np.delete(M, k, axis=1) @ np.delete(A[:, sel], k, axis=0)
+            # median of the per-pixel ratios: robust to pixels where another endmember is
+            # under-fitted (e.g. a nuclear marker under the nuclear stain)
+            m = np.clip(np.median(rest / a, axis=1), 0.0, None)
+            if not m.max() > 0:
+                continue
+            w = PRIOR_PIXELS / (PRIOR_PIXELS + npix[k])  # the prior counts as this many pixels
+            m = (1 - w) * m * (_peak(M0[:, k], centres) / _peak(m, centres)) + w * M0[:, k]
+            Mn[:, k] = m * (_peak(M0[:, k], centres) / _peak(m, centres))
+        M = Mn
+        A = unmix_fn(Y, M).astype(np.float64)
+    for k in np.flatnonzero(free):
+        if npix[k] < MIN_PIXELS:
+            reason[k] = f"dominates only {npix[k]} sampled pixels (needs {MIN_PIXELS})"
+    # guards: close to the prior, no drift toward another endmember
+    refused = {k: r for k, r in reason.items()}
+    for k in range(K):
+        if k not in refused and _cos(M[:, k], M0[:, k]) < MIN_COSINE:
+            refused[k] = f"turned away from its prior (cosine {_cos(M[:, k], M0[:, k]):.3f} < {MIN_COSINE})"
+    changed = True
+    while changed:
+        changed = False
+        for i in range(K):
+            for j in range(i + 1, K):
+                if i in refused and j in refused:
+                    continue
+                mi = M0[:, i] if i in refused else M[:, i]
+                mj = M0[:, j] if j in refused else M[:, j]
+                a0, a1 = _angle(M0[:, i], M0[:, j]), _angle(mi, mj)
+                if a1 < ANGLE_FLOOR * a0:
+                    # refuse the one that moved more from its prior
+                    cand = [k for k in (i, j) if k not in refused]
+                    k = min(cand, key=lambda q: _cos(M[:, q], M0[:, q]))
+                    other = names[j if k == i else i]
+                    refused[k] = (f"drifted toward {other} (angle {a1:.1f}° < {ANGLE_FLOOR:g} × prior {a0:.1f}°)")
+                    changed = True
+    for k in refused:
+        M[:, k] = M0[:, k]
+    A = unmix_fn(Y, M).astype(np.float64) if refused else A
+    after = _rms(Y, M, A)
+    if after > (1.0 - MIN_GAIN) * before and len(refused) < K:
+        for k in range(K):
+            refused.setdefault(k, f"refinement lowered the residual by less than {MIN_GAIN:.0%} "
+                                  f"({before:.4g} → {after:.4g}): the prior fits")
+        M, after = M0.copy(), before
+    spectra = {}
+    for k, n in enumerate(names):
+        spectra[n] = {"refined": k not in refused, "cosine_to_prior": round(_cos(M[:, k], M0[:, k]), 5),
+                      "pixels": int(npix[k]), "reason": refused.get(k, ""),
+                      "column": [round(float(v), 6) for v in M[:, k]]}
+    return M, {"pixels": int(Y.shape[1]), "rounds": ROUNDS, "residual_before": round(before, 4),
+               "residual_after": round(after, 4), "spectra": spectra}

@@ -1,0 +1,220 @@
+"""On-slide estimates of qdplex.unmix: dark level, refined spectra, fit warnings, AF components,
+and the thresholds that hold for markers in several populations — on slides unlike the
+built-in assumptions (measured spectra, unrecorded offset, several autofluorescences)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qdplex.panel import panel_from_dict
+from qdplex.spectra import SpectralLibrary, estimate_autofluorescence
+from qdplex.synth import make_slide, perturbed_library
+from qdplex.unmix import unmix, unmix_array
+
+FIVE = {"name": "p5", "markers": [
+    {"name": "HER2", "fluor": "QD655", "compartment": "membrane"},
+    {"name": "ER", "fluor": "QD605", "compartment": "nucleus"},
+    {"name": "PR", "fluor": "QD565", "compartment": "nucleus"},
+    {"name": "EGFR", "fluor": "QD705", "compartment": "membrane"},
+    {"name": "mTOR", "fluor": "QD525", "compartment": "cytoplasm"}]}
+
+
+@pytest.fixture(scope="module")
+def panel5():
+    return panel_from_dict(FIVE)
+
+
+@pytest.fixture(scope="module")
+def measured_slide(panel5, shared_data):
+    """A 5-plex slide from shifted/stretched measured spectra, offset 100 not recorded,
+    two autofluorescence species (granules red-shifted), EGFR also in stroma."""
+    lib, _ = perturbed_library(shared_data / "spectra", panel5.fluors, af_species=2, seed=3)
+    slide = make_slide(panel5, shape=(256, 256), library=lib, record_offset=False, autofluorescence_species=2,
+                       stroma_expression={"EGFR": 0.6}, unstained=True, seed=5)
+    return slide, lib
+
+
+def _err(X, A, k):
+    return float(np.linalg.norm(X[k] - A[k]) / np.linalg.norm(A[k]))
+
+
+def test_synth_slides_unlike_the_builtins(measured_slide, panel5):
+    slide, lib = measured_slide
+    assert "camera_offset" not in slide.image.metadata and slide.settings["camera_offset"] == 100.0
+    assert slide.abundances.channel_names == panel5.fluors + ["AF", "AF2"]
+    builtin = SpectralLibrary.builtin(panel5.fluors).matrix(slide.image.channels)
+    cos = [float(builtin[:, k] @ slide.mixing[:, k] / np.linalg.norm(builtin[:, k]) / np.linalg.norm(slide.mixing[:, k]))
+           for k in range(len(panel5.fluors))]
+    assert min(cos) < 0.99 and max(cos) < 0.9999  # every spectrum differs from its model
+    shifts = [abs(float(s.source.split("shifted ")[1].split(" nm")[0])) for s in lib]
+    assert max(shifts) <= 5.0
+    t = slide.truth
+    stroma = t[t.cell_type == "stromal"]
+    assert stroma["EGFR_positive"].mean() > 0.3 and stroma["HER2_positive"].mean() < 0.15
+    # the expected counts are offset + mixing @ abundances: the dark level is 100 in every channel
+    Y = np.asarray(slide.image.data, dtype=float)
+    pred = 100.0 + np.tensordot(slide.mixing, np.asarray(slide.abundances.data), axes=1)
+    assert abs(float((Y - pred).mean())) < 0.2
+
+
+def test_offset_found_when_not_recorded(measured_slide, panel5):
+    """No offset in the file or panel: it is estimated (within 1 count of the true 100), and
+    unmixing with it matches unmixing with the true offset; a stated offset wins."""
+    slide, _ = measured_slide
+    lib = SpectralLibrary.builtin(panel5.fluors + ["AF"])
+    auto = unmix(slide.image, lib, refine=False)
+    assert auto.offset_record["source"] == "estimated"
+    assert abs(auto.offset_record["values"] - 100.0) < 1.0
+    given = unmix(slide.image, lib, offset=100.0, refine=False)
+    assert given.offset_record == {"values": 100.0, "source": "given"}
+    Xa = np.asarray(auto.abundances.data)
+    Xg = np.asarray(given.abundances.data)
+    A = np.asarray(slide.abundances.data)
+    for k in range(1, 6):
+        assert abs(_err(Xa, A, k) - _err(Xg, A, k)) < 0.01 + 0.02 * _err(Xg, A, k)
+    none = unmix(slide.image, lib, offset=0.0, refine=False)
+    assert _err(np.asarray(none.abundances.data), A, 1) > 2 * _err(Xg, A, 1)  # an offset left in costs
+    assert any("camera offset is likely missing" in w for w in none.warnings)
+    rec = unmix(slide.image.__class__(slide.image.data, slide.image.channels,
+                                      metadata={"camera_offset": 100.0}), lib, refine=False)
+    assert rec.offset_record["source"] == "file" and rec.offset_record["values"] == 100.0
+
+
+def test_refinement_brings_spectra_toward_the_slide(measured_slide, panel5):
+    """Refined on the slide, the built-in spectra move toward the true ones and the marker
+    planes' errors fall; the record says what was refined, with cosines and residuals."""
+    slide, _ = measured_slide
+    lib = SpectralLibrary.builtin(panel5.fluors).merge(estimate_autofluorescence(slide.unstained, "auto"))
+    A = np.asarray(slide.abundances.data)
+    off = unmix(slide.image, lib, refine=False)
+    on = unmix(slide.image, lib)
+    rec = on.record()["refinement"]
+    assert rec["enabled"] and rec["residual_after"] < 0.98 * rec["residual_before"]
+    refined = [n for n, r in rec["spectra"].items() if r["refined"]]
+    assert "QD705" in refined and "AF" not in refined  # the control's AF wins
+    assert all(0.95 <= r["cosine_to_prior"] <= 1.0 for r in rec["spectra"].values())
+    k = panel5.fluors.index("QD705")
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert cos(on.matrix[:, k], slide.mixing[:, k]) > cos(off.matrix[:, k], slide.mixing[:, k])
+    Xon, Xoff = np.asarray(on.abundances.data), np.asarray(off.abundances.data)
+    assert _err(Xon, A, k) < 0.95 * _err(Xoff, A, k)
+    assert np.mean([_err(Xon, A, i) for i in range(1, 6)]) < np.mean([_err(Xoff, A, i) for i in range(1, 6)])
+    assert on.library["QD705"].source.startswith("refined on slide")
+
+
+def test_refinement_keeps_a_prior_that_fits(panel5):
+    """On a slide made with the built-in spectra the refinement changes nothing (refused:
+    the prior fits) and the abundances are those of plain unmixing."""
+    slide = make_slide(panel5, shape=(192, 192), seed=2)
+    lib = SpectralLibrary.builtin(panel5.fluors + ["AF"])
+    on = unmix(slide.image, lib)
+    assert not any(r["refined"] for r in on.refinement["spectra"].values())
+    np.testing.assert_array_equal(on.matrix, lib.matrix(slide.image.channels))
+    assert on.warnings == [] and on.quality["residual_to_noise"] < 1.5
+
+
+def test_refinement_refuses_drift_toward_another_fluor():
+    """A slide whose 'QD585' really emits at 597 nm, next to QD605: the re-fitted spectrum
+    would come too close to QD605 (pairwise angle floor) or too far from its prior, and the
+    refinement of QD585 is refused (its prior kept)."""
+    from qdplex.spectra import _two_sided_gaussian, lambda_grid
+    from qdplex.unmix.refine import refine_matrix
+
+    chans = lambda_grid(500, 700, 10)
+    lib = SpectralLibrary.builtin(["QD585", "QD605", "QD655"])
+    M0 = lib.matrix(chans)
+    wl = np.arange(400.0, 800.0, 0.5)
+    drifted = SpectralLibrary().add("QD585", wl, _two_sided_gaussian(wl, 598.0, 28.0, 1.3)).matrix(chans)[:, 0]
+    truth = M0.copy()
+    truth[:, 0] = drifted * (M0[:, 0].max() / drifted.max())
+    rng = np.random.default_rng(0)
+    a = rng.gamma(2.0, 50.0, (3, 6000)) * (rng.random((3, 6000)) < 0.4)
+    Y = rng.poisson(truth @ a).astype(np.float32)
+    M, rec = refine_matrix(Y, M0, ["QD585", "QD605", "QD655"], unmix_fn=lambda Y, M: unmix_array(Y, M),
+                           channels=chans)
+    r = rec["spectra"]["QD585"]
+    assert not r["refined"] and ("drifted toward QD605" in r["reason"] or "turned away" in r["reason"])
+    np.testing.assert_array_equal(M[:, 0], M0[:, 0])
+
+
+def test_controls_win_over_refinement(measured_slide, panel5):
+    slide, _ = measured_slide
+    lib = SpectralLibrary.builtin(panel5.fluors + ["AF"])
+    ctrl = lib.subset(["QD705"]).merge(SpectralLibrary())
+    sp = ctrl["QD705"]
+    lib.add("QD705", sp.wavelength_nm, sp.intensity, source="estimated: single-stain control c.tif")
+    res = unmix(slide.image, lib)
+    assert not res.refinement["spectra"]["QD705"]["refined"]
+    assert "control" in res.refinement["spectra"]["QD705"]["reason"]
+    assert not unmix(slide.image, lib, refine=["QD655"]).refinement["spectra"]["DAPI"]["refined"]
+
+
+def test_wrong_panel_warns(measured_slide, panel5):
+    """A five-plex slide unmixed with a one-marker library: the warnings say so in plain words."""
+    slide, _ = measured_slide
+    right = unmix(slide.image, SpectralLibrary.builtin(panel5.fluors).merge(
+        estimate_autofluorescence(slide.unstained, "auto")))
+    wrong = unmix(slide.image, SpectralLibrary.builtin(["DAPI", "QD655", "AF"]))
+    assert wrong.quality["residual_to_noise"] > 3 * right.quality["residual_to_noise"]
+    text = " ".join(wrong.warnings)
+    assert "does not explain the slide" in text and "left unexplained" in text
+    assert not any("does not explain" in w for w in right.warnings)
+    rec = wrong.record()
+    assert rec["warnings"] == wrong.warnings and rec["offset"]["source"] == "estimated"
+    import json
+
+    json.dumps(rec)  # JSON-able for run.json
+
+
+def test_autofluorescence_components_chosen_by_the_data(panel5, measured_slide):
+    slide, _ = measured_slide
+    two = estimate_autofluorescence(slide.unstained, "auto")
+    assert two.names == ["AF", "AF2"] and two.autofluorescence["components"] == 2
+    assert two.autofluorescence["offset"]["source"] == "estimated"
+    one_slide = make_slide(panel5, shape=(128, 128), record_offset=False, unstained=True, seed=4)
+    one = estimate_autofluorescence(one_slide.unstained, "auto")
+    assert one.names == ["AF"] and one.autofluorescence["components"] == 1
+    # the estimated spectra match the true species
+    M = two.matrix(slide.image.channels)
+    T = slide.mixing[:, -2:]
+    cos = [float(M[:, j] @ T[:, j] / np.linalg.norm(M[:, j]) / np.linalg.norm(T[:, j])) for j in range(2)]
+    assert min(cos) > 0.99
+
+
+def test_mixture_threshold_holds_for_two_positive_populations():
+    """Negatives (20 %), stroma positives (0.3) and tumour positives (1.5): the mixture
+    threshold separates negatives from both, where the two-class rules (Otsu, a
+    two-Gaussian mixture) split between the two positive populations."""
+    from qdplex.score import marker_threshold
+
+    rng = np.random.default_rng(0)
+    neg = rng.lognormal(np.log(0.04), 0.5, 1000)
+    stroma = rng.lognormal(np.log(0.3), 0.4, 2000)
+    tumour = rng.lognormal(np.log(1.5), 0.4, 2000)
+    v = np.concatenate([neg, stroma, tumour])
+    truth = np.r_[np.zeros(1000, bool), np.ones(4000, bool)]
+    acc = {m: float(np.mean((v >= marker_threshold(v, m)) == truth)) for m in ("mixture", "otsu", "gmm")}
+    assert acc["mixture"] >= 0.98 and acc["otsu"] < 0.7 and acc["gmm"] < 0.7
+    # two populations: as good as the two-class rules
+    v2 = np.concatenate([neg, tumour])
+    t2 = np.r_[np.zeros(1000, bool), np.ones(2000, bool)]
+    assert np.mean((v2 >= marker_threshold(v2, "mixture")) == t2) >= 0.99
+
+
+def test_panel_keys(tmp_path):
+    p = panel_from_dict({**FIVE, "unmixing": {"offset": "auto", "refine": False},
+                         "autofluorescence": {"components": "auto"}, "scoring": {"method": "mixture"}})
+    assert p.unmixing["refine"] is False and p.autofluorescence_components == "auto"
+    assert p.camera_offset_for(None) is None
+    from qdplex.errors import PanelError
+    from qdplex.pipeline import unmix_options
+
+    assert unmix_options(None, p)["offset"] == "auto" and unmix_options(None, p)["refine"] is False
+    for bad in ({"unmixing": {"refine": "no"}}, {"unmixing": {"offset": "dark"}}, {"unmixing": {"offset": -1}},
+                {"autofluorescence": {"components": "many"}}):
+        with pytest.raises(PanelError):
+            panel_from_dict({**FIVE, **bad})
