@@ -69,7 +69,7 @@ def make(kind: str, size: int):
 
 
 def run(panel, slide, library=None, **unmixing):
-    from qdplex.pipeline import run_slide
+    from qdplex.slide import run_slide
 
     p = replace(panel, unmixing={**panel.unmixing, **unmixing})
     return run_slide(slide.image, p, library=library)

@@ -211,9 +211,9 @@ def test_panel_keys(tmp_path):
     assert p.unmixing["refine"] is False and p.autofluorescence_components == "auto"
     assert p.camera_offset_for(None) is None
     from qdplex.errors import PanelError
-    from qdplex.pipeline import unmix_options
+    from qdplex.slide import _unmix_options
 
-    assert unmix_options(None, p)["offset"] == "auto" and unmix_options(None, p)["refine"] is False
+    assert _unmix_options(None, p)["offset"] == "auto" and _unmix_options(None, p)["refine"] is False
     for bad in ({"unmixing": {"refine": "no"}}, {"unmixing": {"offset": "dark"}}, {"unmixing": {"offset": -1}},
                 {"autofluorescence": {"components": "many"}}):
         with pytest.raises(PanelError):

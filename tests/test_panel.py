@@ -217,7 +217,7 @@ def test_typed_defaults_written_once(tmp_path):
     assert s == PanelSettings()
     assert (s.unmixing.method, s.unmixing.offset, s.unmixing.refine) == ("nnls", "auto", True)
     assert (s.segmentation.method, s.segmentation.expand_um, s.segmentation.membrane_width_um) == ("auto", 5.0, 1.0)
-    assert s.quantification.stats == ("mean", "std", "sum") and s.scoring.method == "otsu"
+    assert s.quantification.stats == ("mean", "std", "sum") and s.scoring.method == "mixture"
     assert s.autofluorescence.components == 1
 
 

@@ -78,6 +78,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, PanelError
+from .panel import SCORING_METHODS, ScoringSettings
 
 __all__ = [
     "marker_threshold",
@@ -95,9 +96,10 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("mixture", "otsu", "gmm", "control")
+METHODS = SCORING_METHODS
 #: the threshold method when neither the marker nor ``[scoring] method`` names one
-DEFAULT_METHOD = "mixture"
+#: (written once, in :class:`qdplex.panel.ScoringSettings`)
+DEFAULT_METHOD = ScoringSettings.method
 _ALLRED_NAMES = {"ER", "PR", "ESR1", "PGR", "ERα", "ERA", "PGR1"}
 
 
