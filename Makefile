@@ -12,7 +12,7 @@ DEB_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-ra
 	libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0 libxcb-shape0 \
 	libxcb-cursor0 libdbus-1-3 libgl1 libegl1 libfontconfig1 chromium
 
-.PHONY: setup sysdeps demo test bench docs clean
+.PHONY: setup sysdeps demo test test-train bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ test: setup sysdeps
 	  xvfb-run -a -s "-screen 0 1600x1200x24" $(BIN)/python -m pytest; \
 	else $(BIN)/python -m pytest; fi
 	$(BIN)/mkdocs build --strict --quiet -d $$(mktemp -d)
+
+# the training smoke test, in a separate venv with the 'train' extra (PyTorch; ~1 GB)
+TRAIN_VENV ?= .venv-train
+$(TRAIN_VENV)/.qdplex-train: pyproject.toml
+	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/python -m pip install -q -e ".[train]" pytest pytest-timeout
+	touch $@
+
+test-train: $(TRAIN_VENV)/.qdplex-train
+	$(TRAIN_VENV)/bin/python -m pytest -q tests/test_segment_train.py
 
 docs: setup
 	$(BIN)/python scripts/gen_cli_docs.py

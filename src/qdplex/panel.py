@@ -58,7 +58,7 @@ _SECTION_KEYS = {
     "image": {"pixel_size_um", "camera_offset"},
     "unmixing": {"method", "offset", "saturation", "exclude_saturated", "chunk"},
     "segmentation": {
-        "method", "diameter_um", "expand_um", "membrane_width_um", "membrane_guided", "tile", "overlap",
+        "method", "diameter_um", "expand_um", "membrane_width_um", "membrane_guided", "tile", "overlap", "model",
     },
     "quantification": {"stats", "quantiles", "compartments"},
     # read by qdplex.score (its module docstring gives each key's meaning)
@@ -325,6 +325,14 @@ def panel_from_dict(raw: dict, *, path=None, base_dir=None) -> Panel:
     if "method" in unm and unm["method"] not in ("nnls", "ols", "poisson"):
         raise _err(path, "unmixing.method", "one of 'nnls', 'ols', 'poisson'", unm["method"])
     seg = dict(sections["segmentation"])
+    seg.setdefault("method", "auto")  # qdplex's shipped nucleus model
+    if seg["method"] not in ("auto", "classical", "cellpose", "stardist"):
+        raise _err(path, "segmentation.method", "one of 'auto', 'classical', 'cellpose', 'stardist'", seg["method"])
+    if "model" in seg:  # an ONNX nucleus model, relative to the panel file
+        m = Path(_str(seg, "model", path, "segmentation."))
+        seg["model"] = str(m if m.is_absolute() else base / m)
+        if not Path(seg["model"]).is_file():
+            raise _err(path, "segmentation.model", "an existing .onnx nucleus model file", seg["model"])
     for k in ("diameter_um", "expand_um", "membrane_width_um"):
         if k in seg:
             _number(seg, k, path, "segmentation.", positive=(k != "expand_um"))

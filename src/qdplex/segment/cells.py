@@ -77,10 +77,11 @@ def expand_nuclei(nuclei, distance_px: float, *, membrane=None) -> np.ndarray:
     overshoot into their surroundings. With a membrane image the pixels within
     ``distance_px`` are shared by a seeded watershed of the smoothed membrane
     intensity, so that cell borders follow the membrane staining, and a cell
-    stops where the signal ends: it keeps the pixels with membrane signal
-    (above an Otsu threshold), those enclosed by them, and a one-pixel rim
-    around its nucleus; where the membrane image is flat, the expansion
-    without membrane applies.
+    stops where the signal ends: no pixel of it lies farther from its nucleus
+    than its farthest pixel with membrane signal (above an Otsu threshold of
+    the smoothed membrane image) plus one; a cell without membrane signal of
+    its own (a marker-negative cell) is bounded as without membrane, and so is
+    every cell when the membrane image is flat.
 
     Parameters
     ----------
@@ -114,11 +115,16 @@ def expand_nuclei(nuclei, distance_px: float, *, membrane=None) -> np.ndarray:
         nearest = nuc[iy, ix]
         reach = local_reach(nuc, dist)
         return np.where(d_out <= reach[nearest], nearest, 0).astype(np.uint32)
-    body = ndi.binary_fill_holes(mask | (nuc > 0)) | ndi.binary_dilation(mask) | (d_out <= 1.0)
-    allowed = (d_out <= dist) & body
-    cells = _kernels.flood(elev, nuc.astype(np.int64), allowed).astype(np.uint32)
+    cells = _kernels.flood(elev, nuc.astype(np.int64), d_out <= dist).astype(np.int64)
+    # each cell stops at its membrane: no farther from its nucleus than its own membrane-positive pixels
+    n = int(nuc.max())
+    own = np.where(mask & (nuc == 0), cells, 0)
+    limit = _kernels.label_max(own, d_out.astype(np.float32), n).astype(np.float64)
+    limit = np.where(limit > 0, limit + 1.0, local_reach(nuc, dist))
+    limit[0] = 0.0
+    cells[d_out > limit[cells]] = 0
     cells[nuc > 0] = nuc[nuc > 0]
-    return cells
+    return cells.astype(np.uint32)
 
 
 def membrane_ring(cells, width_px: float) -> np.ndarray:

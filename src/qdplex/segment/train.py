@@ -31,7 +31,7 @@ from scipy import ndimage as ndi
 from ..errors import InputError, SegmentationError
 from .model import NOMINAL_DIAMETER, median_diameter, normalise, normalise_levels, targets
 
-__all__ = ["Item", "build_net", "load_pairs", "train", "export_onnx", "require_torch"]
+__all__ = ["Item", "build_net", "load_pairs", "train", "train_nuclei", "export_onnx", "require_torch"]
 
 #: Cross-entropy weights of background, interior, boundary.
 CLASS_WEIGHTS = (1.0, 1.0, 2.0)
@@ -40,10 +40,11 @@ CLASS_WEIGHTS = (1.0, 1.0, 2.0)
 def require_torch():
     """Import torch, or raise SegmentationError naming the ``train`` extra."""
     try:
+        import onnx  # noqa: F401  (the export needs it)
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SegmentationError(
-            "expected PyTorch for training a nucleus model, found it not installed "
+            f"expected PyTorch and onnx for training a nucleus model, found {exc.name!r} not installed "
             "(pip install 'qdplex[train]')"
         ) from exc
     return torch
@@ -243,6 +244,7 @@ def train(
     workdir=None,
     card: dict | None = None,
     log=print,
+    log_every: int = 50,
 ) -> dict:
     """Train the U-Net on ``sets`` and write the best weights as ONNX to ``out``.
 
@@ -253,8 +255,8 @@ def train(
     out : path
         The ONNX file to write.
     val : list of Item, optional
-        Validation images (fixed crops, unaugmented); a tenth of the training
-        crops' images otherwise is *not* taken — without ``val`` the last weights are kept.
+        Validation images (two fixed, unaugmented crops each) that choose the
+        best weights; without them the last weights are kept.
     minutes : float
         Wall-time budget of the training loop; the learning rate decays over it.
     max_steps : int, optional
@@ -263,6 +265,8 @@ def train(
         Where the checkpoint ``ckpt.pt`` lives (resumed when present); next to ``out`` by default.
     card : dict, optional
         Model-card entries written to the ONNX metadata (with the training record).
+    log, log_every :
+        ``log(json_line)`` with the mean training loss every ``log_every`` steps.
 
     Returns
     -------
@@ -326,7 +330,7 @@ def train(
         if elapsed >= budget or (max_steps is not None and state["step"] >= max_steps):
             break
         frac = min(elapsed / budget, 1.0)
-        warm = min(1.0, (state["step"] + 1) / 100.0)
+        warm = min(1.0, (state["step"] + 1) / (min(100.0, max_steps / 5.0) if max_steps else 100.0))
         for g in opt.param_groups:
             g["lr"] = lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
         xb, yb = batch(rng, set_list, w, batch_size, crop)
@@ -337,10 +341,10 @@ def train(
         opt.step()
         state["step"] += 1
         run_loss.append(float(loss.detach()))
-        if state["step"] % 50 == 0 or (max_steps is not None and state["step"] >= max_steps):
+        if state["step"] % log_every == 0 or (max_steps is not None and state["step"] >= max_steps):
             rec = {"step": state["step"], "min": round(elapsed / 60, 2), "loss": round(float(np.mean(run_loss)), 4)}
             run_loss = []
-            if vx is not None and (state["step"] % 200 == 0 or frac > 0.8):
+            if vx is not None and (state["step"] % (4 * log_every) == 0 or frac > 0.8):
                 vl = val_loss()
                 rec["val"] = round(vl, 4)
                 if vl < state["best"]:
@@ -422,3 +426,43 @@ def export_onnx(net, out, *, card: dict | None = None) -> Path:
     with atomic_path(out) as p:
         onnx.save(proto, str(p))
     return out
+
+
+def train_nuclei(images, masks, out, *, minutes: float = 60.0, max_steps: int | None = None, val_fraction: float = 0.1,
+                 seed: int = 0, crop: int = 128, batch_size: int = 8, log=print, log_every: int = 50) -> dict:
+    """Train a nucleus model on a user's annotated images (``qdplex train-nuclei``).
+
+    Parameters
+    ----------
+    images, masks : path
+        Folders of 2-D ``.tif`` images and instance masks with the same file names.
+    out : path
+        The ONNX model to write (use it with ``[segmentation] model = "..."``).
+    minutes : float
+        Wall-time budget.
+    max_steps : int, optional
+        Stop after this many steps.
+    val_fraction : float
+        Share of the images (at least one when there are two or more) held out
+        to choose the best weights.
+    seed : int
+        Random seed of the split and the training.
+
+    Returns
+    -------
+    dict
+        The training record (also in the model's metadata).
+    """
+    items = load_pairs(images, masks, source="user")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items))
+    n_val = min(max(int(round(val_fraction * len(items))), 1 if len(items) > 1 else 0), len(items) - 1)
+    val = [items[i] for i in order[:n_val]]
+    tr = [items[i] for i in order[n_val:]]
+    card = {
+        "data": f"{len(items)} annotated images from {Path(images)} (masks {Path(masks)})",
+        "split": f"{len(tr)} training, {len(val)} validation images (seed {seed})",
+        "command": f"qdplex train-nuclei {images} {masks} --out {out} --minutes {minutes:g}",
+    }
+    return train({"user": tr}, out, val=val or None, minutes=minutes, max_steps=max_steps, crop=crop,
+                 batch_size=batch_size, seed=seed, card=card, log=log, log_every=log_every)
