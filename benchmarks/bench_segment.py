@@ -221,6 +221,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="every 4th held-out image, 2 synthetic slides, 2048² speed image")
     ap.add_argument("--size", type=int, default=None, help="side of the speed image (default 4096)")
     ap.add_argument("--no-speed", action="store_true", help="accuracy only")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     step = 4 if args.quick else 1
     results = {}
@@ -259,6 +260,11 @@ def main(argv=None):
         checks.append(("throughput ≥ 1 Mpx/s", spd["auto"]["mpx_per_s"] >= 1.0))
     for what, ok in checks:
         print(f"target {what}: {'met' if ok else 'NOT met'}")
+    if args.json:
+        results["speed"] = spd
+        results["command"] = "python benchmarks/bench_segment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        args.json.write_text(json.dumps(results, indent=1, default=float) + "\n")
     return 0 if all(ok for _, ok in checks) else 1
 
 

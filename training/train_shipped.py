@@ -117,6 +117,31 @@ def load(split: dict, part: str):
     return out
 
 
+def add_figures(model_path, results_path) -> None:
+    """Write the benchmark's held-out F1 figures into the ONNX model's ``card`` metadata (weights unchanged)."""
+    import onnx
+
+    res = json.loads(Path(results_path).read_text())
+    figures = {
+        name: {m: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in ("f1", "precision", "recall", "mean_iou", "n_true", "n_pred", "n_images")}
+               for m, r in per.items()}
+        for name, per in res.items()
+        if isinstance(per, dict) and "model" in per
+    }
+    proto = onnx.load(model_path)
+    meta = {p.key: p for p in proto.metadata_props}
+    card = json.loads(meta["card"].value)
+    card["held_out_f1_iou0.5"] = figures
+    card["benchmark"] = {"command": res.get("command"), "date": res.get("date")}
+    if res.get("speed"):
+        card["benchmark"]["throughput_mpx_per_s"] = round(res["speed"]["auto"]["mpx_per_s"], 3)
+    meta["card"].value = json.dumps(card)
+    tmp = Path(model_path).with_suffix(".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(model_path)
+    print(f"added {len(figures)} data sets to the card of {model_path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -127,7 +152,13 @@ def main(argv=None):
     t.add_argument("--minutes", type=float, default=60.0)
     t.add_argument("--synthetic", type=int, default=240)
     t.add_argument("--max-steps", type=int, default=None)
+    c = sub.add_parser("card", help="add held-out figures (bench_segment.py --json) to the model's metadata card")
+    c.add_argument("results", help="JSON written by benchmarks/bench_segment.py --json")
+    c.add_argument("--model", default=str(ROOT / "src/qdplex/segment/models/nuclei.onnx"))
     a = ap.parse_args(argv)
+    if a.cmd == "card":
+        add_figures(a.model, a.results)
+        return
     if a.cmd == "split":
         SPLIT.write_text(json.dumps(make_split(), indent=1) + "\n")
         print(f"wrote {SPLIT}")

@@ -79,9 +79,10 @@ def expand_nuclei(nuclei, distance_px: float, *, membrane=None) -> np.ndarray:
     intensity, so that cell borders follow the membrane staining, and a cell
     stops where the signal ends: no pixel of it lies farther from its nucleus
     than its farthest pixel with membrane signal (above an Otsu threshold of
-    the smoothed membrane image) plus one; a cell without membrane signal of
-    its own (a marker-negative cell) is bounded as without membrane, and so is
-    every cell when the membrane image is flat.
+    the smoothed membrane image) plus one, nor beyond the reach it would have
+    without membrane; a cell without membrane signal of its own (a
+    marker-negative cell) is bounded as without membrane, and so is every
+    cell when the membrane image is flat.
 
     Parameters
     ----------
@@ -120,7 +121,8 @@ def expand_nuclei(nuclei, distance_px: float, *, membrane=None) -> np.ndarray:
     n = int(nuc.max())
     own = np.where(mask & (nuc == 0), cells, 0)
     limit = _kernels.label_max(own, d_out.astype(np.float32), n).astype(np.float64)
-    limit = np.where(limit > 0, limit + 1.0, local_reach(nuc, dist))
+    spacing = local_reach(nuc, dist)
+    limit = np.where(limit > 0, np.minimum(limit + 1.0, spacing), spacing)
     limit[0] = 0.0
     cells[d_out > limit[cells]] = 0
     cells[nuc > 0] = nuc[nuc > 0]
@@ -242,7 +244,7 @@ def segment(
     if d is None and not blank and method == "auto":
         from .infer import estimate_diameter_model
 
-        d = estimate_diameter_model(img, model=model)
+        d = estimate_diameter_model(img, model=model, pixel_size_um=pixel_size_um)
     elif d is None and not blank and (method == "classical" or pixel_size_um is None):
         d = estimate_diameter(img)
     d_ref = d or 2.0 * TYPICAL_NUCLEUS_UM

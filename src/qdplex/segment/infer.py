@@ -6,14 +6,13 @@
 1. **Scale.** The image is resampled (bilinear) so that its typical nucleus is
    :data:`~qdplex.segment.model.NOMINAL_DIAMETER` pixels across. The nucleus
    diameter comes from the caller, or is measured by the model itself
-   (:func:`estimate_diameter_model`): a first pass at a guessed scale, the
-   median size of what it found, a rescale and another pass, until the
-   answer is stable.
+   (:func:`estimate_diameter_model`): the model looks at a crop at a ladder
+   of scales and keeps the one at which what it finds is its nominal size.
 2. **Intensity.** ``(image - p1) / (p99.8 - p1)`` with percentiles of the
    whole image (or of the slide, for a tile); a flat image has no nuclei.
-3. **Probabilities.** The network runs on overlapping 512² tiles (at the
-   model's scale) batched through onnxruntime; each tile contributes its
-   centre, so the result does not depend on the tiling.
+3. **Probabilities.** The network runs on overlapping 768² tiles (at the
+   model's scale, 32 px of context on each side) batched through onnxruntime;
+   each tile contributes its centre.
 4. **Instances.** Seeds are the connected interior regions (probability of
    "interior" > 0.5); a seeded watershed of the interior probability grows them
    over the foreground (interior + boundary > 0.5); unseeded foreground blobs of
@@ -42,7 +41,7 @@ __all__ = ["DEFAULT_MODEL", "NucleusModel", "load_model", "model_nuclei", "estim
 #: The model shipped with qdplex.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "nuclei.onnx"
 #: Side of the tiles the network sees, and the context each keeps around its core (model-scale px).
-NET_TILE, NET_MARGIN = 512, 48
+NET_TILE, NET_MARGIN = 768, 32
 #: Largest rescale factor allowed either way (beyond it the nucleus size is implausible for the image).
 MAX_ZOOM = 16.0
 
@@ -102,7 +101,7 @@ class NucleusModel:
         self.card = json.loads(meta["card"]) if "card" in meta else {}
         self._lock = threading.Lock()
 
-    def probabilities(self, x: np.ndarray, *, batch: int = 4) -> np.ndarray:
+    def probabilities(self, x: np.ndarray, *, batch: int = 2) -> np.ndarray:
         """3×H×W class probabilities of a normalised float32 image at the model's scale."""
         H, W = x.shape
         core = NET_TILE - 2 * NET_MARGIN
@@ -253,57 +252,79 @@ MIN_DIAMETER = 4.0
 
 
 def _probe(m: NucleusModel, img: np.ndarray, d: float, levels, crop: int):
-    """(scale, median diameter at the model's scale of the nuclei off the crop's edge) for a guess ``d``."""
+    """For a guess ``d``: (scale, median diameter at the model's scale of the nuclei off the
+    crop's edge or None, the model's confidence: mean top-class probability where it sees any nucleus)."""
     scale = float(np.clip(m.nominal / d, 1.0 / MAX_ZOOM, MAX_ZOOM))
     side = int(min(crop / scale, 4096))
     H, W = img.shape
     y0, x0 = max((H - side) // 2, 0), max((W - side) // 2, 0)
     sub = img[y0 : y0 + side, x0 : x0 + side]
     if min(sub.shape) * scale < NOMINAL_DIAMETER:
-        return scale, None
-    small, _ = _segment_scaled(m, sub, scale, levels)
+        return scale, None, 0.0
+    scaled_shape(sub.shape, scale)
+    prob = m.probabilities(normalise(_resize(sub, scale), levels))
+    small = instances(prob)
+    seen = prob[0] < 0.9
+    conf = float(prob.max(axis=0)[seen].mean()) if seen.any() else 0.0
     edge = np.unique(np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]]))
     inner = np.where(np.isin(small, edge), 0, small)
-    return scale, median_diameter(inner) or median_diameter(small)
+    return scale, median_diameter(inner) or median_diameter(small), conf
 
 
-def estimate_diameter_model(image, *, model=None, guess: float | None = None, levels=None, crop: int = 640) -> float | None:
+#: Nucleus diameters (pixels) at which :func:`estimate_diameter_model` looks (steps of ~1.45×).
+CANDIDATES = (4.5, 6.5, 9.5, 13.5, 19.5, 28.0, 40.0, 58.0, 84.0)
+
+
+#: With a known pixel size, nuclei are taken to be this many µm across at least and at most.
+PLAUSIBLE_UM = (3.5, 20.0)
+
+
+def estimate_diameter_model(image, *, model=None, levels=None, crop: int = 384, pixel_size_um: float | None = None) -> float | None:
     """Typical nucleus diameter (pixels) of ``image`` measured by the model.
 
-    The model runs on a central crop (about ``crop`` pixels at the model's
-    scale) resampled for the current guess (``guess``, default the model's
-    nominal size); the median equivalent diameter of the nuclei it finds (those
-    off the crop's edge) divided by the rescale factor is the next guess, kept
-    within [MIN_DIAMETER, half the image side]; up to four passes, until two
-    agree within 15 %. When nothing is found at the first scale, the largest and
-    the smallest plausible scales are tried. None when no nucleus is found.
+    For each candidate diameter ``c`` in :data:`CANDIDATES` (those for which
+    the image holds at least one nucleus at the model's scale), the model runs
+    on a central crop (``crop`` pixels at the model's scale) resampled as if
+    the nuclei were ``c`` wide. It records the model's confidence (the mean
+    top-class probability wherever it sees any nucleus) and the implied
+    diameter ``D(c)``: the median equivalent diameter of what it finds (nuclei
+    off the crop's edge) divided by the rescale factor. The model is most
+    confident near the right scale — nuclei seen much too small are split
+    into uncertain pieces, seen much too large they blur into uncertain
+    blobs — so the most confident candidate wins (among those within 0.01 of
+    it, the one with ``D(c)`` closest to ``c``), and one more pass at ``D(c)``
+    refines it. With ``pixel_size_um`` the candidates and the answer are kept
+    to nuclei of :data:`PLAUSIBLE_UM` µm. None when no nucleus is found at any scale.
     """
-    from ._checks import check_image
+    from ._checks import check_image, check_positive
 
     m = model if isinstance(model, NucleusModel) else load_model(model)
     img = check_image(image, "nuclear image")
     levels = normalise_levels(img) if levels is None else levels
     if not levels[1] > levels[0]:
         return None
-    dmax = max(min(img.shape) / 2.0, MIN_DIAMETER)
-    d = float(np.clip(guess if guess else m.nominal, MIN_DIAMETER, dmax))
-    fallbacks = [min(4.0 * d, dmax), max(d / 3.0, MIN_DIAMETER)]
-    for _ in range(4):
-        scale, md = _probe(m, img, d, levels, crop)
-        if md is None:
-            if not fallbacks:
-                return None
-            d = fallbacks.pop(0)
-            continue
-        fallbacks = []
-        new = float(np.clip(md / scale, MIN_DIAMETER, dmax))
-        if abs(math.log(new / d)) < math.log(1.15):
-            return new
-        d = new
-    return d
+    lo, hi = MIN_DIAMETER, float(max(img.shape))
+    if pixel_size_um is not None:
+        px = check_positive(pixel_size_um, "pixel_size_um")
+        lo, hi = max(lo, PLAUSIBLE_UM[0] / px), min(hi, max(PLAUSIBLE_UM[1] / px, lo))
+    cands = [c for c in CANDIDATES if lo / 1.2 <= c <= hi * 1.2] or [float(np.sqrt(lo * hi))]
+    seen = []
+    for c in cands:
+        scale, md, conf = _probe(m, img, c, levels, crop)
+        if md is not None:
+            seen.append((conf, abs(math.log(md / scale / c)), md / scale))
+    if not seen:
+        return None
+    top = max(s[0] for s in seen)
+    _, err, d = min((s for s in seen if s[0] >= top - 0.01), key=lambda s: s[1])
+    scale, md, _ = _probe(m, img, d, levels, crop)
+    if md is not None and abs(math.log(md / scale / d)) < err:
+        d = md / scale
+    return float(np.clip(d, lo, hi))
 
 
-def model_nuclei(image, diameter_px: float | None = None, *, model=None, levels=None, origin=(0, 0)) -> np.ndarray:
+def model_nuclei(image, diameter_px: float | None = None, *, model=None, levels=None, origin=(0, 0),
+                 pixel_size_um: float | None = None) -> np.ndarray:
     """Nucleus labels (uint32, 0 background) of a 2-D image by the ONNX nucleus model.
 
     Parameters
@@ -319,6 +340,8 @@ def model_nuclei(image, diameter_px: float | None = None, *, model=None, levels=
     origin : (int, int)
         Position of the image's first pixel in the slide (a tile's offset), so
         that tiles are resampled on the slide's grid.
+    pixel_size_um : float, optional
+        Bounds the measured diameter to plausible nuclei (:data:`PLAUSIBLE_UM`).
     """
     m = model if isinstance(model, NucleusModel) else load_model(model)
     levels = normalise_levels(image) if levels is None else levels
@@ -326,7 +349,7 @@ def model_nuclei(image, diameter_px: float | None = None, *, model=None, levels=
         return np.zeros(image.shape, np.uint32)
     d = diameter_px
     if d is None:
-        d = estimate_diameter_model(image, model=m, levels=levels)
+        d = estimate_diameter_model(image, model=m, levels=levels, pixel_size_um=pixel_size_um)
         if d is None:
             return np.zeros(image.shape, np.uint32)
     _, labels = _segment_scaled(m, image, m.nominal / float(d), levels, origin)

@@ -483,8 +483,9 @@ def segment_nuclei(
     diameter_um : float, optional
         Typical nucleus diameter in µm (needs ``pixel_size_um``). When neither
         this nor ``diameter_px`` is given it is measured from the image: by the
-        model itself for ``"auto"`` (:func:`qdplex.segment.infer.estimate_diameter_model`),
-        by :func:`estimate_diameter` for ``"classical"``.
+        model itself for ``"auto"`` (:func:`qdplex.segment.infer.estimate_diameter_model`,
+        kept to nuclei of 3.5–20 µm when ``pixel_size_um`` is known), by
+        :func:`estimate_diameter` for ``"classical"``.
     pixel_size_um : float, optional
         Pixel size in µm.
     method : {"auto", "classical", "cellpose", "stardist"}
@@ -540,13 +541,13 @@ def segment_nuclei(
 
         m = infer.load_model(model)
         if d is None:
-            d = infer.estimate_diameter_model(img, model=m)
+            d = infer.estimate_diameter_model(img, model=m, pixel_size_um=pixel_size_um)
             if d is None:
                 return np.zeros(img.shape, np.uint32)
-        if img.size > 4 * TILE * TILE:
+        if img.size > 16 * TILE * TILE:  # the network tiles internally; beyond 4096², tiles of 2048²
             from .tiles import segment_tiled
 
-            return segment_tiled(img, tile=TILE, diameter_px=d, method="auto", model=model)
+            return segment_tiled(img, tile=2 * TILE, diameter_px=d, method="auto", model=model)
         return infer.model_nuclei(img, d, model=m)
     if d is None:
         d = estimate_diameter(img)

@@ -202,7 +202,7 @@ def segment_tiled(
             grids = normalise_levels(np.asarray(arr[::step, ::step].compute()))
         model = load_model(model)
         if d is None:
-            d = estimate_diameter_model(probe, model=model, levels=grids)
+            d = estimate_diameter_model(probe, model=model, levels=grids, pixel_size_um=pixel_size_um)
             if d is None:
                 return out  # no nucleus in the probe at any scale
     ov = int(overlap) if overlap is not None else int(math.ceil((4.0 if method == "auto" else 2.0) * (d or 30.0)))
