@@ -275,6 +275,8 @@ def _probe(m: NucleusModel, img: np.ndarray, d: float, levels, crop: int):
 CANDIDATES = (4.5, 6.5, 9.5, 13.5, 19.5, 28.0, 40.0, 58.0, 84.0)
 
 
+#: Weight of the scale mismatch |log(D(c)/c)| against the confidence in choosing a candidate.
+MISMATCH_WEIGHT = 0.1
 #: With a known pixel size, nuclei are taken to be this many µm across at least and at most.
 PLAUSIBLE_UM = (3.5, 20.0)
 
@@ -291,9 +293,9 @@ def estimate_diameter_model(image, *, model=None, levels=None, crop: int = 384, 
     off the crop's edge) divided by the rescale factor. The model is most
     confident near the right scale — nuclei seen much too small are split
     into uncertain pieces, seen much too large they blur into uncertain
-    blobs — so the most confident candidate wins (among those within 0.01 of
-    it, the one with ``D(c)`` closest to ``c``), and one more pass at ``D(c)``
-    refines it. With ``pixel_size_um`` the candidates and the answer are kept
+    blobs — and there ``D(c) ≈ c``; the candidate with the highest confidence
+    minus :data:`MISMATCH_WEIGHT` × ``|log(D(c)/c)|`` wins, and one more pass
+    at ``D(c)`` refines it. With ``pixel_size_um`` the candidates and the answer are kept
     to nuclei of :data:`PLAUSIBLE_UM` µm. None when no nucleus is found at any scale.
     """
     from ._checks import check_image, check_positive
@@ -315,8 +317,7 @@ def estimate_diameter_model(image, *, model=None, levels=None, crop: int = 384, 
             seen.append((conf, abs(math.log(md / scale / c)), md / scale))
     if not seen:
         return None
-    top = max(s[0] for s in seen)
-    _, err, d = min((s for s in seen if s[0] >= top - 0.01), key=lambda s: s[1])
+    _, err, d = max(seen, key=lambda s: s[0] - MISMATCH_WEIGHT * s[1])
     scale, md, _ = _probe(m, img, d, levels, crop)
     if md is not None and abs(math.log(md / scale / d)) < err:
         d = md / scale
