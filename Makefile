@@ -24,7 +24,7 @@ DEB_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-ra
 	libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0 libxcb-shape0 \
 	libxcb-cursor0 libdbus-1-3 libgl1 libegl1 libfontconfig1 chromium
 
-.PHONY: setup setup-test sysdeps demo test screenshots bench bench-quick docs clean
+.PHONY: setup setup-test sysdeps demo test test-train screenshots bench bench-quick docs clean
 
 $(BIN)/python:
 	@echo "setup: creating $(VENV) ($(PYTHON) -m venv)"
@@ -72,6 +72,16 @@ screenshots: setup-test sysdeps
 	@d=$$(mktemp -d) && chromium --headless --no-sandbox --disable-gpu --no-first-run --user-data-dir=$$d \
 	  --screenshot=docs/images/qc-report.png --window-size=1280,2000 \
 	  "file://$(CURDIR)/$(DEMO_OUT)/sample/qc/report.html" 2>/dev/null; rc=$$?; rm -rf $$d; exit $$rc
+
+# the training smoke test, in a separate venv with the 'train' extra (PyTorch; ~1 GB)
+TRAIN_VENV ?= .venv-train
+$(TRAIN_VENV)/.qdplex-train: pyproject.toml
+	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/python -m pip install -q -e ".[train]" pytest pytest-timeout
+	touch $@
+
+test-train: $(TRAIN_VENV)/.qdplex-train
+	$(TRAIN_VENV)/bin/python -m pytest -q tests/test_segment_train.py
 
 docs: setup-test
 	@echo "docs: docs/cli.md from the parser, then the site into site/"

@@ -118,7 +118,7 @@ def test_batch_records_failures_and_goes_on(reference, cohort):
         rec = json.loads((out / name / "run.json").read_text())["batch"]
         assert rec["input_sha256"] == row["input_sha256"] and rec["complete"]
         cells = pd.read_csv(out / name / "cells.csv")
-        assert len(cells) > 20 and list(cells.columns[:1]) == ["CellID"]
+        assert len(cells) >= 18 and list(cells.columns[:1]) == ["CellID"]
     _assert_complete(out)
     run = json.loads((out / "run.json").read_text())
     assert run["versions"]["dask"] and run["host"]["cpu_count"] >= 1 and len(run["panel_sha256"]) == 64

@@ -167,8 +167,8 @@ def test_expand_nuclei_shares_fairly():
     # the gap of 6 pixels between nuclei is split 3 / 3
     row = cells[5]
     assert list(row[8:14]) == [3, 3, 3, 8, 8, 8]
-    # reach is 4 px beyond the nucleus on free sides
-    assert row[1] == 3 and row[0] == 0 and row[20] == 8 and row[21] == 0
+    # on free sides the reach is bounded by the spacing: 0.6 × 9 px − r (1.7 px) = 3.7 px < 4
+    assert row[2] == 3 and row[1] == 0 and row[19] == 8 and row[20] == 0
 
 
 def test_membrane_guided_expansion_follows_membrane():

@@ -277,7 +277,34 @@ def _cmd_export(args) -> int:
     return 0
 
 
-_REGISTRY = [_add_run, _add_synth, _add_report, _add_agree, _add_check_panel, _add_export]
+# --------------------------------------------------------------------------- train-nuclei
+def _add_train_nuclei(sub) -> None:
+    p = sub.add_parser(
+        "train-nuclei",
+        help="train a nucleus model on annotated images (needs the 'train' extra: PyTorch)",
+        description="Train qdplex's nucleus model (a small U-Net, see docs/models.md) on IMAGES/NAME.tif with "
+        "instance masks MASKS/NAME.tif, holding out a tenth of the images to choose the best weights, and write "
+        "it as ONNX to --out; use it with [segmentation] model = \"that.onnx\". Needs pip install 'qdplex[train]'.",
+    )
+    p.add_argument("images", metavar="IMAGES", type=Path, help="folder of 2-D .tif nuclear images")
+    p.add_argument("masks", metavar="MASKS", type=Path, help="folder of instance masks (same file names, 0 = background)")
+    p.add_argument("--out", type=Path, required=True, help="the ONNX model file to write")
+    p.add_argument("--minutes", type=float, default=60.0, help="training wall time (default 60)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_cmd_train_nuclei)
+
+
+def _cmd_train_nuclei(args) -> int:
+    from .segment.train import require_torch, train_nuclei
+
+    require_torch()
+    rec = train_nuclei(args.images, args.masks, args.out, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)
+    print(f"wrote {args.out}: {rec['steps']} steps in {rec['train_minutes']} min, best validation loss {rec['best_val_loss']}")
+    return 0
+
+
+_REGISTRY = [_add_run, _add_synth, _add_report, _add_agree, _add_check_panel, _add_export, _add_train_nuclei]
 
 
 #: Optional imports → the extra that brings them (pyproject.toml [project.optional-dependencies]).

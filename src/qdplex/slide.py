@@ -423,7 +423,7 @@ def _segment(unmixed, panel, px, store, tile, nw, segment_tiled, expand_nuclei, 
     nuclear = abund.plane(panel.nuclear_stain)
     nuclei = store.empty("nuclei", (H, W), np.uint32)
     seg_tile = int(segopts.get("tile", 2 * tile))
-    kw = {k: segopts[k] for k in ("method", "overlap", "diameter_um") if segopts.get(k) is not None}
+    kw = {k: segopts[k] for k in ("method", "model", "overlap", "diameter_um") if segopts.get(k) is not None}
     segment_tiled(nuclear, tile=seg_tile, pixel_size_um=px, out=nuclei, workers=nw, **kw)
     expand_px = float(segopts.get("expand_um", 5.0)) / px
     width_px = max(float(segopts.get("membrane_width_um", 1.0)) / px, 1.0)

@@ -69,3 +69,18 @@ def diameter_px(diameter_um, pixel_size_um) -> float | None:
             "(give the pixel size, or leave diameter_um out to estimate it)"
         )
     return d / check_positive(pixel_size_um, "pixel_size_um")
+
+
+def check_diameter(d: float, shape, what: str = "nuclear image") -> float:
+    """``d`` (pixels) when a nucleus that wide fits the image (≥ 0.5 px, ≤ the longer side), else SegmentationError.
+
+    Checked before anything is allocated, so that an absurd diameter (e.g. a
+    µm value given as pixels) fails at once instead of filling memory.
+    """
+    side = max(int(s) for s in shape)
+    if not (0.5 <= d <= side):
+        raise SegmentationError(
+            f"expected a nucleus diameter between 0.5 px and the image's longer side ({side} px) "
+            f"for the {what} of shape {tuple(int(s) for s in shape)}, found {d:.4g} px"
+        )
+    return float(d)

@@ -28,12 +28,12 @@ from scipy import ndimage as ndi
 
 from ..errors import SegmentationError
 from . import _kernels
-from ._checks import check_image, check_positive, diameter_px as _diameter_px
+from ._checks import check_diameter, check_image, check_positive, diameter_px as _diameter_px
 
 __all__ = ["segment_nuclei", "estimate_diameter", "background", "noise_sigma", "METHODS"]
 
-#: Nucleus segmentation backends.
-METHODS = ("classical", "cellpose", "stardist")
+#: Nucleus segmentation backends: ``"auto"`` is qdplex's own ONNX model (:mod:`.infer`).
+METHODS = ("auto", "classical", "cellpose", "stardist")
 
 #: Images of more than 4 × TILE² pixels are segmented in TILE × TILE tiles (see :mod:`.tiles`).
 TILE = 1024
@@ -441,12 +441,35 @@ def classical_nuclei(
 
 
 # --------------------------------------------------------------------------- public
+def resolve_method(method: str, model=None) -> str:
+    """The backend that runs for ``method``: ``"auto"`` falls back to ``"classical"`` without onnxruntime.
+
+    The fallback warns; when a ``model`` file was asked for explicitly it is an
+    error instead.
+    """
+    if method not in METHODS:
+        raise SegmentationError(f"expected a segmentation method in {METHODS}, found {method!r}")
+    if method == "auto":
+        from . import infer
+
+        if not infer.available():
+            if model is not None:
+                raise SegmentationError(
+                    f"expected onnxruntime to run the nucleus model {model}, found it not installed (pip install onnxruntime)"
+                )
+            import warnings
+
+            warnings.warn("onnxruntime is not installed: segmenting nuclei with method='classical'", stacklevel=3)
+            return "classical"
+    return method
+
+
 def segment_nuclei(
     image2d,
     *,
     diameter_um: float | None = None,
     pixel_size_um: float | None = None,
-    method: str = "classical",
+    method: str = "auto",
     diameter_px: float | None = None,
     model: str | None = None,
 ) -> np.ndarray:
@@ -458,20 +481,25 @@ def segment_nuclei(
         Y×X nuclear-stain image (DAPI / Hoechst abundance or channel), any numeric
         dtype; dask arrays are computed.
     diameter_um : float, optional
-        Typical nucleus diameter in µm (needs ``pixel_size_um``). Estimated from
-        the image (:func:`estimate_diameter`) when neither this nor
-        ``diameter_px`` is given.
+        Typical nucleus diameter in µm (needs ``pixel_size_um``). When neither
+        this nor ``diameter_px`` is given it is measured from the image: by the
+        model itself for ``"auto"`` (:func:`qdplex.segment.infer.estimate_diameter_model`,
+        kept to nuclei of 3.5–20 µm when ``pixel_size_um`` is known), by
+        :func:`estimate_diameter` for ``"classical"``.
     pixel_size_um : float, optional
         Pixel size in µm.
-    method : {"classical", "cellpose", "stardist"}
-        ``"classical"`` (default) is model-free. The deep-learning backends are
-        used only when their package and weights are already installed locally;
-        nothing is ever downloaded, and a :class:`~qdplex.errors.SegmentationError`
-        says what is missing otherwise.
+    method : {"auto", "classical", "cellpose", "stardist"}
+        ``"auto"`` (default) runs qdplex's nucleus model (the one shipped in the
+        package, or ``model``) with onnxruntime, offline; without onnxruntime it
+        falls back to ``"classical"`` with a warning. ``"classical"`` is
+        model-free. The deep-learning backends are used only when their package
+        and weights are already installed locally; nothing is ever downloaded,
+        and a :class:`~qdplex.errors.SegmentationError` says what is missing otherwise.
     diameter_px : float, optional
         Typical nucleus diameter in pixels (overrides ``diameter_um``).
     model : str, optional
-        Deep backends only: a model name or a local model path.
+        ``"auto"``: path of an ONNX nucleus model (e.g. from ``qdplex train-nuclei``)
+        instead of the shipped one. Deep backends: a model name or a local model path.
 
     Returns
     -------
@@ -483,7 +511,9 @@ def segment_nuclei(
     ------
     SegmentationError
         On an empty array, wrong dimensions, NaN or infinite pixels, a
-        non-numeric dtype, an unknown method, or an unavailable deep backend.
+        non-numeric dtype, an unknown method, a nucleus diameter that does not
+        fit the image, an image smaller than a nucleus at the model's scale, a
+        missing or unreadable model file, or an unavailable deep backend.
 
     Examples
     --------
@@ -493,18 +523,32 @@ def segment_nuclei(
     >>> labels.dtype, labels.shape
     (dtype('uint32'), (256, 256))
     """
-    if method not in METHODS:
-        raise SegmentationError(f"expected a segmentation method in {METHODS}, found {method!r}")
+    method = resolve_method(method, model)
     img = check_image(image2d, "nuclear image")
     d = check_positive(diameter_px, "nucleus diameter in pixels") if diameter_px is not None else None
     if d is None:
         d = _diameter_px(diameter_um, pixel_size_um)
-    if method != "classical":
+    if d is not None:
+        check_diameter(d, img.shape)
+    if method not in ("classical", "auto"):
         from . import deep
 
         return deep.segment(img, d, method=method, model=model)
     if not np.ptp(img) > 0:  # a blank field: nothing to find
         return np.zeros(img.shape, np.uint32)
+    if method == "auto":
+        from . import infer
+
+        m = infer.load_model(model)
+        if d is None:
+            d = infer.estimate_diameter_model(img, model=m, pixel_size_um=pixel_size_um)
+            if d is None:
+                return np.zeros(img.shape, np.uint32)
+        if img.size > 16 * TILE * TILE:  # the network tiles internally; beyond 4096², tiles of 2048²
+            from .tiles import segment_tiled
+
+            return segment_tiled(img, tile=2 * TILE, diameter_px=d, method="auto", model=model)
+        return infer.model_nuclei(img, d, model=m)
     if d is None:
         d = estimate_diameter(img)
     if img.size > 4 * TILE * TILE:

@@ -17,9 +17,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import SegmentationError
-from ._checks import check_image, check_positive, check_shape, diameter_px as _diameter_px
+from ._checks import check_diameter, check_image, check_positive, check_shape, diameter_px as _diameter_px
 from .nuclei import (
-    METHODS,
     _upsample,
     background_block,
     background_grids,
@@ -27,6 +26,7 @@ from .nuclei import (
     classical_nuclei,
     estimate_diameter,
     noise_sigma,
+    resolve_method,
     segment_nuclei,
     smoothed_noise,
     smoothing_sigma,
@@ -69,7 +69,11 @@ def _tile_objects(block, core, d, method, model, grids, k, offset, noise):
     ``core`` is (y0, y1, x0, x1) in the tile's own coordinates.
     """
     img = check_image(block, "nuclear image")
-    if method == "classical":
+    if method == "auto":
+        from .infer import model_nuclei
+
+        lab = model_nuclei(img, d, model=model, levels=grids, origin=offset)
+    elif method == "classical":
         if not np.ptp(img) > 0:
             return np.zeros(img.shape, np.uint32), np.zeros(0, np.int64)
         bg, sig = (_upsample(g, k, img.shape, offset) for g in grids)
@@ -105,7 +109,7 @@ def segment_tiled(
     diameter_um: float | None = None,
     pixel_size_um: float | None = None,
     diameter_px: float | None = None,
-    method: str = "classical",
+    method: str = "auto",
     model: str | None = None,
     out=None,
     workers: int | None = None,
@@ -117,9 +121,12 @@ def segment_tiled(
     holds its centroid and is written whole, also where it reaches into the
     next core; a nucleus found again by a neighbour (centroid on the border) is
     recognised by its overlap with the one already written and skipped. IDs are
-    global and sequential in tile order. The nucleus scale, noise level and
-    background are measured once for the slide (scale and noise on a central
-    crop, the background grid chunk by chunk), so tiles decide alike. Tiles are
+    global and sequential in tile order. Whatever depends on more than a
+    neighbourhood is measured once for the slide, so tiles decide alike: for
+    the model (``"auto"``) the nucleus scale and the intensity normalisation on
+    a central crop, and every tile is resampled on the slide's grid; for
+    ``"classical"`` the scale and noise on a central crop and the background
+    grid chunk by chunk. Tiles are
     read a few at a time (``workers``), so working memory is bounded by the tile
     size, not the slide; pass ``out`` (e.g. a ``numpy.memmap`` or zarr array) to
     keep the labels themselves out of memory.
@@ -131,14 +138,16 @@ def segment_tiled(
     tile : int
         Side of a tile's core in pixels (≥ 16).
     overlap : int, optional
-        Border read around each core; default twice the nucleus diameter.
+        Border read around each core; default four nucleus diameters for the
+        model (its field of view), two for the other methods.
     diameter_um, pixel_size_um, diameter_px :
         Nucleus scale, as in :func:`segment_nuclei`; estimated once for the
         slide when none is given.
-    method : {"classical", "cellpose", "stardist"}
-        Nucleus segmentation backend.
+    method : {"auto", "classical", "cellpose", "stardist"}
+        Nucleus segmentation backend (see :func:`qdplex.segment.segment_nuclei`).
     model : str, optional
-        Deep backends: model name or local path.
+        ``"auto"``: an ONNX model file instead of the shipped one; deep backends:
+        model name or local path.
     out : array-like, optional
         Y×X uint32 array to write into.
     workers : int, optional
@@ -151,8 +160,7 @@ def segment_tiled(
     """
     import dask
 
-    if method not in METHODS:
-        raise SegmentationError(f"expected a segmentation method in {METHODS}, found {method!r}")
+    method = resolve_method(method, model)
     if not (isinstance(tile, (int, np.integer)) and tile >= 16):
         raise SegmentationError(f"expected a tile size of at least 16 pixels, found {tile!r}")
     arr = _as_dask(nuclear, tile)
@@ -160,6 +168,8 @@ def segment_tiled(
     d = check_positive(diameter_px, "nucleus diameter in pixels") if diameter_px is not None else None
     if d is None:
         d = _diameter_px(diameter_um, pixel_size_um)
+    if d is not None:
+        check_diameter(d, (H, W))
     if out is None:
         out = np.zeros((H, W), np.uint32)
     elif tuple(out.shape) != (H, W):
@@ -177,7 +187,25 @@ def segment_tiled(
         noise = noise_sigma(probe)
         k = background_block(d)
         grids = _slide_grids(arr, d, noise, tile)
-    ov = int(overlap) if overlap is not None else int(math.ceil(2.0 * (d or 30.0)))
+    elif method == "auto":
+        from .infer import estimate_diameter_model, load_model
+        from .model import normalise_levels
+
+        ph, pw = min(H, _PROBE), min(W, _PROBE)
+        y0, x0 = (H - ph) // 2, (W - pw) // 2
+        probe = check_image(arr[y0 : y0 + ph, x0 : x0 + pw].compute(), "nuclear image")
+        grids = normalise_levels(probe)  # the slide's intensity normalisation
+        if not grids[1] > grids[0]:
+            if not float(arr.max().compute()) > float(arr.min().compute()):
+                return out  # a blank slide
+            step = max(1, int(math.sqrt(H * W / 4e6)))
+            grids = normalise_levels(np.asarray(arr[::step, ::step].compute()))
+        model = load_model(model)
+        if d is None:
+            d = estimate_diameter_model(probe, model=model, levels=grids, pixel_size_um=pixel_size_um)
+            if d is None:
+                return out  # no nucleus in the probe at any scale
+    ov = int(overlap) if overlap is not None else int(math.ceil((4.0 if method == "auto" else 2.0) * (d or 30.0)))
     if ov < 0:
         raise SegmentationError(f"expected a non-negative overlap, found {overlap!r}")
     margin = 0.25 * (d or 30.0)
