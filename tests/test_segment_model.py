@@ -203,7 +203,7 @@ def test_panel_method_auto_default_and_model_relative_to_the_panel(tmp_path):
     text = text.replace('control = "controls/', f'control = "{ROOT}/sample_data/controls/')
     p = tmp_path / "panel.toml"
     p.write_text(text)
-    assert read_panel(p).segmentation["method"] == "auto"  # the default
+    assert read_panel(p).settings.segmentation.method == "auto"  # the default
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "mine.onnx").write_bytes(infer.DEFAULT_MODEL.read_bytes())
     body = text.replace("[segmentation]\n", '[segmentation]\nmodel = "models/mine.onnx"\n')

@@ -168,6 +168,10 @@ def label_layers(nuclei, cells, *, table=None, state=None, pixel_size_um=None, s
 
 def _unmix_offset(result) -> float:
     """The camera offset the pipeline removed before unmixing (as :func:`qdplex.slide.run_slide` picks it)."""
+    used = getattr(result.unmixed, "offset", None)  # given, from the file, or estimated from the slide
+    if used is not None:
+        used = np.asarray(used, dtype=float)
+        return float(used.flat[0]) if used.size and np.all(used == used.flat[0]) else used
     v = result.panel.camera_offset_for(result.image)
     return 0.0 if v is None else v
 

@@ -179,9 +179,24 @@ def read_output_folder(path) -> list[tuple]:
             "library": library,
             "image": image,
             "folder": str(folder),
+            **_recorded_fit(run),
         }
         layers += label_layers(nuclei, cells, table=table, state=state, pixel_size_um=pixel_size, slide=slide)
     return layers
+
+
+def _recorded_fit(run: dict) -> dict:
+    """The mixing matrix, its endmembers and the camera offset the slide was unmixed with,
+    as ``run.json`` records them (``stages.unmixing``); empty when not recorded."""
+    rec = ((run or {}).get("stages") or {}).get("unmixing") or {}
+    out: dict = {}
+    if rec.get("matrix") and rec.get("endmembers"):
+        out["matrix"], out["endmembers"] = np.asarray(rec["matrix"], dtype=float), list(rec["endmembers"])
+    values = (rec.get("offset") or {}).get("values")
+    if values is not None:
+        v = np.asarray(values, dtype=float)
+        out["offset"] = float(v.flat[0]) if v.size and np.all(v == v.flat[0]) else v
+    return out
 
 
 def _labels(path: Path) -> np.ndarray:

@@ -54,7 +54,14 @@ def available() -> bool:
 
 
 class NucleusModel:
-    """An ONNX nucleus model: ``probabilities`` of background / interior / boundary per pixel."""
+    """An ONNX nucleus model: ``probabilities`` of background / interior / boundary per pixel.
+
+    Pickles as its path (an onnxruntime session cannot be pickled): a dask worker that
+    receives a tile task loads the model once itself, from the same file.
+    """
+
+    def __reduce__(self):
+        return (load_model, (str(self.path),))
 
     def __init__(self, path):
         self.path = Path(path)

@@ -307,6 +307,9 @@ class UnmixResult:
             "endmembers": names,
             "sources": dict(sources),
             "channels": list(self.channels),
+            # the mixing matrix actually used (C×K, rows = channels, columns = endmembers;
+            # refined spectra included): a viewer refits any pixel exactly from it
+            "matrix": None if self.matrix is None else np.asarray(self.matrix, dtype=float).tolist(),
             "offset": dict(self.offset_record),
             "refinement": dict(self.refinement),
             "autofluorescence": self.autofluorescence,
