@@ -92,7 +92,7 @@ def test_cli_run_prints_header_progress_and_one_summary(tmp_path, capfd, monkeyp
     assert s["cells_csv"] == str(tmp_path / "OUT" / "sample" / "cells.csv") and s["report_html"] is None
 
 
-@pytest.mark.parametrize("module, extra", [("sklearn", "stats"), ("ome_zarr", "omezarr"), ("spatialdata", "spatialdata")])
+@pytest.mark.parametrize("module, extra", [("imagecodecs", "codecs"), ("ome_zarr", "omezarr"), ("spatialdata", "spatialdata")])
 def test_a_missing_optional_package_names_its_extra(module, extra, monkeypatch, capsys):
     import qdplex.cli as cli
 

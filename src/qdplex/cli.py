@@ -308,7 +308,7 @@ _REGISTRY = [_add_run, _add_synth, _add_report, _add_agree, _add_check_panel, _a
 
 
 #: Optional imports → the extra that brings them (pyproject.toml [project.optional-dependencies]).
-_EXTRAS = {"sklearn": "stats", "ome_zarr": "omezarr", "imagecodecs": "codecs", "spatialdata": "spatialdata",
+_EXTRAS = {"ome_zarr": "omezarr", "imagecodecs": "codecs", "spatialdata": "spatialdata",
            "napari": "napari"}
 
 
