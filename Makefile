@@ -27,8 +27,9 @@ DEB_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-ra
 .PHONY: setup setup-test sysdeps demo test test-train screenshots bench bench-quick docs clean
 
 $(BIN)/python:
-	@echo "setup: creating $(VENV) ($(PYTHON) -m venv)"
+	@echo "setup: creating $(VENV) ($(PYTHON) -m venv) with a current pip (older resolvers give up on the test extras)"
 	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 
 $(CORE): pyproject.toml | $(BIN)/python
 	@echo "setup: installing qdplex and its core dependencies into $(VENV)"
