@@ -682,11 +682,13 @@ def _not_ours(folder: Path) -> str:
     """Why ``folder`` is not a slide folder that qdplex wrote ("" when it is)."""
     if folder.is_symlink() or not folder.is_dir():
         return "a file or link, not a folder"
+    from .outputs import read_run_record
+
     try:
-        doc = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = read_run_record(folder)
+    except QdplexError:
         return "no qdplex run.json in it"
-    rec = doc.get(RECORD_KEY) if isinstance(doc, dict) else None
+    rec = doc.get(RECORD_KEY)
     if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), dict):
         return "a run.json without qdplex's completion record"
     listed = set(rec["outputs"]) | {"run.json"}

@@ -38,7 +38,7 @@ __all__ = [
     "write_slide", "slide_record", "write_run_record", "read_run_record", "panel_from_record",
     "write_json", "read_json",
     # the batch's completion record and manifest
-    "seal", "completion_record", "refresh_output_hash", "write_manifest", "manifest_for_csv", "read_manifest",
+    "seal", "completion_record", "register_outputs", "write_manifest", "manifest_for_csv", "read_manifest",
 ]
 
 #: Image output formats (``qdplex run --format``) and the suffix of their files.
@@ -342,21 +342,44 @@ def completion_record(slide_dir) -> dict | None:
     return rec
 
 
-def refresh_output_hash(slide_dir, written) -> None:
-    """Keep the completion record true after rewriting one of its outputs (a rebuilt report)."""
+def register_outputs(slide_dir, written) -> bool:
+    """Keep the completion record true after qdplex writes into a finished slide folder.
+
+    Each path in ``written`` (a file, or a folder such as ``spatialdata.zarr``) inside
+    ``slide_dir`` gets its files' SHA-256 in the record, replacing what an earlier write
+    of the same path recorded: a rebuilt QC report, an export. ``qdplex run`` replaces a
+    folder (``--force``) only when the record lists every file in it, so this keeps
+    that true. Paths outside the folder and folders without a record are left alone.
+
+    Returns
+    -------
+    bool
+        Whether the record was updated.
+    """
     from .provenance import file_sha256
 
-    slide_dir, written = Path(slide_dir), Path(written)
+    slide_dir = Path(slide_dir).resolve()
     try:
         doc = read_run_record(slide_dir)
     except InputError:
-        return
+        return False
     rec = doc.get(RECORD_KEY)
-    rel = written.relative_to(slide_dir).as_posix()
-    if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), dict) or rel not in rec["outputs"]:
-        return
-    rec["outputs"][rel] = file_sha256(written)
+    if not isinstance(rec, dict) or not isinstance(rec.get("outputs"), dict):
+        return False
+    added, replaced = {}, []
+    for w in (Path(p).resolve() for p in written):
+        if not w.is_relative_to(slide_dir):
+            continue
+        replaced.append(w.relative_to(slide_dir).as_posix())
+        for f in ([w] if w.is_file() else sorted(p for p in w.rglob("*") if p.is_file())):
+            added[f.relative_to(slide_dir).as_posix()] = file_sha256(f)
+    if not added:
+        return False
+    for k in [k for k in rec["outputs"] if any(k == r or k.startswith(r + "/") for r in replaced)]:
+        del rec["outputs"][k]
+    rec["outputs"].update(added)
     write_run_record(slide_dir, doc)
+    return True
 
 
 # --------------------------------------------------------------------------- manifest

@@ -576,7 +576,7 @@ def slide_report_from_outputs(slide_dir, *, max_side: int = 1024) -> Path:
             library = channels = None
     path = write_slide_report(slide_dir, panel=panel, record=rec, library=library, channels=channels,
                               max_side=max_side)
-    outputs.refresh_output_hash(slide_dir, path)
+    outputs.register_outputs(slide_dir, [path])
     return path
 
 

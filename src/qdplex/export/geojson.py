@@ -189,7 +189,8 @@ def write_cells_geojson(slide_dir, out_path=None) -> Path:
         The written file.
     """
     from ..io import atomic_path, read_labels
-    from ._slide import read_slide_outputs, register_outputs
+    from ..outputs import register_outputs
+    from ._slide import read_slide_outputs
 
     s = read_slide_outputs(slide_dir)
     out = Path(out_path) if out_path is not None else s.folder / "cells.geojson"

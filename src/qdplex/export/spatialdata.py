@@ -134,7 +134,7 @@ def write_spatialdata(slide_dir, out_path=None, *, raw=None) -> Path:
         The written ``.zarr`` folder (read it with ``spatialdata.read_zarr``).
     """
     from ..io import atomic_path
-    from ._slide import register_outputs
+    from ..outputs import register_outputs
 
     out = Path(out_path) if out_path is not None else Path(slide_dir) / "spatialdata.zarr"
     sdata = to_spatialdata(slide_dir, raw=raw)
