@@ -20,7 +20,6 @@ the identity of the run and the SHA-256 of every output file).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -114,14 +113,14 @@ def report_path(slide_dir) -> Path:
 
 
 def bad_slide_name(name: str) -> str:
-    """Why ``name`` cannot be a folder in OUT ("" when it can)."""
+    """Why ``name`` cannot be a folder in OUT ("" when it can): not a plain file name
+    (:func:`qdplex.io.checks.plain_name_problem`), or a name of the batch's own files."""
+    from .io.checks import plain_name_problem
+
     name = str(name)
-    if not name or not name.strip():
-        return "empty"
-    if name in (".", "..") or set(name) <= {"."}:
-        return "only dots"
-    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        return "a path separator"
+    problem = plain_name_problem(name)
+    if problem:
+        return problem
     if name in RESERVED_NAMES:
         return "a name qdplex uses for its own files"
     return ""

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["path_kind", "require_regular", "resolve_input", "check_pixel_dtype", "check_plain_name", "quotable_header",
+__all__ = ["path_kind", "require_regular", "resolve_input", "check_pixel_dtype", "check_plain_name", "plain_name_problem", "quotable_header",
            "MAX_CHUNK_BYTES"]
 
 #: Largest decoded chunk (Zarr chunk, compressed TIFF strip or tile) a reader allocates.
@@ -97,30 +97,35 @@ def check_pixel_dtype(dtype, *, path) -> np.dtype:
                      path=path)
 
 
-def check_plain_name(name, *, what: str = "a slide name", error=None) -> str:
-    """``name`` when it is a plain file name; else an error (an :class:`~qdplex.errors.OutputError` by default).
+def plain_name_problem(name) -> str:
+    """Why ``name`` is not a plain file name ("" when it is).
 
     A plain name is non-empty, is not only dots (``.``, ``..``), holds no path separator
     or NUL and does not start with a dot (hidden files are never slides), so a file
     named after it stays inside the folder it is written to.
     """
+    n = name if isinstance(name, str) else ""
+    if not n.strip():
+        return "an empty name"
+    if set(n) <= {"."}:
+        return "only dots"
+    if any(c in n for c in ("/", "\\", "\0")) or os.sep in n or (os.altsep and os.altsep in n):
+        return "a path separator"
+    if n.startswith("."):
+        return "a hidden name (leading dot)"
+    return ""
+
+
+def check_plain_name(name, *, what: str = "a slide name", error=None) -> str:
+    """``name`` when it is a plain file name (:func:`plain_name_problem`); else an error
+    (an :class:`~qdplex.errors.OutputError` by default)."""
     from ..errors import OutputError
 
-    error = error or OutputError
-    n = name if isinstance(name, str) else ""
-    problem = ""
-    if not n.strip():
-        problem = "an empty name"
-    elif set(n) <= {"."}:
-        problem = "only dots"
-    elif any(c in n for c in ("/", "\\", "\0")) or os.sep in n or (os.altsep and os.altsep in n):
-        problem = "a path separator"
-    elif n.startswith("."):
-        problem = "a hidden name (leading dot)"
+    problem = plain_name_problem(name)
     if problem:
-        raise error(f"expected {what} that is a plain file name (no path separators, not '.' or '..', "
-                    f"no leading dot), found {problem}: {name!r}")
-    return n
+        raise (error or OutputError)(f"expected {what} that is a plain file name (no path separators, not '.' "
+                                     f"or '..', no leading dot), found {problem}: {name!r}")
+    return name
 
 
 _HEADER_FIELD = re.compile(r"[\w .()/µ-]{0,40}")
