@@ -25,6 +25,14 @@ def breast_panel_path() -> Path:
     return PIPELINES / "breast-5plex.toml"
 
 
+@pytest.fixture(scope="session")
+def panel(breast_panel_path):
+    """The breast five-plex panel (a module may define its own ``panel`` instead)."""
+    from qdplex.panel import read_panel
+
+    return read_panel(breast_panel_path)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def checkout_before():
     """The checkout's git status before the first test (test_checkout.py compares after the last)."""

@@ -29,13 +29,6 @@ BIN = Path(sys.executable).parent
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def panel(breast_panel_path):
-    from qdplex.panel import read_panel
-
-    return read_panel(breast_panel_path)
-
-
-@pytest.fixture(scope="module")
 def cohort(tmp_path_factory, panel):
     """good/ with N_GOOD small synthetic slides, bad/ with a truncated and a garbage slide."""
     from qdplex.synth import make_slide, write_slide

@@ -23,11 +23,6 @@ MCQUANT_MORPH = ["X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAx
 
 
 @pytest.fixture(scope="module")
-def panel(breast_panel_path):
-    return qdplex.read_panel(breast_panel_path)
-
-
-@pytest.fixture(scope="module")
 def slide(panel):
     return make_slide(panel, shape=(384, 384), pixel_size_um=0.5, seed=7, name="e2e")
 

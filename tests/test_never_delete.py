@@ -19,13 +19,6 @@ SHAPE = (96, 96)
 
 
 @pytest.fixture(scope="module")
-def panel(breast_panel_path):
-    from qdplex.panel import read_panel
-
-    return read_panel(breast_panel_path)
-
-
-@pytest.fixture(scope="module")
 def two_slides(tmp_path_factory, panel):
     from qdplex.synth import make_slide, write_slide
 

@@ -1,12 +1,8 @@
 """Per-cell statistics by label-indexed accumulation.
 
-One pass over each image block adds, for every cell and compartment, the pixel
-count and each channel's sum, sum of squares (and, on request, minimum and
-maximum) into an :class:`Accumulator`; the same pass adds the cell's raw shape
-moments, bounding box, perimeter contributions and the row extents whose convex
-hull gives the convex area. Every one of these combines exactly across blocks, so
-a whole slide can be quantified tile by tile (:func:`accumulate_block` per tile,
-then :func:`finalize`) and gives the same table as one call on the whole image.
+One pass over each image block accumulates every cell's sums and shape moments,
+which combine exactly across blocks (:mod:`qdplex.quantify.accumulate`), so a whole
+slide quantified tile by tile gives the same table as one call on the whole image.
 Median and quantiles are exact per cell with memory bounded by a tile: each tile
 gives the cells whose centroid it holds (:mod:`qdplex.quantify.order`).
 
