@@ -56,3 +56,37 @@ def test_cli_train_nuclei(tmp_path):
                  "--max-steps", "3", "--minutes", "1"]) == 0
     assert out.is_file()
     assert main(["train-nuclei", str(tmp_path / "nope"), str(tmp_path / "masks"), "--out", str(out)]) == 2
+
+
+def test_fine_tune_starts_from_the_shipped_weights(tmp_path):
+    """``init`` loads an exported model exactly (batch norms folded in) and fine-tunes it."""
+    from qdplex.segment import infer
+    from qdplex.segment.train import build_net, load_onnx_weights, train_nuclei
+
+    net = build_net(norm=False)
+    load_onnx_weights(net, infer.DEFAULT_MODEL)
+    net.eval()
+    x = np.random.default_rng(0).random((1, 1, 48, 64)).astype(np.float32)
+    with torch.no_grad():
+        mine = torch.softmax(net(torch.from_numpy(x)), 1).numpy()[0]
+    assert np.abs(mine - infer.load_model().probabilities(x[0, 0])).max() < 1e-4
+
+    _write_pairs(tmp_path, n=2, seed=7)
+    out = tmp_path / "ft.onnx"
+    rec = train_nuclei(tmp_path / "images", tmp_path / "masks", out, max_steps=2, crop=64, batch_size=2,
+                       init=infer.DEFAULT_MODEL, lr=5e-4, log=lambda s: None)
+    m = infer.load_model(out)
+    assert rec["init"] == "nuclei.onnx" and "--init" in m.card["command"]
+
+
+def test_fine_tune_refuses_a_model_of_another_shape(tmp_path):
+    from qdplex.errors import SegmentationError
+    from qdplex.segment import infer
+    from qdplex.segment.train import build_net, load_onnx_weights
+
+    with pytest.raises(SegmentationError, match="expected a weight of shape"):
+        load_onnx_weights(build_net(base=8, norm=False), infer.DEFAULT_MODEL)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(SegmentationError, match="bad.onnx"):
+        load_onnx_weights(build_net(norm=False), bad)

@@ -152,6 +152,9 @@ def main(argv=None):
     t.add_argument("--minutes", type=float, default=60.0)
     t.add_argument("--synthetic", type=int, default=240)
     t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--init", default=None, help="fine-tune this exported model (e.g. the shipped nuclei.onnx) instead of starting from random weights")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3; 5e-4 suits fine-tuning)")
+    t.add_argument("--weights", default="0.3,0.4,0.3", help="sampling probabilities of bbbc039,dsb2018_fluo,synthetic")
     c = sub.add_parser("card", help="add held-out figures (bench_segment.py --json) to the model's metadata card")
     c.add_argument("results", help="JSON written by benchmarks/bench_segment.py --json")
     c.add_argument("--model", default=str(ROOT / "src/qdplex/segment/models/nuclei.onnx"))
@@ -184,7 +187,7 @@ def main(argv=None):
     rec = train(
         sets,
         a.out,
-        weights={"bbbc039": 0.3, "dsb2018_fluo": 0.4, "synthetic": 0.3},
+        weights=dict(zip(("bbbc039", "dsb2018_fluo", "synthetic"), (float(v) for v in a.weights.split(",")))),
         val=val,
         minutes=a.minutes,
         max_steps=a.max_steps,
@@ -193,6 +196,8 @@ def main(argv=None):
         seed=SEED,
         workdir=a.workdir,
         card=card,
+        init=a.init,
+        lr=a.lr,
         log=lambda s: print(s, flush=True),
     )
     print(json.dumps(rec), flush=True)

@@ -292,6 +292,9 @@ def _add_train_nuclei(sub) -> None:
     p.add_argument("--minutes", type=float, default=60.0, help="training wall time (default 60)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--init", metavar="MODEL", default=None,
+                   help="fine-tune this ONNX nucleus model ('shipped' = the model inside qdplex) instead of training from scratch")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3, or 5e-4 with --init)")
     p.set_defaults(func=_cmd_train_nuclei)
 
 
@@ -299,7 +302,12 @@ def _cmd_train_nuclei(args) -> int:
     from .segment.train import require_torch, train_nuclei
 
     require_torch()
-    rec = train_nuclei(args.images, args.masks, args.out, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)
+    init = args.init
+    if init == "shipped":
+        from .segment.infer import DEFAULT_MODEL as init
+    lr = args.lr if args.lr is not None else (2e-3 if init is None else 5e-4)
+    rec = train_nuclei(args.images, args.masks, args.out, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed,
+                       init=init, lr=lr)
     print(f"wrote {args.out}: {rec['steps']} steps in {rec['train_minutes']} min, best validation loss {rec['best_val_loss']}")
     return 0
 

@@ -31,7 +31,7 @@ from scipy import ndimage as ndi
 from ..errors import InputError, SegmentationError
 from .model import NOMINAL_DIAMETER, median_diameter, normalise, normalise_levels, targets
 
-__all__ = ["Item", "build_net", "load_pairs", "train", "train_nuclei", "export_onnx", "require_torch"]
+__all__ = ["Item", "build_net", "load_onnx_weights", "load_pairs", "train", "train_nuclei", "export_onnx", "require_torch"]
 
 #: Cross-entropy weights of background, interior, boundary.
 CLASS_WEIGHTS = (1.0, 1.0, 2.0)
@@ -112,12 +112,23 @@ def load_pairs(images_dir, masks_dir, *, source: str = "", names=None) -> list[I
 
 
 # --------------------------------------------------------------------------- network
-def build_net(base: int = 16, depth: int = 3):
-    """The U-Net: ``depth`` poolings, ``base`` channels at full resolution, doubling per level."""
+def build_net(base: int = 16, depth: int = 3, *, norm: bool = True):
+    """The U-Net: ``depth`` poolings, ``base`` channels at full resolution, doubling per level.
+
+    ``norm=False`` builds the same network with the batch norms folded into
+    the convolutions (biased convolutions, no normalisation layers): the form
+    an exported model has, used to fine-tune from an ONNX file
+    (:func:`load_onnx_weights`).
+    """
     torch = require_torch()
     nn = torch.nn
 
     def block(cin, cout):
+        if not norm:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
+            )
         return nn.Sequential(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
             nn.BatchNorm2d(cout),
@@ -148,6 +159,43 @@ def build_net(base: int = 16, depth: int = 3):
             return self.head(x)
 
     return UNet()
+
+
+def load_onnx_weights(net, path) -> None:
+    """Copy the weights of an exported nucleus model (``path``) into ``net`` (a ``build_net(norm=False)``).
+
+    The export folds each batch norm into its convolution, so the ONNX graph's
+    convolutions, in order, are the network's ``Conv2d`` layers in order, and
+    its transposed convolutions keep their names. Raises SegmentationError
+    naming the file when the shapes do not match.
+    """
+    torch = require_torch()
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:
+        raise SegmentationError(f"expected an ONNX nucleus model in {path}, found an unreadable file ({exc})") from exc
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    ups = {name: m for name, m in net.named_modules() if isinstance(m, torch.nn.ConvTranspose2d)}
+    if len(convs) != len(layers):
+        raise SegmentationError(f"expected {len(layers)} convolutions in {path} (a qdplex nucleus model of this size), found {len(convs)}")
+    pairs = [(layer.weight, init.get(n.input[1])) for layer, n in zip(layers, convs)]
+    pairs += [(layer.bias, init.get(n.input[2]) if len(n.input) > 2 else None) for layer, n in zip(layers, convs)]
+    for name, m in ups.items():
+        pairs += [(m.weight, init.get(f"inner.{name}.weight")), (m.bias, init.get(f"inner.{name}.bias"))]
+    with torch.no_grad():
+        for param, value in pairs:
+            if value is None or tuple(value.shape) != tuple(param.shape):
+                raise SegmentationError(
+                    f"expected a weight of shape {tuple(param.shape)} in {path}, "
+                    f"found {None if value is None else tuple(value.shape)}"
+                )
+            param.copy_(torch.from_numpy(np.array(value, dtype=np.float32)))
 
 
 # --------------------------------------------------------------------------- crops
@@ -243,6 +291,7 @@ def train(
     base: int = 16,
     workdir=None,
     card: dict | None = None,
+    init=None,
     log=print,
     log_every: int = 50,
 ) -> dict:
@@ -265,6 +314,10 @@ def train(
         Where the checkpoint ``ckpt.pt`` lives (resumed when present); next to ``out`` by default.
     card : dict, optional
         Model-card entries written to the ONNX metadata (with the training record).
+    init : path, optional
+        Fine-tune: start from the weights of this exported nucleus model (e.g.
+        the shipped one, :data:`qdplex.segment.infer.DEFAULT_MODEL`) instead of
+        random ones; the network then has its batch norms folded in.
     log, log_every :
         ``log(json_line)`` with the mean training loss every ``log_every`` steps.
 
@@ -287,7 +340,9 @@ def train(
     w /= w.sum()
     set_list = [sets[k] for k in names]
 
-    net = build_net(base=base)
+    net = build_net(base=base, norm=init is None)
+    if init is not None:
+        load_onnx_weights(net, init)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     cw = torch.tensor(CLASS_WEIGHTS, dtype=torch.float32)
     state = {"step": 0, "elapsed": 0.0, "best": math.inf, "history": [], "best_state": None}
@@ -373,6 +428,7 @@ def train(
         "lr": lr,
         "seed": seed,
         "base_channels": base,
+        "init": None if init is None else Path(init).name,
         "nominal_diameter_px": NOMINAL_DIAMETER,
         "sets": {k: len(sets[k]) for k in names},
         "set_weights": dict(zip(names, [round(float(v), 3) for v in w])),
@@ -429,7 +485,8 @@ def export_onnx(net, out, *, card: dict | None = None) -> Path:
 
 
 def train_nuclei(images, masks, out, *, minutes: float = 60.0, max_steps: int | None = None, val_fraction: float = 0.1,
-                 seed: int = 0, crop: int = 128, batch_size: int = 8, log=print, log_every: int = 50) -> dict:
+                 seed: int = 0, crop: int = 128, batch_size: int = 8, init=None, lr: float = 2e-3,
+                 log=print, log_every: int = 50) -> dict:
     """Train a nucleus model on a user's annotated images (``qdplex train-nuclei``).
 
     Parameters
@@ -447,6 +504,10 @@ def train_nuclei(images, masks, out, *, minutes: float = 60.0, max_steps: int | 
         to choose the best weights.
     seed : int
         Random seed of the split and the training.
+    init : path, optional
+        Fine-tune this exported model (e.g. the shipped one) instead of training from scratch.
+    lr : float
+        Peak learning rate (a lower one, e.g. 5e-4, suits fine-tuning).
 
     Returns
     -------
@@ -462,7 +523,8 @@ def train_nuclei(images, masks, out, *, minutes: float = 60.0, max_steps: int | 
     card = {
         "data": f"{len(items)} annotated images from {Path(images)} (masks {Path(masks)})",
         "split": f"{len(tr)} training, {len(val)} validation images (seed {seed})",
-        "command": f"qdplex train-nuclei {images} {masks} --out {out} --minutes {minutes:g}",
+        "command": f"qdplex train-nuclei {images} {masks} --out {out} --minutes {minutes:g}"
+                   + ("" if init is None else f" --init {init} --lr {lr:g}"),
     }
     return train({"user": tr}, out, val=val or None, minutes=minutes, max_steps=max_steps, crop=crop,
-                 batch_size=batch_size, seed=seed, card=card, log=log, log_every=log_every)
+                 batch_size=batch_size, seed=seed, card=card, init=init, lr=lr, log=log, log_every=log_every)
