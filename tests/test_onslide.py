@@ -106,6 +106,31 @@ def test_refinement_brings_spectra_toward_the_slide(measured_slide, panel5):
     assert on.library["QD705"].source.startswith("refined on slide")
 
 
+def test_refinement_of_the_nuclear_stain_frees_the_nuclear_markers(measured_slide, panel5):
+    """The nuclear stain is refined from the lower envelope of its nuclei and the nuclear
+    markers (ER/QD605, PR/QD565) from the nuclei where they are the main stain after it:
+    their planes come close to an unmixing given the true spectra."""
+    slide, truelib = measured_slide
+    lib = SpectralLibrary.builtin(panel5.fluors).merge(estimate_autofluorescence(slide.unstained, "auto"))
+    A = np.asarray(slide.abundances.data)
+    on = unmix(slide.image, lib)
+    off = unmix(slide.image, lib, refine=False)
+    ref = unmix(slide.image, truelib.subset(slide.abundances.channel_names), offset=100.0, refine=False)
+    spectra = on.record()["refinement"]["spectra"]
+    assert spectra["DAPI"]["refined"] and spectra["QD565"]["refined"]
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert cos(on.matrix[:, 0], slide.mixing[:, 0]) > cos(off.matrix[:, 0], slide.mixing[:, 0])
+    Xon, Xoff, Xref = (np.asarray(r.abundances.data) for r in (on, off, ref))
+    for name in ("QD605", "QD565"):
+        k = panel5.fluors.index(name)
+        assert _err(Xon, A, k) <= 1.15 * _err(Xref, A, k), name
+    k = panel5.fluors.index("QD565")  # PR sits in DAPI's red tail: unrefined, its error doubles
+    assert _err(Xon, A, k) < 0.6 * _err(Xoff, A, k)
+
+
 def test_refinement_keeps_a_prior_that_fits(panel5):
     """On a slide made with the built-in spectra the refinement changes nothing (refused:
     the prior fits) and the abundances are those of plain unmixing."""

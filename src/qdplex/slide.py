@@ -178,6 +178,7 @@ def _unmix_options(image: MultiplexImage, panel: Panel) -> dict:
         "refine": u.refine,
         "saturation": u.saturation,
         "exclude_saturated": u.exclude_saturated,
+        "nuclear_stain": panel.nuclear_stain,
     }
 
 

@@ -451,7 +451,8 @@ def _jsonable(o):
 
 def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, saturation=None,
           exclude_saturated: bool = False, nonfinite: str = "raise", poisson_iterations: int = 3,
-          gain: float = 1.0, read_noise: float = 1.0, chunk: int | None = 1024, check: bool = True):
+          gain: float = 1.0, read_noise: float = 1.0, chunk: int | None = 1024, check: bool = True,
+          nuclear_stain: str | None = "auto"):
     """Unmix an image into one abundance plane per library endmember.
 
     Parameters
@@ -497,6 +498,10 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
     check : bool
         Compare the fit with the slide's noise floor and fill ``quality`` and
         ``warnings`` (:mod:`qdplex.unmix.checks`).
+    nuclear_stain : str or None
+        The library's nuclear-stain endmember, which the refinement treats apart
+        (:mod:`qdplex.unmix.refine`); ``"auto"`` (default): those named like a DNA
+        stain (:data:`DNA_STAINS`: DAPI, Hoechst, DRAQ5, …); None: none.
 
     Returns
     -------
@@ -549,7 +554,7 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
                   else {str(n) for n in refine})
         fixed = {n for n in names if n not in wanted or str(library[n].source).startswith(_MEASURED)}
         M, rec = refine_matrix(sample().Y - off[:, None], M0, names, fixed=fixed, unmix_fn=fit,
-                              channels=image.channels)
+                              channels=image.channels, stain=_stains(names, nuclear_stain))
         refinement = {"enabled": True, **rec}
         lib_used = _refined_library(library, image.channels, M, rec, where)
     quality, warns = {}, []
@@ -574,6 +579,21 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
                          quality=quality, warnings=warns, channels=[c.name for c in image.channels])
     _log(where, result)
     return result
+
+
+#: Name prefixes (lower case) of DNA stains: a library's nuclear stain when the caller names none.
+DNA_STAINS = ("dapi", "hoechst", "draq", "syto", "nucblue", "nucspot", "redot", "propidium")
+
+
+def _stains(names, nuclear_stain) -> set:
+    """The nuclear-stain endmembers among ``names``."""
+    if nuclear_stain is None:
+        return set()
+    if isinstance(nuclear_stain, str) and nuclear_stain == "auto":
+        return {n for n in names if str(n).lower().replace(" ", "").startswith(DNA_STAINS)}
+    if nuclear_stain not in names:
+        raise SpectraError(f"expected the nuclear stain {nuclear_stain!r} among the library's endmembers, found {list(names)}")
+    return {nuclear_stain}
 
 
 def _is_autofluorescence(name: str) -> bool:

@@ -11,11 +11,25 @@ column of the mixing matrix to the slide by alternating non-negative least squar
    30 % of the fitted signal, keep the purest quarter of them (highest share) and of
    those the brighter half, and re-estimate its spectrum there as the per-channel
    median of (pixel − the other endmembers' fit) / its abundance — a median, so that
-   pixels where another endmember is under-fitted (a nuclear marker under the nuclear
-   stain) do not pull it; non-negative, scaled so that its interpolated peak equals the
-   prior's (abundances keep their units), and kept close to the prior (which weighs as
-   much as 25 pixels); unmix again;
+   pixels where another endmember is misfitted do not pull it; non-negative, scaled so
+   that its interpolated peak equals the prior's (abundances keep their units), and kept
+   close to the prior (which weighs as much as 25 pixels); unmix again;
 3. repeat (four rounds).
+
+The **nuclear stain** (``stain``) is bright wherever the nuclear markers are, which
+makes both estimates above biased: a stain spectrum that is slightly wrong in its red
+tail is fitted as a little of every nuclear marker in every nucleus, and "the pixel
+minus the other endmembers' fit" then lacks exactly that tail, so the error feeds
+itself; and the nuclear markers never carry 30 % of a nucleus's signal, so they were
+never refined. Hence:
+
+* the stain's spectrum is re-estimated from its pixels minus only the endmembers that
+  are not being refined (autofluorescence measured on a control), as the lower quartile
+  of the per-channel ratios: nuclear markers only ever *add* signal to a nucleus, so
+  the nuclei that lack them (every slide has some) form the lower envelope, whatever
+  the markers' fit says;
+* the other endmembers' shares are computed without the stain's signal, so a nuclear
+  marker's pixels are the nuclei where it is the main stain after the nuclear stain.
 
 A refinement is refused (the prior kept, and the reason recorded) when the endmember
 dominates too few pixels to be estimated, when its spectrum would turn away from its
@@ -31,7 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["refine_matrix", "MIN_COSINE", "ANGLE_FLOOR"]
+__all__ = ["refine_matrix", "MIN_COSINE", "ANGLE_FLOOR", "STAIN_QUANTILE"]
 
 #: smallest cosine between a refined spectrum and its prior
 MIN_COSINE = 0.95
@@ -48,6 +62,8 @@ ROUNDS = 4
 MIN_GAIN = 0.02
 #: pixels of the sample used for fitting
 MAX_PIXELS = 8192
+#: the nuclear stain's spectrum is this quantile of its per-pixel ratios (the lower envelope)
+STAIN_QUANTILE = 0.25
 
 
 def _cos(a, b) -> float:
@@ -89,8 +105,13 @@ def _lambda_centres(channels):
     return c if np.all(d > 0) and np.ptp(d) <= 1e-6 * d.mean() + 1e-9 else None
 
 
+def _stain_envelope(ratios: np.ndarray) -> np.ndarray:
+    """Per channel (row), the lower envelope of the nuclear stain's per-pixel ratios."""
+    return np.quantile(ratios, STAIN_QUANTILE, axis=1)
+
+
 def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
-                  channels=None) -> tuple[np.ndarray, dict]:
+                  channels=None, stain=()) -> tuple[np.ndarray, dict]:
     """Refine the C×K mixing matrix ``M0`` on the offset-subtracted pixels ``Y`` (C×N).
 
     Parameters
@@ -105,6 +126,10 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
         Endmembers never refined (single-stain controls).
     unmix_fn : callable
         ``unmix_fn(Y, M) -> A`` (K×N non-negative abundances).
+    channels : sequence of Channel, optional
+        The image's channels (peak interpolation on evenly spaced λ-stacks).
+    stain : collection of str
+        The nuclear stain's endmember(s) (module docstring).
 
     Returns
     -------
@@ -122,6 +147,7 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     M = M0.copy()
     peak0 = M0.max(axis=0)
     free = np.array([n not in fixed for n in names])
+    is_stain = np.array([n in set(stain) for n in names])
     centres = _lambda_centres(channels) if channels is not None else None
     A = unmix_fn(Y, M).astype(np.float64)
     before = _rms(Y, M, A)
@@ -130,10 +156,11 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     npix = np.zeros(K, int)
     for _ in range(ROUNDS):
         contrib = M.sum(axis=0)[:, None] * A  # K×N fitted signal per endmember
-        shares = contrib / np.maximum(contrib.sum(axis=0), 1e-12)
+        total = np.maximum(contrib.sum(axis=0), 1e-12)
+        unstained = np.maximum(contrib[~is_stain].sum(axis=0), 1e-12)  # without the nuclear stain
         Mn = M.copy()
         for k in np.flatnonzero(free):  # every column from the same fit, then one unmixing
-            share = shares[k]
+            share = contrib[k] / (total if is_stain[k] else unstained)
             sel = (share >= DOMINANT_SHARE) & (A[k] > 0)
             if sel.sum() >= 4 * MIN_PIXELS:  # the purest quarter, brighter half: least mixed, least noisy
                 sel &= share >= np.quantile(share[sel], 0.75)
@@ -142,10 +169,13 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
             if npix[k] < MIN_PIXELS:
                 continue
             a = A[k, sel]
-            rest = Yd[:, sel] - np.delete(M, k, axis=1) @ np.delete(A[:, sel], k, axis=0)
-            # median of the per-pixel ratios: robust to pixels where another endmember is
-            # under-fitted (e.g. a nuclear marker under the nuclear stain)
-            m = np.clip(np.median(rest / a, axis=1), 0.0, None)
+            if is_stain[k]:  # minus the fixed endmembers only; the lower envelope of the ratios
+                sub = np.flatnonzero(~free & (np.arange(K) != k))
+                rest = Yd[:, sel] - M[:, sub] @ A[sub][:, sel]
+                m = np.clip(_stain_envelope(rest / a), 0.0, None)
+            else:  # median of the per-pixel ratios: robust to pixels where another endmember is misfitted
+                rest = Yd[:, sel] - np.delete(M, k, axis=1) @ np.delete(A[:, sel], k, axis=0)
+                m = np.clip(np.median(rest / a, axis=1), 0.0, None)
             if not m.max() > 0:
                 continue
             w = PRIOR_PIXELS / (PRIOR_PIXELS + npix[k])  # the prior counts as this many pixels
