@@ -199,7 +199,7 @@ def _unmix_block(block, plan: _Plan, block_info=None):
 
 
 def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, poisson_iterations,
-               gain, read_noise, dtype, names, where) -> _Plan:
+               gain, read_noise, dtype, names, where, verify: bool = True) -> _Plan:
     if method not in METHODS:
         raise SpectraError(f"expected method one of {METHODS}, found {method!r}")
     if nonfinite not in NONFINITE:
@@ -210,9 +210,10 @@ def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, p
     C, K = M.shape
     if not np.all(np.isfinite(M)):
         raise SpectraError("expected a finite mixing matrix, found NaN/inf entries")
-    from ..crosstalk import require_unmixable
+    if verify:  # (the refinement's own fits of the sample skip the conditioning check)
+        from ..crosstalk import require_unmixable
 
-    require_unmixable(M, names)
+        require_unmixable(M, names)
     if offset is None:
         off = np.zeros(C)
     else:
@@ -358,7 +359,8 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
     if M.ndim != 2 or M.shape[0] != arr.shape[0]:
         raise SpectraError(f"expected a mixing matrix with {arr.shape[0]} rows (one per channel), "
                            f"found shape {M.shape}")
-    plan = _make_plan(M, method=method, dtype=arr.dtype, names=None, where="array",
+    verify = options.pop("_verify", True)
+    plan = _make_plan(M, method=method, dtype=arr.dtype, names=None, where="array", verify=verify,
                       **_plan_options(options))
     Y = _kernel_input(arr)
     K = M.shape[1]
@@ -542,8 +544,8 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
             cache.append(pixel_sample(image, saturation=sat))
         return cache[0]
 
-    def fit(Y, M):
-        return unmix_array(Y, M, "nnls")
+    def fit(Y, M):  # the sample's fits: M is checked once below, before the slide is unmixed
+        return unmix_array(Y, M, "nnls", _verify=False)
 
     off, off_rec = resolve_offset(offset, image, sample, M0)
     M, lib_used, refinement = M0, library, {"enabled": False}

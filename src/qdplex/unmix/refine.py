@@ -76,8 +76,8 @@ def _angle(a, b) -> float:
 
 
 def _rms(Y, M, A) -> float:
-    R = Y - M.astype(np.float32) @ A.astype(np.float32)
-    return float(np.sqrt(np.mean(R * R)))
+    R = Y - np.asarray(M, np.float32) @ np.asarray(A, np.float32)
+    return float(np.sqrt(np.einsum("ij,ij->", R, R) / R.size))
 
 
 def _peak(m: np.ndarray, centres) -> float:
