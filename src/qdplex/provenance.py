@@ -45,7 +45,7 @@ __all__ = [
 #: Distributions whose versions go into ``run.json``.
 DEPENDENCIES = (
     "numpy", "scipy", "scikit-image", "tifffile", "imagecodecs", "dask", "distributed",
-    "pandas", "pyarrow", "anndata", "numba", "zarr",
+    "pandas", "fastparquet", "anndata", "numba", "zarr", "onnxruntime", "scikit-learn",
 )
 
 _CHUNK = 1 << 22  # 4 MiB reads: hashing a whole slide never holds more than this
