@@ -26,6 +26,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_scale.py                 # 2048² and 4096²
     .venv/bin/python benchmarks/bench_scale.py --full          # also 8192² (≤ 45 s, ≤ 2 GiB)
+    .venv/bin/python benchmarks/bench_scale.py --only-full --method auto   # the shipped model (≤ 3 min, ≤ 4 GB)
     .venv/bin/python benchmarks/bench_scale.py --quick         # smoke run, 512² and 1024²
 """
 
@@ -51,14 +52,19 @@ GEN_TILE = 1024
 
 
 # --------------------------------------------------------------------------- slide generation
+def _method() -> str:
+    """The nucleus segmentation benchmarked: ``--method`` (passed to the child runs in the environment)."""
+    return os.environ.get("QDPLEX_BENCH_SCALE_METHOD", "classical")
+
+
 def _panel():
-    """The breast five-plex panel with classical nucleus segmentation (the benchmarked method)."""
+    """The breast five-plex panel with the benchmarked nucleus segmentation (classical by default)."""
     from dataclasses import replace
 
     from qdplex.panel import read_panel
 
     p = read_panel(PANEL)
-    return replace(p, segmentation={**p.segmentation, "method": "classical"})
+    return replace(p, segmentation={**p.segmentation, "method": _method()})
 
 
 def _make_tile(args) -> str:
@@ -193,8 +199,13 @@ def main(argv=None) -> int:
     ap.add_argument("--distinct", type=int, default=8, help="distinct synthetic fields in a generated slide")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qdplex-bench-scale",
                     help="where generated slides (cached) and outputs go")
+    ap.add_argument("--method", choices=("classical", "auto"), default="classical",
+                    help="nucleus segmentation: classical (issue 13's targets) or auto, the shipped model "
+                         "(issue 11's: 8192² ≤ 3 min, ≤ 4 GB)")
     ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not args._child:
+        os.environ["QDPLEX_BENCH_SCALE_METHOD"] = args.method
     if args._child:
         slide, out, storage, tile = args._child
         _child(slide, out, storage, int(tile))
@@ -210,7 +221,7 @@ def main(argv=None) -> int:
     else:
         sizes = [args.small, 2 * args.small] + ([8192] if args.full and 2 * args.small < 8192 else [])
     print(f"qdplex slide scaling benchmark ({os.cpu_count()} CPUs), 28-band λ-stack "
-          f"{WAVELENGTHS[0]:.0f}–{WAVELENGTHS[1]:.0f} nm, classical segmentation, storage disk, tile {tile}")
+          f"{WAVELENGTHS[0]:.0f}–{WAVELENGTHS[1]:.0f} nm, {_method()} segmentation, storage disk, tile {tile}")
     # warm-up (not measured): numba kernels compiled and cached, files in the page cache
     # (a smoke run has no timings to protect from it)
     if not args.quick:
@@ -233,10 +244,11 @@ def main(argv=None) -> int:
         print(line)
     if 8192 in res and not args.quick:
         r = res[8192]
-        good = r["wall_s"] <= 45 and r["peak_rss_gib"] <= 2.0
+        t_max, m_max = (45.0, 2.0) if _method() == "classical" else (180.0, 4.0)  # issue 13 / issue 11
+        good = r["wall_s"] <= t_max and r["peak_rss_gib"] <= m_max
         ok &= good
-        print(f"8192×8192×28 end to end: {r['wall_s']:.1f} s (target ≤ 45), peak RSS {r['peak_rss_gib']:.2f} GiB "
-              f"(target ≤ 2)  {'PASS' if good else 'FAIL'}")
+        print(f"8192×8192×28 end to end ({_method()} segmentation): {r['wall_s']:.1f} s (target ≤ {t_max:g}), "
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB (target ≤ {m_max:g})  {'PASS' if good else 'FAIL'}")
     return 0 if ok or args.quick else 1
 
 
