@@ -359,11 +359,16 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
     if M.ndim != 2 or M.shape[0] != arr.shape[0]:
         raise SpectraError(f"expected a mixing matrix with {arr.shape[0]} rows (one per channel), "
                            f"found shape {M.shape}")
-    verify = options.pop("_verify", True)
-    plan = _make_plan(M, method=method, dtype=arr.dtype, names=None, where="array", verify=verify,
+    plan = _make_plan(M, method=method, dtype=arr.dtype, names=None, where="array",
                       **_plan_options(options))
+    out = _unmix_planned(arr, plan, chunk)
+    return out[:, 0, :] if flat else out
+
+
+def _unmix_planned(arr: np.ndarray, plan: _Plan, chunk: int = 1024) -> np.ndarray:
+    """K×Y×X float32 abundances of a C×Y×X array with a ready ``plan`` (spans in a thread pool)."""
     Y = _kernel_input(arr)
-    K = M.shape[1]
+    K = plan.M.shape[1]
     C, H, W = Y.shape
     out = np.empty((K, H, W), dtype=np.float32)
     flag = np.empty((H, W), dtype=np.uint8)
@@ -373,7 +378,7 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
     else:
         with ThreadPoolExecutor(max_workers=min(len(spans), os.cpu_count() or 1)) as pool:
             list(pool.map(lambda s: _fit(Y, plan, out, None, flag, s), spans))
-    return out[:, 0, :] if flat else out
+    return out
 
 
 def _spans(H: int, W: int, workers: int, max_px: int) -> list[tuple[int, int, int, int]]:
@@ -544,8 +549,10 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
             cache.append(pixel_sample(image, saturation=sat))
         return cache[0]
 
-    def fit(Y, M):  # the sample's fits: M is checked once below, before the slide is unmixed
-        return unmix_array(Y, M, "nnls", _verify=False)
+    def fit(Y, M):  # NNLS of the C×N sample; M's conditioning is checked once, before the slide is unmixed
+        plan = _make_plan(M, method="nnls", dtype=Y.dtype, names=None, where=where, verify=False,
+                          **_plan_options({}))
+        return _unmix_planned(np.asarray(Y)[:, None, :], plan)[:, 0, :]
 
     off, off_rec = resolve_offset(offset, image, sample, M0)
     M, lib_used, refinement = M0, library, {"enabled": False}

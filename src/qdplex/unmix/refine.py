@@ -105,11 +105,6 @@ def _lambda_centres(channels):
     return c if np.all(d > 0) and np.ptp(d) <= 1e-6 * d.mean() + 1e-9 else None
 
 
-def _stain_envelope(ratios: np.ndarray) -> np.ndarray:
-    """Per channel (row), the lower envelope of the nuclear stain's per-pixel ratios."""
-    return np.quantile(ratios, STAIN_QUANTILE, axis=1)
-
-
 def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
                   channels=None, stain=()) -> tuple[np.ndarray, dict]:
     """Refine the C×K mixing matrix ``M0`` on the offset-subtracted pixels ``Y`` (C×N).
@@ -147,7 +142,8 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     M = M0.copy()
     peak0 = M0.max(axis=0)
     free = np.array([n not in fixed for n in names])
-    is_stain = np.array([n in set(stain) for n in names])
+    stain = set(stain)
+    is_stain = np.array([n in stain for n in names])
     centres = _lambda_centres(channels) if channels is not None else None
     A = unmix_fn(Y, M).astype(np.float64)
     before = _rms(Y, M, A)
@@ -172,7 +168,7 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
             if is_stain[k]:  # minus the fixed endmembers only; the lower envelope of the ratios
                 sub = np.flatnonzero(~free & (np.arange(K) != k))
                 rest = Yd[:, sel] - M[:, sub] @ A[sub][:, sel]
-                m = np.clip(_stain_envelope(rest / a), 0.0, None)
+                m = np.clip(np.quantile(rest / a, STAIN_QUANTILE, axis=1), 0.0, None)
             else:  # median of the per-pixel ratios: robust to pixels where another endmember is misfitted
                 rest = Yd[:, sel] - np.delete(M, k, axis=1) @ np.delete(A[:, sel], k, axis=0)
                 m = np.clip(np.median(rest / a, axis=1), 0.0, None)
