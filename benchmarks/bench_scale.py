@@ -52,19 +52,14 @@ GEN_TILE = 1024
 
 
 # --------------------------------------------------------------------------- slide generation
-def _method() -> str:
-    """The nucleus segmentation benchmarked: ``--method`` (passed to the child runs in the environment)."""
-    return os.environ.get("QDPLEX_BENCH_SCALE_METHOD", "classical")
-
-
-def _panel():
-    """The breast five-plex panel with the benchmarked nucleus segmentation (classical by default)."""
+def _panel(method: str = "classical"):
+    """The breast five-plex panel with the benchmarked nucleus segmentation (``--method``)."""
     from dataclasses import replace
 
     from qdplex.panel import read_panel
 
     p = read_panel(PANEL)
-    return replace(p, segmentation={**p.segmentation, "method": _method()})
+    return replace(p, segmentation={**p.segmentation, "method": method})
 
 
 def _make_tile(args) -> str:
@@ -131,7 +126,7 @@ def make_large_slide(side: int, workdir: Path, *, distinct: int = 8, tile: int =
 
 
 # --------------------------------------------------------------------------- measured runs
-def _child(slide: str, out: str, storage: str, tile: int) -> None:
+def _child(slide: str, out: str, storage: str, tile: int, method: str) -> None:
     """Run one slide in this (fresh) process and print its timings as JSON."""
     import resource
 
@@ -143,14 +138,14 @@ def _child(slide: str, out: str, storage: str, tile: int) -> None:
         rss[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     t = time.perf_counter()
-    row = process_slide(slide, _panel(), out, report=False, storage=storage, tile=tile, progress=progress)
+    row = process_slide(slide, _panel(method), out, report=False, storage=storage, tile=tile, progress=progress)
     rss["write"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"seconds": time.perf_counter() - t, "timings": row["timings"], "rss": rss}), flush=True)
 
 
-def measure(slide: Path, out: Path, storage: str, tile: int) -> dict:
+def measure(slide: Path, out: Path, storage: str, tile: int, method: str) -> dict:
     """Wall time and peak RSS of one run in a subprocess (``ru_maxrss`` via ``os.wait4``)."""
-    cmd = [sys.executable, __file__, "--_child", str(slide), str(out), storage, str(tile)]
+    cmd = [sys.executable, __file__, "--_child", str(slide), str(out), storage, str(tile), method]
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:  # files, not pipes: no deadlock
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
@@ -202,13 +197,11 @@ def main(argv=None) -> int:
     ap.add_argument("--method", choices=("classical", "auto"), default="classical",
                     help="nucleus segmentation: classical (issue 13's targets) or auto, the shipped model "
                          "(issue 11's: 8192² ≤ 3 min, ≤ 4 GB)")
-    ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not args._child:
-        os.environ["QDPLEX_BENCH_SCALE_METHOD"] = args.method
     if args._child:
-        slide, out, storage, tile = args._child
-        _child(slide, out, storage, int(tile))
+        slide, out, storage, tile, method = args._child
+        _child(slide, out, storage, int(tile), method)
         return 0
 
     work = args.workdir
@@ -221,20 +214,20 @@ def main(argv=None) -> int:
     else:
         sizes = [args.small, 2 * args.small] + ([8192] if args.full and 2 * args.small < 8192 else [])
     print(f"qdplex slide scaling benchmark ({os.cpu_count()} CPUs), 28-band λ-stack "
-          f"{WAVELENGTHS[0]:.0f}–{WAVELENGTHS[1]:.0f} nm, {_method()} segmentation, storage disk, tile {tile}")
+          f"{WAVELENGTHS[0]:.0f}–{WAVELENGTHS[1]:.0f} nm, {args.method} segmentation, storage disk, tile {tile}")
     # warm-up (not measured): numba kernels compiled and cached, files in the page cache
     # (a smoke run has no timings to protect from it)
     if not args.quick:
         warm = make_large_slide(gen_tile, work, distinct=distinct, tile=gen_tile)
-        measure(warm, work / "out" / "warmup", "disk", tile)
+        measure(warm, work / "out" / "warmup", "disk", tile, args.method)
     ok = True
     res = {}
     for side in sizes:
         slide = make_large_slide(side, work, distinct=distinct, tile=gen_tile)
-        res[side] = measure(slide, work / "out" / f"disk{side}", "disk", tile)
+        res[side] = measure(slide, work / "out" / f"disk{side}", "disk", tile, args.method)
         print(f"disk   {side:5d}²: {_fmt(res[side])}", flush=True)
         if args.baseline:
-            r = measure(slide, work / "out" / f"mem{side}", "memory", tile)
+            r = measure(slide, work / "out" / f"mem{side}", "memory", tile, args.method)
             print(f"memory {side:5d}²: {_fmt(r)}  (disk/memory peak RSS {res[side]['peak_rss_gib'] / r['peak_rss_gib']:.2f})",
                   flush=True)
     for small, large in zip(sizes, sizes[1:]):
@@ -244,10 +237,10 @@ def main(argv=None) -> int:
         print(line)
     if 8192 in res and not args.quick:
         r = res[8192]
-        t_max, m_max = (45.0, 2.0) if _method() == "classical" else (180.0, 4.0)  # issue 13 / issue 11
+        t_max, m_max = (45.0, 2.0) if args.method == "classical" else (180.0, 4.0)  # issue 13 / issue 11
         good = r["wall_s"] <= t_max and r["peak_rss_gib"] <= m_max
         ok &= good
-        print(f"8192×8192×28 end to end ({_method()} segmentation): {r['wall_s']:.1f} s (target ≤ {t_max:g}), "
+        print(f"8192×8192×28 end to end ({args.method} segmentation): {r['wall_s']:.1f} s (target ≤ {t_max:g}), "
               f"peak RSS {r['peak_rss_gib']:.2f} GiB (target ≤ {m_max:g})  {'PASS' if good else 'FAIL'}")
     return 0 if ok or args.quick else 1
 

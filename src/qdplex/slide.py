@@ -219,15 +219,7 @@ class _Store:
             vals = dask.compute(*arrays.values())
             return {k: np.ascontiguousarray(v) for k, v in zip(arrays, vals)}
         targets = {k: self.empty(k, a.shape, a.dtype) for k, a in arrays.items()}
-        lazy = [a.rechunk(targets[k].chunks) for k, a in arrays.items()]
-        # one band of tile rows at a time: dask's order of an overlapped graph may otherwise
-        # hold tiles of the whole slide at once, and memory would grow with the slide
-        H = lazy[0].shape[-2]
-        band = self.tile * max(1, _workers())
-        for y in range(0, H, band):
-            rows = slice(y, min(y + band, H))
-            da.store([a[..., rows, :] for a in lazy], list(targets.values()),
-                     regions=[(slice(None),) * (a.ndim - 2) + (rows, slice(None)) for a in lazy], lock=False)
+        da.store([a.rechunk(targets[k].chunks) for k, a in arrays.items()], list(targets.values()), lock=False)
         return targets
 
     def lazy(self, arr):
