@@ -19,10 +19,10 @@ __all__ = ["PixelSample", "pixel_sample"]
 
 @dataclass
 class PixelSample:
-    """Pixels of a slide: ``Y`` C×N raw values (float64) of the usable pixels, their
+    """Pixels of a slide: ``Y`` C×N raw values (float32) of the usable pixels, their
     ``smooth_total`` (3×3 box mean of the channel sum, within the tile), and per channel
     the ``noise_var``: the mean square second difference of horizontally neighbouring raw
-    values over 6 (shot + read noise, plus a little texture), over the same tiles."""
+    values (on every other row) over 6 (shot + read noise, plus a little texture), over the same tiles."""
 
     Y: np.ndarray
     smooth_total: np.ndarray
@@ -33,6 +33,17 @@ class PixelSample:
     def n(self) -> int:
         return int(self.Y.shape[1])
 
+    def subset(self, n: int, seed: int) -> np.ndarray:
+        """``Y`` of at most ``n`` of the pixels, drawn without replacement (the same ones for a seed)."""
+        key = (int(n), int(seed))
+        cache = self.__dict__.setdefault("_subsets", {})
+        if key not in cache:
+            Y = self.Y
+            if Y.shape[1] > n:
+                Y = Y[:, np.random.default_rng(seed).choice(Y.shape[1], n, replace=False)]
+            cache[key] = np.ascontiguousarray(Y)
+        return cache[key]
+
 
 def pixel_sample(image, *, tile: int = 64, grid: int = 4, saturation: float = np.inf) -> PixelSample:
     """The :class:`PixelSample` of a :class:`~qdplex.model.MultiplexImage` (or C×Y×X array).
@@ -40,7 +51,6 @@ def pixel_sample(image, *, tile: int = 64, grid: int = 4, saturation: float = np
     Pixels with a non-finite value or a channel at or above ``saturation`` are left
     out of ``Y`` (not of the noise estimate's neighbours, which skip them too).
     """
-    import dask
     from scipy import ndimage as ndi
 
     data = getattr(image, "data", image)
@@ -51,23 +61,36 @@ def pixel_sample(image, *, tile: int = 64, grid: int = 4, saturation: float = np
     xs = np.linspace(0, W - t, gx).astype(int)
     pieces = [data[:, y:y + t, x:x + t] for y in ys for x in xs]
     if hasattr(data, "dask"):
-        import dask.array as da
+        import dask
 
-        pieces = list(dask.compute(da.stack(pieces), scheduler="threads")[0])
-    Ys, tot, d2, nd = [], [], np.zeros(C), np.zeros(C)
-    for p in pieces:
-        p = np.asarray(p, dtype=np.float32)
-        good = np.all(np.isfinite(p), axis=0) & np.all(p < saturation, axis=0)
-        s = ndi.uniform_filter(np.where(good, p.sum(axis=0), np.nan), 3, mode="nearest")
-        if p.shape[2] > 2:  # second differences: a linear trend (an edge's slope) cancels
-            ok = good[:, 2:] & good[:, 1:-1] & good[:, :-2]
-            diff = (p[:, :, 2:] - 2 * p[:, :, 1:-1] + p[:, :, :-2])[:, ok].astype(np.float64)
-            d2 += (diff * diff).sum(axis=1)
-            nd += diff.shape[1]
-        keep = good & np.isfinite(s)
-        Ys.append(p[:, keep])
-        tot.append(s[keep])
-    Y = np.concatenate(Ys, axis=1).astype(np.float64) if Ys else np.zeros((C, 0))
-    noise = d2 / 6.0 / np.maximum(nd, 1)  # var(a − 2b + c) = 6σ² for independent noise
-    return PixelSample(Y=Y, smooth_total=np.concatenate(tot) if tot else np.zeros(0), noise_var=noise,
-                       n_tiles=len(pieces))
+        pieces = dask.compute(*pieces, scheduler="threads")  # an image on disk: only these tiles are read
+    raw = np.stack([np.asarray(p) for p in pieces])  # n×C×t×t
+    P = raw.astype(np.float32)
+    good = np.ones((raw.shape[0], t, t), bool)
+    if raw.dtype.kind == "f":
+        good &= np.isfinite(P).all(axis=1)
+    if np.isfinite(saturation):
+        good &= (raw < saturation).all(axis=1)
+    all_good = bool(good.all())
+    total = P.sum(axis=1)
+    if not all_good:
+        total[~good] = np.nan
+    s = ndi.uniform_filter(total, size=(1, 3, 3), mode="nearest")  # within each tile
+    if t > 2:  # second differences (every other row): a linear trend (an edge's slope) cancels
+        Q, g = P[:, :, ::2], good[:, ::2]
+        diff = Q[..., 2:] + Q[..., :-2]
+        diff -= Q[..., 1:-1]
+        diff -= Q[..., 1:-1]
+        if not all_good:
+            ok = g[..., 2:] & g[..., 1:-1] & g[..., :-2]
+            diff = np.where(ok[:, None], diff, np.float32(0.0))  # (a product would keep NaN)
+        d2 = np.einsum("nctx,nctx->c", diff, diff).astype(np.float64)
+        nd = diff.shape[0] * diff.shape[2] * diff.shape[3] if all_good else int(ok.sum())
+    else:
+        d2, nd = np.zeros(C), 0
+    keep = good & np.isfinite(s)
+    Y = np.ascontiguousarray(P.transpose(1, 0, 2, 3).reshape(C, -1))
+    if not keep.all():
+        Y = Y[:, keep.ravel()]
+    noise = np.asarray(d2, np.float64) / 6.0 / max(nd, 1)  # var(a − 2b + c) = 6σ² for independent noise
+    return PixelSample(Y=Y, smooth_total=s[keep].astype(np.float64), noise_var=noise, n_tiles=len(pieces))

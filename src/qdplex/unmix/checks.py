@@ -34,10 +34,7 @@ def _label(ch) -> str:
 
 def fit_quality(sample, M: np.ndarray, offset: np.ndarray, unmix_fn) -> dict:
     """Residual against the noise floor on the sample: overall and per channel."""
-    Y = sample.Y
-    if Y.shape[1] > MAX_PIXELS:
-        Y = Y[:, np.random.default_rng(1).choice(Y.shape[1], MAX_PIXELS, replace=False)]
-    Yc = np.ascontiguousarray(Y - offset[:, None], dtype=np.float32)
+    Yc = sample.subset(MAX_PIXELS, seed=1) - np.asarray(offset, np.float32)[:, None]
     A = unmix_fn(Yc, M)
     R = Yc - M.astype(np.float32) @ A
     noise = np.maximum(sample.noise_var, 1e-12)
