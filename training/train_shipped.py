@@ -155,6 +155,8 @@ def main(argv=None):
     t.add_argument("--init", default=None, help="fine-tune this exported model (e.g. the shipped nuclei.onnx) instead of starting from random weights")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3; 5e-4 suits fine-tuning)")
     t.add_argument("--weights", default="0.3,0.4,0.3", help="sampling probabilities of bbbc039,dsb2018_fluo,synthetic")
+    t.add_argument("--seed", type=int, default=SEED, help=f"seed of the crops and augmentations (default {SEED}; "
+                   "the data, split and synthetic fields keep theirs)")
     c = sub.add_parser("card", help="add held-out figures (bench_segment.py --json) to the model's metadata card")
     c.add_argument("results", help="JSON written by benchmarks/bench_segment.py --json")
     c.add_argument("--model", default=str(ROOT / "src/qdplex/segment/models/nuclei.onnx"))
@@ -193,7 +195,7 @@ def main(argv=None):
         max_steps=a.max_steps,
         batch_size=8,
         crop=128,
-        seed=SEED,
+        seed=a.seed,
         workdir=a.workdir,
         card=card,
         init=a.init,

@@ -17,7 +17,9 @@
    "interior" > 0.5); a seeded watershed of the interior probability grows them
    over the foreground (interior + boundary > 0.5); unseeded foreground blobs of
    nucleus size become nuclei of their own; specks are dropped and holes filled.
-5. The labels are mapped back to the original pixel grid (nearest neighbour).
+5. The labels are mapped back to the original pixel grid (nearest neighbour), and
+   objects no brighter than the background's noise allows are dropped
+   (:func:`drop_faint`: noise that the normalisation stretched on an almost empty field).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from ..errors import SegmentationError
 from . import _kernels
 from .model import NOMINAL_DIAMETER, median_diameter, normalise, normalise_levels
 
-__all__ = ["DEFAULT_MODEL", "NucleusModel", "load_model", "model_nuclei", "estimate_diameter_model", "available"]
+__all__ = ["DEFAULT_MODEL", "NucleusModel", "load_model", "model_nuclei", "estimate_diameter_model", "drop_faint",
+           "available"]
 
 #: The model shipped with qdplex.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "nuclei.onnx"
@@ -361,4 +364,56 @@ def model_nuclei(image, diameter_px: float | None = None, *, model=None, levels=
         if d is None:
             return np.zeros(image.shape, np.uint32)
     _, labels = _segment_scaled(m, image, m.nominal / float(d), levels, origin)
-    return labels.astype(np.uint32)
+    return drop_faint(labels, image).astype(np.uint32)
+
+
+#: A nucleus's mean must stand this many pixel-noise σ above the background (:func:`drop_faint`).
+FAINT_SNR = 4.0
+#: Fewest background pixels to measure background and noise from (else nothing is dropped).
+MIN_BACKGROUND_PX = 200
+
+
+def faint_objects(labels: np.ndarray, image: np.ndarray, *, snr: float = FAINT_SNR) -> np.ndarray:
+    """Per label ID (index 0 is the background, never faint), whether the object's mean
+    intensity is less than ``snr`` × the pixel noise above the background.
+
+    On an almost empty field the intensity normalisation stretches noise until the model
+    sees nuclei in it; such objects are no brighter than the background they sit on. The
+    background is the median of the pixels at least 3 px from every object; the noise σ
+    comes from second differences of horizontally neighbouring background pixels
+    (``var(a − 2b + c) = 6σ²``: a smooth background gradient or vignetting cancels).
+    Chosen on the validation split of ``nuclei_train``: at 4σ no true nucleus of it was
+    dropped. With fewer than :data:`MIN_BACKGROUND_PX` background pixels (tissue edge
+    to edge) nothing is faint.
+    """
+    n = int(labels.max())
+    none = np.zeros(n + 1, bool)
+    if n == 0:
+        return none
+    img = np.asarray(image, np.float32)
+    bg_mask = ~ndi.binary_dilation(labels > 0, iterations=3)
+    trip = bg_mask[:, 2:] & bg_mask[:, 1:-1] & bg_mask[:, :-2]
+    if int(bg_mask.sum()) < MIN_BACKGROUND_PX or int(trip.sum()) < MIN_BACKGROUND_PX:
+        return none
+    d2 = (img[:, 2:] - 2.0 * img[:, 1:-1] + img[:, :-2])[trip]
+    sigma = float(np.sqrt(np.mean(d2.astype(np.float64) ** 2) / 6.0))
+    values = img[bg_mask]
+    bg = float(np.median(values[:: max(1, values.size // 1_000_000)]))
+    lab = labels.astype(np.int64, copy=False).ravel()
+    area = np.bincount(lab, minlength=n + 1)
+    total = np.bincount(lab, weights=img.ravel(), minlength=n + 1)
+    faint = total / np.maximum(area, 1) - bg < snr * sigma
+    faint[0] = False
+    faint[area == 0] = False
+    return faint
+
+
+def drop_faint(labels: np.ndarray, image: np.ndarray, *, snr: float = FAINT_SNR) -> np.ndarray:
+    """``labels`` without its :func:`faint_objects` (IDs renumbered 1…n)."""
+    faint = faint_objects(labels, image, snr=snr)
+    if not faint.any():
+        return labels
+    keep = np.zeros(faint.size, labels.dtype)
+    kept = np.flatnonzero(~faint[1:]) + 1
+    keep[kept] = np.arange(1, kept.size + 1, dtype=labels.dtype)
+    return keep[labels]
