@@ -8,8 +8,9 @@ column of the mixing matrix to the slide by alternating non-negative least squar
 1. unmix a sample of pixels (:mod:`qdplex.unmix._sample`, offset removed) with the
    current matrix;
 2. for each endmember (all from the same fit), take the pixels where it carries at least
-   30 % of the fitted signal, keep the purest quarter of them (highest share) and of
-   those the brighter half, and re-estimate its spectrum there as the per-channel
+   30 % of the fitted signal, keep the purest quarter of them (highest share; at least
+   2 × :data:`MIN_PIXELS`, so that a fluor with few such pixels is not cut below the
+   minimum) and of those the brighter half, and re-estimate its spectrum there as the per-channel
    median of (pixel − the other endmembers' fit) / its abundance — a median, so that
    pixels where another endmember is misfitted do not pull it; non-negative, scaled so
    that its interpolated peak equals the prior's (abundances keep their units), and kept
@@ -56,7 +57,7 @@ PRIOR_PIXELS = 25
 #: an endmember dominates a pixel where it carries at least this share of the fitted signal
 DOMINANT_SHARE = 0.3
 #: fewest dominated pixels to re-fit a spectrum from
-MIN_PIXELS = 30
+MIN_PIXELS = 20
 ROUNDS = 4
 #: refinements are kept only when they lower the sample's RMS residual by this share
 MIN_GAIN = 0.02
@@ -158,8 +159,10 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
         for k in np.flatnonzero(free):  # every column from the same fit, then one unmixing
             share = contrib[k] / (total if is_stain[k] else unstained)
             sel = (share >= DOMINANT_SHARE) & (A[k] > 0)
-            if sel.sum() >= 4 * MIN_PIXELS:  # the purest quarter, brighter half: least mixed, least noisy
-                sel &= share >= np.quantile(share[sel], 0.75)
+            n_sel = int(sel.sum())
+            if n_sel >= 2 * MIN_PIXELS:  # the purest quarter (at least 2 × MIN_PIXELS), brighter half: least mixed, least noisy
+                keep = max(n_sel // 4, 2 * MIN_PIXELS)
+                sel &= share >= np.sort(share[sel])[n_sel - keep]
                 sel &= A[k] >= np.median(A[k, sel])
             npix[k] = int(sel.sum())
             if npix[k] < MIN_PIXELS:
