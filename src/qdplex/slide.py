@@ -428,6 +428,7 @@ def run_slide(
     scratch=None,
     scheduler=None,
     progress: Progress | None = None,
+    on_segmented: Callable | None = None,
 ) -> SlideResult:
     """Unmix, segment, quantify and score one slide (any size).
 
@@ -454,6 +455,11 @@ def run_slide(
         default: the scheduler in use (inside a distributed worker: its cluster).
     progress : callable, optional
         Called as ``progress(stage, fraction_done)`` after each stage.
+    on_segmented : callable, optional
+        Called as ``on_segmented(unmixed, segmentation, pixel_size_um=, tile=)`` once the
+        unmixed planes and the labels are stored, before quantification: e.g.
+        :meth:`qdplex.outputs.ImageWriter.start`, which writes the images while the last
+        stages run. It must only read them.
 
     Returns
     -------
@@ -512,6 +518,8 @@ def run_slide(
                                                     segment_tiled, expand_nuclei, membrane_ring)
             timings["segment"] = time.perf_counter() - t
             report("segment", 0.5)
+            if on_segmented is not None:
+                on_segmented(unmixed, seg, pixel_size_um=px, tile=tile)
 
             # 3. quantify -------------------------------------------------------------------
             t = time.perf_counter()
