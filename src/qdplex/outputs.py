@@ -5,6 +5,10 @@ This module is the one owner of the output layout (docs/architecture.md). The ba
 find files through it::
 
     paths = write_slide(result, "OUT/s1", fmt="tiff")      # images, tables, summary.json
+    # or: the images written while quantify and score run
+    with ImageWriter("OUT/s1") as images:
+        result = run_slide(image, panel, on_segmented=images.start)
+        paths = write_slide(result, "OUT/s1", images=images)
     write_run_record("OUT/s1", slide_record(result, inputs=[path]))
     rec = read_run_record("OUT/s1")
     panel = panel_from_record(rec)                          # the inverse of Panel.to_dict
@@ -34,7 +38,7 @@ __all__ = [
     "RESERVED_NAMES", "RECORD_KEY", "MANIFEST_COLUMNS",
     "check_format", "image_format", "RUN_FORMATS", "image_path", "find_image", "table_path", "report_path", "bad_slide_name", "slide_dir_in",
     # the slide writer and run.json
-    "write_slide", "slide_record", "write_run_record", "read_run_record", "panel_from_record",
+    "write_slide", "write_images", "ImageWriter", "slide_record", "write_run_record", "read_run_record", "panel_from_record",
     "write_json", "read_json",
     # the batch's completion record and manifest
     "seal", "completion_record", "register_outputs", "write_manifest", "manifest_for_csv", "read_manifest",
@@ -178,48 +182,38 @@ def read_json(path) -> dict:
 
 
 # --------------------------------------------------------------------------- the slide writer
-def write_slide(result, slide_dir, *, fmt: str = "tiff") -> dict[str, Path]:
-    """Write a :class:`qdplex.slide.SlideResult`'s images, tables and ``summary.json``.
-
-    The same writer for every storage: the unmixed planes through the image writer,
-    nuclei and cells through the label writer (nearest-neighbour pyramid levels,
-    cell IDs kept), read tile by tile from memory or scratch storage. ``run.json``
-    is written separately (:func:`write_run_record`), last.
-
-    Parameters
-    ----------
-    result : qdplex.slide.SlideResult
-    slide_dir : path
-        ``OUT/<slide>`` (made when missing).
-    fmt : {"tiff", "zarr"}
-        Tiled pyramidal OME-TIFF or multiscale OME-Zarr.
-
-    Returns
-    -------
-    dict
-        ``unmixed``, ``nuclei``, ``cells``, ``cells_csv``, ``cells_parquet``,
-        ``cells_h5ad``, ``summary`` → the written paths.
-    """
-    import dask.array as da
-
-    from . import io as qio
-    from .tables import write_tables
-
-    check_format(fmt)
+def _slide_folder(slide_dir) -> Path:
     slide_dir = Path(slide_dir)
     try:
         slide_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"expected a writable slide folder, found {type(e).__name__}: {e.strerror or e}",
                           path=slide_dir) from None
-    px = result.pixel_size_um
-    img = result.unmixed.to_image()
-    seg = result.segmentation
-    chunks = (result.tile, result.tile)
+    return slide_dir
+
+
+def write_images(unmixed, segmentation, slide_dir, *, fmt: str = "tiff", pixel_size_um=None,
+                 tile: int | None = None) -> dict[str, Path]:
+    """Write a slide's images: the unmixed planes (and residual) through the image writer,
+    nuclei and cells through the label writer (nearest-neighbour pyramid levels, cell IDs
+    kept), read tile by tile from memory or scratch storage.
+
+    Returns ``unmixed``, ``nuclei``, ``cells`` → the written paths.
+    """
+    import dask.array as da
+
+    from . import io as qio
+
+    check_format(fmt)
+    slide_dir = _slide_folder(slide_dir)
+    img = unmixed.to_image()
+    seg = segmentation
+    chunks = (int(tile),) * 2 if tile else getattr(seg.nuclei, "chunks", "auto")
     nuclei = da.from_array(seg.nuclei, chunks=chunks) if not isinstance(seg.nuclei, np.ndarray) else seg.nuclei
     cells = da.from_array(seg.cells, chunks=chunks) if not isinstance(seg.cells, np.ndarray) else seg.cells
     paths: dict[str, Path] = {k: image_path(slide_dir, k, fmt) for k in IMAGE_KINDS}
     data = img.data.astype(np.float32)
+    px = pixel_size_um
     if fmt == "zarr":
         qio.write_ome_zarr(paths["unmixed"], data, img.channels, pixel_size_um=px)
         qio.write_labels_zarr(paths["nuclei"], nuclei, pixel_size_um=px, name="nuclei")
@@ -228,8 +222,105 @@ def write_slide(result, slide_dir, *, fmt: str = "tiff") -> dict[str, Path]:
         qio.write_ome_tiff(paths["unmixed"], data, img.channels, pixel_size_um=px)
         qio.write_labels(paths["nuclei"], nuclei, pixel_size_um=px, name="nuclei")
         qio.write_labels(paths["cells"], cells, pixel_size_um=px, name="cells")
+    return paths
+
+
+#: dask schedulers in this process: early image writing runs its own tasks on them
+_LOCAL_SCHEDULERS = (None, "threads", "threading", "sync", "synchronous", "single-threaded")
+
+
+class ImageWriter:
+    """A slide's images written in a background thread while the last stages run.
+
+    Give it to :func:`qdplex.slide.run_slide` as ``on_segmented=writer.start``: once the
+    unmixed planes and the labels are stored (their final content), :func:`write_images`
+    writes them from storage in a thread while quantification and scoring compute;
+    :func:`write_slide` then only waits for it. Images are written where they would be
+    anyway, by the same writer; only when. Not started (then :func:`write_slide` writes
+    them itself) when the stages run on a distributed scheduler: the thread would send its
+    tasks there. Use as a context manager (or call :meth:`close`): no thread outlives it.
+    """
+
+    def __init__(self, slide_dir, fmt: str = "tiff"):
+        self.slide_dir, self.fmt = Path(slide_dir), check_format(fmt)
+        self._pool = self._future = None
+
+    def start(self, unmixed, segmentation, *, pixel_size_um=None, tile=None) -> bool:
+        """Start writing (once); False when not started here (a distributed scheduler)."""
+        import dask
+
+        if self._future is not None:
+            return True
+        if dask.config.get("scheduler", None) not in _LOCAL_SCHEDULERS:
+            return False
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qdplex-images")
+        self._future = self._pool.submit(write_images, unmixed, segmentation, self.slide_dir, fmt=self.fmt,
+                                         pixel_size_um=pixel_size_um, tile=tile)
+        return True
+
+    @property
+    def started(self) -> bool:
+        return self._future is not None
+
+    def result(self) -> dict[str, Path]:
+        """The written paths (the writer's error, if it failed)."""
+        return self._future.result()
+
+    def close(self) -> None:
+        """Wait for the thread (a failed write's error is the caller's to fetch with :meth:`result`)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_slide(result, slide_dir, *, fmt: str = "tiff", images: ImageWriter | None = None) -> dict[str, Path]:
+    """Write a :class:`qdplex.slide.SlideResult`'s images, tables and ``summary.json``.
+
+    The same writer for every storage: the images through :func:`write_images` (here,
+    or already started by ``images``, an :class:`ImageWriter` given to the stages), the
+    tables through :func:`qdplex.tables.write_tables`. ``run.json`` is written
+    separately (:func:`write_run_record`), last.
+
+    Parameters
+    ----------
+    result : qdplex.slide.SlideResult
+    slide_dir : path
+        ``OUT/<slide>`` (made when missing).
+    fmt : {"tiff", "zarr"}
+        Tiled pyramidal OME-TIFF or multiscale OME-Zarr.
+    images : ImageWriter, optional
+        The images' writer when it was started during the stages (same ``slide_dir`` and
+        ``fmt``); waited for here.
+
+    Returns
+    -------
+    dict
+        ``unmixed``, ``nuclei``, ``cells``, ``cells_csv``, ``cells_parquet``,
+        ``cells_h5ad``, ``summary`` → the written paths.
+    """
+    from .tables import write_tables
+
+    check_format(fmt)
+    slide_dir = _slide_folder(slide_dir)
     prov = {"thresholds": result.thresholds, "stages": result.records, "warnings": list(result.warnings)}
-    paths.update(write_tables(result.table, slide_dir, result.panel, provenance=prov))
+    if images is not None and images.started:
+        paths = {}
+        try:
+            paths.update(write_tables(result.table, slide_dir, result.panel, provenance=prov))
+        finally:
+            images.close()  # never return (or raise) while the images are still being written
+        paths = {**images.result(), **paths}
+    else:
+        paths = write_images(result.unmixed, result.segmentation, slide_dir, fmt=fmt,
+                             pixel_size_um=result.pixel_size_um, tile=result.tile)
+        paths.update(write_tables(result.table, slide_dir, result.panel, provenance=prov))
     paths["summary"] = write_json(slide_dir / SUMMARY_JSON, {**result.summary, "warnings": list(result.warnings)})
     return paths
 

@@ -5,8 +5,8 @@ whole slide. Where the intermediate arrays live is a *storage* choice inside tha
 path, not a second implementation:
 
 * ``storage="memory"``: the unmixed planes and label images are numpy arrays;
-* ``storage="disk"``: they are zarr arrays in a scratch folder, written and read
-  tile by tile, so memory is bounded by the tile size, not the slide;
+* ``storage="disk"``: they are raw chunk files in a scratch folder (:class:`_TileFile`),
+  written and read tile by tile, so memory is bounded by the tile size, not the slide;
 * ``storage="auto"`` (default): memory up to :data:`MEMORY_PIXELS` Y×X pixels, disk above.
 
 Every stage works tile by tile in both storages, with the same tiles, so the two
@@ -82,7 +82,7 @@ class SlideResult:
     unmixed : qdplex.unmix.UnmixResult
         Abundance planes named by marker, residual and saturation mask, read from storage.
     segmentation : Segmentation
-        Nuclei, cells and the membrane ring (numpy, or zarr arrays in scratch storage).
+        Nuclei, cells and the membrane ring (numpy, or scratch arrays read by slices).
     table : pandas.DataFrame
         One row per cell (MCQuant order, scores added).
     summary, thresholds : dict
@@ -183,14 +183,155 @@ def _unmix_options(image: MultiplexImage, panel: Panel) -> dict:
 
 
 # --------------------------------------------------------------------------- storage
+def _spans(key, shape) -> tuple[list, list] | None:
+    """``(start, stop)`` per axis and the axes an integer drops, for a key of slices (step 1)
+    and integers; None for anything else."""
+    key = key if isinstance(key, tuple) else (key,)
+    if len(key) > len(shape) or any(k is Ellipsis or k is None for k in key):
+        return None
+    key = key + (slice(None),) * (len(shape) - len(key))
+    spans, drop = [], []
+    for i, (k, n) in enumerate(zip(key, shape)):
+        if isinstance(k, slice):
+            a, b, step = k.indices(n)
+            if step != 1:
+                return None
+            spans.append((a, max(a, b)))
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            j = int(k) + (n if k < 0 else 0)
+            if not 0 <= j < n:
+                raise IndexError(f"index {int(k)} is out of bounds for axis {i} with size {n}")
+            spans.append((j, j + 1))
+            drop.append(i)
+        else:
+            return None
+    return spans, drop
+
+
+class _TileFile:
+    """A Y×X or C×Y×X array in one file of raw chunks (disk storage's scratch arrays).
+
+    Chunk after chunk in C order of the chunk grid, each chunk whole (edge chunks padded)
+    in C order, so a chunk's rows are contiguous bytes: a region is read and written with
+    one ``preadv``/``pwrite`` per chunk row span, in the calling thread. (A zarr array
+    funnels every chunk through zarr's one I/O thread: measured on the 8192² slide, that
+    thread was busy about 19 s of the run, the tiles waiting on it.) The file starts as a
+    hole (zeros). Sliced like numpy (slices of step 1 and integers); picklable (path and
+    layout), so threads and processes sharing the folder read and write it; regions
+    written at once by different writers must not share a chunk row.
+    """
+
+    def __init__(self, path, shape, dtype, chunks):
+        self.path = str(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.chunks = tuple(int(c) for c in chunks)
+        self.ndim = len(self.shape)
+        self.grid = tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
+        self.chunk_bytes = int(np.prod(self.chunks)) * self.dtype.itemsize
+        with open(self.path, "wb") as fh:
+            fh.truncate(int(np.prod(self.grid)) * self.chunk_bytes)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __dask_tokenize__(self):
+        return ("qdplex-tile-file", self.path, self.shape, str(self.dtype), self.chunks)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[tuple(slice(None) for _ in self.shape)]
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def _pieces(self, spans):
+        """Per chunk row span touched by ``spans``: (file offset, rows, chunk columns [a, b),
+        the region's index of that span)."""
+        ch = self.chunks
+        lead = spans[:-2]
+        (y0, y1), (x0, x1) = spans[-2:]
+        cy, cx = ch[-2:]
+        item = self.dtype.itemsize
+        for idx in np.ndindex(*[b - a for a, b in lead]) if lead else [()]:
+            pos = tuple(a + i for (a, _), i in zip(lead, idx))
+            cpos = tuple(p // c for p, c in zip(pos, ch[:-2]))
+            within = 0
+            for p, c in zip(pos, ch[:-2]):
+                within = within * c + p % c
+            for gy in range(y0 // cy, -(-y1 // cy)):
+                ya, yb = max(y0, gy * cy), min(y1, (gy + 1) * cy)
+                for gx in range(x0 // cx, -(-x1 // cx)):
+                    xa, xb = max(x0, gx * cx), min(x1, (gx + 1) * cx)
+                    flat = 0
+                    for g, n in zip(cpos + (gy, gx), self.grid):
+                        flat = flat * n + g
+                    off = flat * self.chunk_bytes + ((within * cy + (ya - gy * cy)) * cx) * item
+                    yield off, yb - ya, (xa - gx * cx, xb - gx * cx), (idx, (ya - y0, yb - y0), (xa - x0, xb - x0))
+
+    def __getitem__(self, key):
+        sp = _spans(key, self.shape)
+        if sp is None:
+            return np.asarray(self[tuple(slice(None) for _ in self.shape)])[key]
+        spans, drop = sp
+        out = np.zeros(tuple(b - a for a, b in spans), self.dtype)
+        if out.size:
+            cx = self.chunks[-1]
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                buf = None
+                for off, rows, (ca, cb), (idx, (ra, rb), (xa, xb)) in self._pieces(spans):
+                    dst = out[idx + (slice(ra, rb), slice(xa, xb))]
+                    if ca == 0 and cb == cx and dst.flags.c_contiguous:
+                        got = os.preadv(fd, [dst], off)
+                    else:
+                        if buf is None or buf.shape[0] < rows:
+                            buf = np.empty((self.chunks[-2], cx), self.dtype)
+                        got = os.preadv(fd, [buf[:rows]], off)
+                        dst[...] = buf[:rows, ca:cb]
+                    if got != rows * cx * self.dtype.itemsize:
+                        raise OSError(f"short read in scratch array {self.path}")
+            finally:
+                os.close(fd)
+        return out.squeeze(axis=tuple(drop)) if drop else out
+
+    def __setitem__(self, key, value):
+        sp = _spans(key, self.shape)
+        if sp is None:
+            raise QdplexError(f"internal: scratch arrays are written by slices, found key {key!r}")
+        spans, drop = sp
+        region = tuple(b - a for a, b in spans)
+        value = np.asarray(value, dtype=self.dtype)
+        if drop:
+            value = np.expand_dims(value, tuple(drop)) if value.ndim == len(region) - len(drop) else value
+        value = np.broadcast_to(value, region)
+        cx = self.chunks[-1]
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            for off, rows, (ca, cb), (idx, (ra, rb), (xa, xb)) in self._pieces(spans):
+                src = value[idx + (slice(ra, rb), slice(xa, xb))]
+                if not (ca == 0 and cb == cx):  # part of the chunk's width: read, modify, write
+                    buf = np.empty((rows, cx), self.dtype)
+                    os.preadv(fd, [buf], off)
+                    buf[:, ca:cb] = src
+                    src = buf
+                os.pwrite(fd, np.ascontiguousarray(src), off)
+        finally:
+            os.close(fd)
+
+
 class _Store:
-    """Where a slide's intermediate arrays live: numpy arrays, or zarr arrays in a scratch folder."""
+    """Where a slide's intermediate arrays live: numpy arrays, or raw chunk files
+    (:class:`_TileFile`) in a scratch folder."""
 
     def __init__(self, kind: str, tile: int, scratch: Path | None = None):
-        self.kind, self.tile, self.root, self.group = kind, int(tile), None, None
+        self.kind, self.tile, self.root = kind, int(tile), None
         if kind == "disk":
-            import zarr
-
             base = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
             try:
                 base.mkdir(parents=True, exist_ok=True)
@@ -199,7 +340,6 @@ class _Store:
             except OSError as e:
                 raise QdplexError(f"expected a writable scratch folder, found {type(e).__name__}: "
                                   f"{e.strerror or e}", path=base) from None
-            self.group = zarr.open_group(str(self.root), mode="w")
 
     def chunks(self, shape) -> tuple:
         t = self.tile
@@ -207,11 +347,14 @@ class _Store:
         return tuple(min(a, s) for a, s in zip(c, shape))
 
     def empty(self, name: str, shape, dtype):
-        """A zero-filled array to write into (numpy, or a zarr array chunked by tile)."""
+        """A zero-filled array to write into (numpy, or a scratch file chunked by tile)."""
         if self.kind == "memory":
             return np.zeros(shape, dtype)
-        return self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=self.chunks(shape),
-                                       fill_value=0, compressors=None, overwrite=True)
+        try:
+            return _TileFile(self.root / f"{name}.raw", shape, dtype, self.chunks(shape))
+        except OSError as e:
+            raise QdplexError(f"expected a writable scratch folder, found {type(e).__name__}: "
+                              f"{e.strerror or e}", path=self.root) from None
 
     def put(self, arrays: dict) -> dict:
         """Compute lazy arrays (in one pass: they may share their graph) into storage."""
@@ -285,6 +428,7 @@ def run_slide(
     scratch=None,
     scheduler=None,
     progress: Progress | None = None,
+    on_segmented: Callable | None = None,
 ) -> SlideResult:
     """Unmix, segment, quantify and score one slide (any size).
 
@@ -311,6 +455,11 @@ def run_slide(
         default: the scheduler in use (inside a distributed worker: its cluster).
     progress : callable, optional
         Called as ``progress(stage, fraction_done)`` after each stage.
+    on_segmented : callable, optional
+        Called as ``on_segmented(unmixed, segmentation, pixel_size_um=, tile=)`` once the
+        unmixed planes and the labels are stored, before quantification: e.g.
+        :meth:`qdplex.outputs.ImageWriter.start`, which writes the images while the last
+        stages run. It must only read them.
 
     Returns
     -------
@@ -369,6 +518,8 @@ def run_slide(
                                                     segment_tiled, expand_nuclei, membrane_ring)
             timings["segment"] = time.perf_counter() - t
             report("segment", 0.5)
+            if on_segmented is not None:
+                on_segmented(unmixed, seg, pixel_size_um=px, tile=tile)
 
             # 3. quantify -------------------------------------------------------------------
             t = time.perf_counter()

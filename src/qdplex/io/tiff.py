@@ -1,13 +1,16 @@
 """Read TIFF slides lazily: OME-TIFF (incl. pyramidal), ImageJ hyperstacks, plain multi-page TIFF.
 
-Pixels are read through tifffile's Zarr interface (``aszarr``), chunk by chunk, so
-a whole-slide file is never loaded at once. Channel names come from metadata
+Pixels are read chunk by chunk, so a whole-slide file is never loaded at once:
+uncompressed tiled pages tile by tile straight from the file (``os.preadv`` in the
+calling thread), contiguous data memory-mapped, anything else through tifffile's
+Zarr interface (``aszarr``). Channel names come from metadata
 (OME-XML, ImageJ slice labels) or from a sidecar CSV, never from the array shape.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,11 +84,13 @@ class TiffArray:
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
         self._z = None
+        self._tiles = None  # (offsets planes × tiles_y × tiles_x, tile shape, stored dtype), or False
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_z"] = None
+        state["_tiles"] = None
         state["_lock"] = None
         return state
 
@@ -104,14 +109,110 @@ class TiffArray:
                     self._z = zarr.open_array(store=store, mode="r")
         return self._z
 
+    def _tile_layout(self):
+        """The byte offset of every tile when the pages are uncompressed, tiled, one sample
+        per pixel and complete (then a region is read with one ``preadv`` per tile, in the
+        calling thread, not through the Zarr store's single I/O loop); else False."""
+        if self._tiles is None:
+            with self._lock:
+                if self._tiles is None:
+                    self._tiles = _uncompressed_tiles(self.path, self.series, self.level, self.shape, self.dtype)
+        return self._tiles
+
+    def _read_tiles(self, key):
+        """Pixels of ``key`` (slices and integers with step 1) read tile by tile, or None."""
+        layout = self._tile_layout()
+        if not layout or self.ndim not in (2, 3):
+            return None
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > self.ndim or any(k is Ellipsis or k is None for k in key):
+            return None
+        key = key + (slice(None),) * (self.ndim - len(key))
+        spans, drop = [], []
+        for i, (k, n) in enumerate(zip(key, self.shape)):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step != 1:
+                    return None
+                spans.append((start, max(start, stop)))
+            elif isinstance(k, (int, np.integer)):
+                j = int(k) + (n if k < 0 else 0)
+                if not 0 <= j < n:
+                    return None
+                spans.append((j, j + 1))
+                drop.append(i)
+            else:
+                return None
+        if self.ndim == 2:
+            spans.insert(0, (0, 1))
+            drop = [d + 1 for d in drop] + [0]
+        offsets, (th, tw), stored = layout
+        (c0, c1), (y0, y1), (x0, x1) = spans
+        out = np.empty((c1 - c0, y1 - y0, x1 - x0), self.dtype)
+        if out.size:
+            buf = np.empty((th, tw), stored)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                for c in range(c0, c1):
+                    for ty in range(y0 // th, -(-y1 // th)):
+                        for tx in range(x0 // tw, -(-x1 // tw)):
+                            if os.preadv(fd, [buf], int(offsets[c, ty, tx])) != buf.nbytes:
+                                raise OSError("short read: the file ends inside a tile")
+                            ya, yb = max(y0, ty * th), min(y1, (ty + 1) * th)
+                            xa, xb = max(x0, tx * tw), min(x1, (tx + 1) * tw)
+                            out[c - c0, ya - y0 : yb - y0, xa - x0 : xb - x0] = \
+                                buf[ya - ty * th : yb - ty * th, xa - tx * tw : xb - tx * tw]
+            finally:
+                os.close(fd)
+        return out.squeeze(axis=tuple(drop)) if drop else out
+
     def __getitem__(self, key):
         try:
+            direct = self._read_tiles(key)
+            if direct is not None:
+                return direct
             return np.asarray(self._array()[key])
         except Exception as err:
             raise InputError(
                 f"expected readable pixel data, found {type(err).__name__}: {err} (truncated or corrupt file?)",
                 path=self.path,
             ) from err
+
+
+def _uncompressed_tiles(path, series: int, level: int, shape, dtype):
+    """``(offsets, (tile_y, tile_x), stored dtype)`` of a level whose pages are uncompressed
+    tiles of one sample per pixel, every tile stored whole (planes × tiles_y × tiles_x
+    offsets, planes in C order of the leading axes); False for any other layout."""
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            lev = tif.series[series].levels[level]
+            pages = [p for p in lev.pages]
+            if len(shape) not in (2, 3) or tuple(lev.shape) != tuple(shape):
+                return False
+            planes = 1 if len(shape) == 2 else shape[0]
+            if len(pages) != planes:
+                return False
+            k = lev.keyframe  # the other pages are frames sharing its layout
+            if not (k.is_tiled and k.compression == 1 and k.samplesperpixel == 1 and k.imagedepth == 1
+                    and k.tiledepth == 1 and k.fillorder == 1 and k.predictor == 1
+                    and tuple(k.shape[-2:]) == tuple(shape[-2:]) and k.dtype == np.dtype(dtype)):
+                return False
+            th, tw = int(k.tilelength), int(k.tilewidth)
+            ny, nx = -(-shape[-2] // th), -(-shape[-1] // tw)
+            tile_bytes = th * tw * np.dtype(dtype).itemsize
+            offs = []
+            for p in pages:
+                if p is None or getattr(p, "keyframe", k) is not k:
+                    return False
+                o = np.asarray(p.dataoffsets, np.int64)
+                b = np.asarray(p.databytecounts, np.int64)
+                if o.size != ny * nx or np.any(b != tile_bytes) or np.any(o <= 0):
+                    return False
+                offs.append(o.reshape(ny, nx))
+            stored = np.dtype(dtype).newbyteorder(tif.byteorder)
+            return np.stack(offs), (th, tw), stored
+    except Exception:  # anything unexpected: the Zarr path reads it (and reports what is wrong)
+        return False
 
 
 def _imagej_channels(tif, n_channels_axis: int) -> list[Channel] | None:
