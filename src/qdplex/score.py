@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._threads import one_thread
 from .errors import InputError, PanelError
 from .panel import SCORING_METHODS, ScoringSettings
 
@@ -162,16 +163,6 @@ def marker_threshold(values, method="otsu", *, control=None, control_quantile: f
     return float(max(np.exp(t) - c, 0.0))
 
 
-def _one_thread():
-    """BLAS and OpenMP limited to one thread: the mixture fits are tiny (≤ 20 000 values in
-    one dimension), and their threaded BLAS and k-means spin-wait against each other and
-    against whatever else runs on the cores (measured on 2 CPUs: 2.6 s per marker with the
-    default threads, 0.2 s with one)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1)
-
-
 def _otsu(x: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
@@ -200,7 +191,7 @@ def _mixture_threshold(x: np.ndarray, c: float) -> float:
         return _otsu(x)
     if v.size > 20000:
         v = np.random.default_rng(0).choice(v, 20000, replace=False)
-    with _one_thread():
+    with one_thread():
         fits = [GaussianMixture(k, random_state=0, n_init=2).fit(v[:, None]) for k in range(1, MAX_MIXTURE + 1)
                 if v.size >= 10 * k]
         best = min(fits, key=lambda g: g.bic(v[:, None]))
@@ -219,7 +210,7 @@ def _mixture_threshold(x: np.ndarray, c: float) -> float:
 def _gmm_threshold(x: np.ndarray) -> float:
     from sklearn.mixture import GaussianMixture
 
-    with _one_thread():
+    with one_thread():
         gm = GaussianMixture(2, random_state=0, n_init=2).fit(x[:, None])
     means = gm.means_.ravel()
     lo, hi = np.argsort(means)

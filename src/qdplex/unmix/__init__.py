@@ -58,11 +58,11 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 
 import dask.array as da
 import numpy as np
 
+from .._threads import one_thread
 from ..errors import InputError, SpectraError
 from ..model import Channel, MultiplexImage
 from ._cache import kernel as _kernel
@@ -557,7 +557,7 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
 
     # the estimates work on small matrices between compiled kernels: BLAS threads only
     # contend with the kernels' threads there (measured: refinement 35 → 19 ms at 768²)
-    with _one_blas_thread():
+    with one_thread("blas"):
         off, off_rec = resolve_offset(offset, image, sample, M0)
         M, lib_used, refinement = M0, library, {"enabled": False}
         if refine is not False and refine is not None:
@@ -593,18 +593,6 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
                          quality=quality, warnings=warns, channels=[c.name for c in image.channels])
     _log(where, result)
     return result
-
-
-@lru_cache(maxsize=1)
-def _blas_controller():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def _one_blas_thread():
-    """A context in which numpy's and scipy's BLAS run on one thread."""
-    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 #: Name prefixes (lower case) of DNA stains: a library's nuclear stain when the caller names none.
