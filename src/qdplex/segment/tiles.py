@@ -127,8 +127,9 @@ def segment_tiled(
     a central crop, and every tile is resampled on the slide's grid; for
     ``"classical"`` the scale and noise on a central crop and the background
     grid chunk by chunk. Tiles are
-    read a few at a time (``workers``), so working memory is bounded by the tile
-    size, not the slide; pass ``out`` (e.g. a ``numpy.memmap`` or zarr array) to
+    read a few at a time (``workers`` threads, at most ``workers + 1`` tiles in flight;
+    this thread merges the finished ones in tile order while the next ones run), so
+    working memory is bounded by the tile size, not the slide; pass ``out`` (e.g. a ``numpy.memmap`` or zarr array) to
     keep the labels themselves out of memory.
 
     Parameters
@@ -212,41 +213,71 @@ def segment_tiled(
 
     cores = [(y, x) for y in range(0, H, tile) for x in range(0, W, tile)]
     nw = int(workers or os.cpu_count() or 1)
+    def job(ty, tx):
+        y0, x0 = max(ty - ov, 0), max(tx - ov, 0)
+        y1, x1 = min(ty + tile + ov, H), min(tx + tile + ov, W)
+        core = (
+            ty - y0 - margin if ty > 0 else -np.inf,
+            min(ty + tile, H) - y0 + margin if ty + tile < H else np.inf,
+            tx - x0 - margin if tx > 0 else -np.inf,
+            min(tx + tile, W) - x0 + margin if tx + tile < W else np.inf,
+        )
+        return (y0, x0), (arr[y0:y1, x0:x1], core, d, method, model, grids, k, (y0, x0), noise)
+
     next_id = 1
-    for start in range(0, len(cores), nw):
-        jobs = []
-        for ty, tx in cores[start : start + nw]:
-            y0, x0 = max(ty - ov, 0), max(tx - ov, 0)
-            y1, x1 = min(ty + tile + ov, H), min(tx + tile + ov, W)
-            core = (
-                ty - y0 - margin if ty > 0 else -np.inf,
-                min(ty + tile, H) - y0 + margin if ty + tile < H else np.inf,
-                tx - x0 - margin if tx > 0 else -np.inf,
-                min(tx + tile, W) - x0 + margin if tx + tile < W else np.inf,
-            )
-            task = dask.delayed(_tile_objects)(arr[y0:y1, x0:x1], core, d, method, model, grids, k, (y0, x0), noise)
-            jobs.append(((y0, x0), task))
+
+    def merge(y0, x0, lab, keep_ids):
+        nonlocal next_id
+        if keep_ids.size == 0:
+            return
+        sl = (slice(y0, y0 + lab.shape[0]), slice(x0, x0 + lab.shape[1]))
+        region = np.array(out[sl])
+        kept = np.zeros(int(lab.max()) + 1, bool)
+        kept[keep_ids] = True
+        mine = kept[lab]
+        # a nucleus mostly covered by one already written was found twice: skip it
+        area = np.bincount(lab[mine], minlength=kept.size)
+        taken = np.bincount(lab[mine & (region > 0)], minlength=kept.size)
+        kept &= ~(taken > 0.5 * np.maximum(area, 1))
+        mine = kept[lab] & (region == 0)
+        new_id = np.zeros(kept.size, np.uint32)
+        n_new = int(kept.sum())
+        new_id[kept] = np.arange(next_id, next_id + n_new, dtype=np.uint32)
+        next_id += n_new
+        region[mine] = new_id[lab[mine]]
+        out[sl] = region
+
+    sched = dask.config.get("scheduler", None)
+    if hasattr(sched, "submit"):
         # tiles are tasks of a distributed client when one is in use (one slide over a cluster)
-        sched = dask.config.get("scheduler", None)
-        on = {"scheduler": sched} if hasattr(sched, "submit") else {"scheduler": "threads", "num_workers": nw}
-        results = dask.compute(*[t for _, t in jobs], **on)
-        for ((y0, x0), _), (lab, keep_ids) in zip(jobs, results):
-            if keep_ids.size == 0:
-                continue
-            sl = (slice(y0, y0 + lab.shape[0]), slice(x0, x0 + lab.shape[1]))
-            region = np.array(out[sl])
-            kept = np.zeros(int(lab.max()) + 1, bool)
-            kept[keep_ids] = True
-            mine = kept[lab]
-            # a nucleus mostly covered by one already written was found twice: skip it
-            area = np.bincount(lab[mine], minlength=kept.size)
-            taken = np.bincount(lab[mine & (region > 0)], minlength=kept.size)
-            kept &= ~(taken > 0.5 * np.maximum(area, 1))
-            mine = kept[lab] & (region == 0)
-            new_id = np.zeros(kept.size, np.uint32)
-            n_new = int(kept.sum())
-            new_id[kept] = np.arange(next_id, next_id + n_new, dtype=np.uint32)
-            next_id += n_new
-            region[mine] = new_id[lab[mine]]
-            out[sl] = region
+        for start in range(0, len(cores), nw):
+            jobs = [job(ty, tx) for ty, tx in cores[start : start + nw]]
+            results = dask.compute(*[dask.delayed(_tile_objects)(*args) for _, args in jobs], scheduler=sched)
+            for ((y0, x0), _), (lab, keep_ids) in zip(jobs, results):
+                merge(y0, x0, lab, keep_ids)
+        return out
+    # locally: tiles compute on the worker threads while this thread merges the finished
+    # ones, in tile order (IDs do not depend on timing); at most nw + 1 tiles in flight
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args):  # the tile is read in this thread (its chunks one after another)
+        block = args[0].compute(scheduler="sync") if hasattr(args[0], "dask") else np.asarray(args[0])
+        return _tile_objects(block, *args[1:])
+
+    with ThreadPoolExecutor(max_workers=nw) as pool:
+        pending = deque()
+        todo = iter(cores)
+        for ty, tx in todo:
+            origin, args = job(ty, tx)
+            pending.append((origin, pool.submit(run, args)))
+            if len(pending) > nw:
+                break
+        while pending:
+            (y0, x0), fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                origin, args = job(*nxt)
+                pending.append((origin, pool.submit(run, args)))
+            merge(y0, x0, *fut.result())
     return out
