@@ -216,3 +216,35 @@ def test_panel_method_auto_default_and_model_relative_to_the_panel(tmp_path):
     p.write_text(text.replace("[segmentation]\n", '[segmentation]\nmethod = "unet"\n'))
     with pytest.raises(PanelError, match="auto"):
         read_panel(p)
+
+
+def test_faint_objects_are_dropped_and_dim_nuclei_on_a_dark_side_kept():
+    """Noise specks (no brighter than the background) go; a nucleus 6 σ above its own
+    background stays, also on the dark side of a strong illumination gradient."""
+    from qdplex.segment.infer import drop_faint, faint_objects
+
+    rng = np.random.default_rng(0)
+    H, W = 200, 400
+    ramp = np.linspace(0.0, 300.0, W)[None, :].repeat(H, axis=0)  # uneven illumination
+    img = ramp + rng.normal(0.0, 5.0, (H, W))
+    yy, xx = np.mgrid[:H, :W]
+    labels = np.zeros((H, W), np.uint32)
+    # 1: dim nucleus on the dark side (30 counts = 6 σ above its local background)
+    disk = (yy - 100) ** 2 + (xx - 30) ** 2 <= 8 ** 2
+    img[disk] += 30.0
+    labels[disk] = 1
+    # 2: bright nucleus on the bright side
+    disk = (yy - 100) ** 2 + (xx - 350) ** 2 <= 8 ** 2
+    img[disk] += 200.0
+    labels[disk] = 2
+    # 3, 4: noise specks (nothing added)
+    labels[(yy - 40) ** 2 + (xx - 200) ** 2 <= 9] = 3
+    labels[(yy - 160) ** 2 + (xx - 100) ** 2 <= 9] = 4
+    faint = faint_objects(labels, img, window=64)
+    assert faint.tolist() == [False, False, False, True, True]
+    # a global background would take the dim nucleus for noise (the ramp's median is ~150)
+    assert faint_objects(labels, img)[1]
+    out = drop_faint(labels, img, window=64)
+    assert out.max() == 2 and set(np.unique(out[labels == 2])) == {2}
+    # tissue edge to edge (no background): nothing is dropped
+    assert not faint_objects(np.ones((50, 50), np.uint32), img[:50, :50]).any()
