@@ -34,13 +34,15 @@ class PixelSample:
         return int(self.Y.shape[1])
 
     def subset(self, n: int, seed: int) -> np.ndarray:
-        """``Y`` of at most ``n`` of the pixels, drawn without replacement (the same ones for a seed)."""
+        """``Y`` of at most ``n`` of the pixels: every ``N // n``-th, starting at ``seed``
+        (modulo the stride; so seeds 0 and 1 give disjoint sets), cached."""
         key = (int(n), int(seed))
         cache = self.__dict__.setdefault("_subsets", {})
         if key not in cache:
-            Y = self.Y
-            if Y.shape[1] > n:
-                Y = Y[:, np.random.default_rng(seed).choice(Y.shape[1], n, replace=False)]
+            Y, N = self.Y, self.Y.shape[1]
+            if N > n:
+                step = N // n
+                Y = Y[:, seed % step::step][:, :n]
             cache[key] = np.ascontiguousarray(Y)
         return cache[key]
 
@@ -63,7 +65,7 @@ def pixel_sample(image, *, tile: int = 64, grid: int = 4, saturation: float = np
     if hasattr(data, "dask"):
         import dask
 
-        pieces = dask.compute(*pieces, scheduler="threads")  # an image on disk: only these tiles are read
+        pieces = dask.compute(*pieces, scheduler="sync")  # an image on disk: only these tiles are read
     raw = np.stack([np.asarray(p) for p in pieces])  # n×C×t×t
     P = raw.astype(np.float32)
     good = np.ones((raw.shape[0], t, t), bool)
