@@ -209,10 +209,6 @@ def _write_tiff(
     opts = dict(photometric="minisblack", compression=compression, metadata=None)
     if compression is not None and np.issubdtype(data.dtype, np.integer):
         opts["predictor"] = True
-    if compression is not None:
-        # tiles compressed on every core (tifffile's default is half of them: one of two);
-        # the file is the same
-        opts["maxworkers"] = _encode_workers()
 
     def level_opts(k):
         out = dict(opts)
@@ -279,13 +275,6 @@ def _write_tiff(
         if spool is not None:
             spool.close()
     return path
-
-
-def _encode_workers() -> int:
-    """Threads compressing tiles: dask's ``num_workers`` when set, else the CPU count."""
-    import dask
-
-    return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
 
 
 def _align(arr: da.Array, tile) -> da.Array:
