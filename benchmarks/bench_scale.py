@@ -11,11 +11,11 @@ then includes waiting for cores.
 
 Sizes: 2048² and 4096² (ratio 4096²/2048²); ``--full`` adds 8192² (ratio
 8192²/4096²; targets on this machine: 8192² end to end ≤ 45 s, peak RSS ≤ 2 GiB,
-time ratio ≤ 4.4, memory ratio ≤ 1.2; measured 2026-12-02 on a loaded machine — load 4–5
-from another user's training on both cores —, back to back: 8192² 71.1 s, CPU 77.1 s,
-0.95 GiB, 4096² 21.2 s, ratios 3.35 and 1.14, against 111.4 s, CPU 100.8 s, 0.87 GiB
-and 42.6 s before the score, scratch, reader and writer changes of that day; the quiet
-machine was not available to check the 45 s). ``--baseline`` also runs ``storage="memory"``
+time ratio ≤ 4.4, memory ratio ≤ 1.2; measured 2026-12-02 03:31 UTC on a quiet
+machine: 8192² 42.0 s, CPU 69.1 s, 0.91 GiB, 4096² 11.3 s, ratios 3.72 and 1.19 — the
+memory ratio depends on how the image writes overlap quantification: 1.11–1.30 over
+three runs; 73.9–77.1 s and 0.93 GiB before that day's score, scratch, reader, writer
+and tiling changes). ``--baseline`` also runs ``storage="memory"``
 at each size, whose memory grows with the slide. ``--quick`` (used by ``make
 bench-quick``): 512² and 1024² from small generator tiles, a smoke run whose timings
 are printed, never judged.
