@@ -129,8 +129,8 @@ def segment_tiled(
     grid chunk by chunk. Tiles are
     read a few at a time (``workers`` threads, at most ``workers + 1`` tiles in flight;
     this thread merges the finished ones in tile order while the next ones run), so
-    working memory is bounded by the tile size, not the slide; pass ``out`` (e.g. a ``numpy.memmap`` or zarr array) to
-    keep the labels themselves out of memory.
+    working memory is bounded by the tile size, not the slide; pass ``out`` (e.g. a
+    ``numpy.memmap`` or zarr array) to keep the labels themselves out of memory.
 
     Parameters
     ----------
@@ -213,6 +213,7 @@ def segment_tiled(
 
     cores = [(y, x) for y in range(0, H, tile) for x in range(0, W, tile)]
     nw = int(workers or os.cpu_count() or 1)
+
     def job(ty, tx):
         y0, x0 = max(ty - ov, 0), max(tx - ov, 0)
         y1, x1 = min(ty + tile + ov, H), min(tx + tile + ov, W)
