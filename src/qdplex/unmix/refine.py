@@ -24,11 +24,20 @@ minus the other endmembers' fit" then lacks exactly that tail, so the error feed
 itself; and the nuclear markers never carry 30 % of a nucleus's signal, so they were
 never refined. Hence:
 
-* the stain's spectrum is re-estimated from its pixels minus only the endmembers that
-  are not being refined (autofluorescence measured on a control), as the lower quartile
-  of the per-channel ratios: nuclear markers only ever *add* signal to a nucleus, so
-  the nuclei that lack them (every slide has some) form the lower envelope, whatever
-  the markers' fit says;
+* the stain's spectrum is re-estimated from the nuclei that carry the least marker: of
+  the pixels it dominates (the brighter half), at most a quarter — those with the
+  smallest ratio of the other refined endmembers' fitted signal to the stain's, and
+  none above :data:`STAIN_FLOOR_FACTOR` × that ratio's 5th percentile (on a slide where
+  three nuclei in four carry PR, a plain quarter took in PR-positive nuclei and the
+  stain's spectrum took up QD565's). Nuclear markers only ever *add* signal to a
+  nucleus, and a wrong stain tail adds about the same fitted marker share to every
+  nucleus, so these are the nuclei without markers (every slide has some), whatever
+  the markers' fit says. There the spectrum is the per-channel median of (pixel − the
+  endmembers that are not being refined, i.e. autofluorescence measured on a control)
+  / its abundance. (A per-channel lower quartile over all its nuclei, the earlier
+  rule, is biased low by the noise in the dim channels of the stain's tail, where the
+  red QDs sit: on ``bench_accuracy``'s hard slide HER2's and EGFR's errors were 1.16×
+  and 1.18× the reference's with it, about 1.11× with this rule);
 * the other endmembers' shares are computed without the stain's signal, so a nuclear
   marker's pixels are the nuclei where it is the main stain after the nuclear stain.
 
@@ -46,10 +55,11 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["refine_matrix", "MIN_COSINE", "ANGLE_FLOOR", "STAIN_QUANTILE"]
+__all__ = ["refine_matrix", "MIN_COSINE", "ANGLE_FLOOR", "STAIN_QUANTILE", "STAIN_FLOOR_FACTOR"]
 
-#: smallest cosine between a refined spectrum and its prior
-MIN_COSINE = 0.95
+#: smallest cosine between a refined spectrum and its prior (measured Qdot 525 is at 0.943 from
+#: the built-in model, so a floor of 0.95 refused the right answer)
+MIN_COSINE = 0.9
 #: a pair's angle may not fall below this fraction of its prior angle
 ANGLE_FLOOR = 0.8
 #: the prior spectrum weighs as much as this many pixels in each re-fit
@@ -63,8 +73,10 @@ ROUNDS = 4
 MIN_GAIN = 0.02
 #: pixels of the sample used for fitting
 MAX_PIXELS = 8192
-#: the nuclear stain's spectrum is this quantile of its per-pixel ratios (the lower envelope)
+#: the nuclear stain's spectrum comes from at most this share of its pixels: those with the least marker
 STAIN_QUANTILE = 0.25
+#: ... and none whose marker-to-stain ratio exceeds this multiple of the ratio's 5th percentile
+STAIN_FLOOR_FACTOR = 3.0
 
 
 def _cos(a, b) -> float:
@@ -72,13 +84,16 @@ def _cos(a, b) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
 
 
-def _angle(a, b) -> float:
-    return float(np.degrees(np.arccos(np.clip(_cos(a, b), -1.0, 1.0))))
-
-
 def _rms(Y, M, A) -> float:
     R = Y - np.asarray(M, np.float32) @ np.asarray(A, np.float32)
-    return float(np.sqrt(np.einsum("ij,ij->", R, R) / R.size))
+    return float(np.sqrt(np.einsum("ij,ij->", R, R) / max(R.size, 1)))
+
+
+def _angles(M: np.ndarray) -> np.ndarray:
+    """K×K angles (degrees) between the columns of ``M``."""
+    n = np.linalg.norm(M, axis=0)
+    U = M / np.where(n > 0, n, 1.0)
+    return np.degrees(np.arccos(np.clip(U.T @ U, -1.0, 1.0)))
 
 
 def _peak(m: np.ndarray, centres) -> float:
@@ -104,6 +119,22 @@ def _lambda_centres(channels):
         return None
     d = np.diff(c)
     return c if np.all(d > 0) and np.ptp(d) <= 1e-6 * d.mean() + 1e-9 else None
+
+
+def _least_marked(sel: np.ndarray, contrib: np.ndarray, k: int, markers: np.ndarray) -> np.ndarray:
+    """Of the pixels ``sel``, those where the ``markers``' fitted signal is smallest relative
+    to endmember ``k``'s: the :data:`STAIN_QUANTILE` share, but none whose ratio exceeds
+    :data:`STAIN_FLOOR_FACTOR` × the ratio's 5th percentile (when most nuclei carry a
+    marker, a fixed share would take in marked ones); at least :data:`MIN_PIXELS`."""
+    idx = np.flatnonzero(sel)
+    if idx.size <= MIN_PIXELS:
+        return sel
+    ratio = contrib[markers][:, idx].sum(axis=0) / np.maximum(contrib[k, idx], 1e-12)
+    n = int(idx.size * STAIN_QUANTILE)
+    n = max(min(n, int((ratio <= STAIN_FLOOR_FACTOR * np.quantile(ratio, 0.05)).sum())), MIN_PIXELS)
+    out = np.zeros_like(sel)
+    out[idx[np.argsort(ratio, kind="stable")[:n]]] = True
+    return out
 
 
 def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
@@ -141,7 +172,6 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     Y = np.ascontiguousarray(Y, dtype=np.float32)
     Yd = Y.astype(np.float64)
     M = M0.copy()
-    peak0 = M0.max(axis=0)
     free = np.array([n not in fixed for n in names])
     stain = set(stain)
     is_stain = np.array([n in stain for n in names])
@@ -159,22 +189,27 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
         for k in np.flatnonzero(free):  # every column from the same fit, then one unmixing
             share = contrib[k] / (total if is_stain[k] else unstained)
             sel = (share >= DOMINANT_SHARE) & (A[k] > 0)
-            n_sel = int(sel.sum())
-            if n_sel >= 2 * MIN_PIXELS:  # the purest quarter (at least 2 × MIN_PIXELS), brighter half: least mixed, least noisy
+            if is_stain[k]:  # its brighter half, then the nuclei with the least marker
+                if sel.any():
+                    sel &= A[k] >= np.median(A[k, sel])
+                sel = _least_marked(sel, contrib, k, free & ~is_stain)
+            elif int(sel.sum()) >= 2 * MIN_PIXELS:  # the purest quarter (≥ 2 × MIN_PIXELS), brighter half
+                n_sel = int(sel.sum())
                 keep = max(n_sel // 4, 2 * MIN_PIXELS)
                 sel &= share >= np.sort(share[sel])[n_sel - keep]
                 sel &= A[k] >= np.median(A[k, sel])
             npix[k] = int(sel.sum())
             if npix[k] < MIN_PIXELS:
                 continue
-            a = A[k, sel]
-            if is_stain[k]:  # minus the fixed endmembers only; the lower envelope of the ratios
+            As = A[:, sel]
+            a = As[k]
+            if is_stain[k]:  # minus the fixed endmembers only (the markers there are ~absent)
                 sub = np.flatnonzero(~free & (np.arange(K) != k))
-                rest = Yd[:, sel] - M[:, sub] @ A[sub][:, sel]
-                m = np.clip(np.quantile(rest / a, STAIN_QUANTILE, axis=1), 0.0, None)
-            else:  # median of the per-pixel ratios: robust to pixels where another endmember is misfitted
-                rest = Yd[:, sel] - np.delete(M, k, axis=1) @ np.delete(A[:, sel], k, axis=0)
-                m = np.clip(np.median(rest / a, axis=1), 0.0, None)
+                rest = Yd[:, sel] - M[:, sub] @ As[sub]
+            else:  # minus every other endmember's fit
+                rest = Yd[:, sel] - M @ As + M[:, k:k + 1] * a
+            # median of the per-pixel ratios: robust to pixels where another endmember is misfitted
+            m = np.clip(np.median(rest / a, axis=1), 0.0, None)
             if not m.max() > 0:
                 continue
             w = PRIOR_PIXELS / (PRIOR_PIXELS + npix[k])  # the prior counts as this many pixels
@@ -190,26 +225,24 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     for k in range(K):
         if k not in refused and _cos(M[:, k], M0[:, k]) < MIN_COSINE:
             refused[k] = f"turned away from its prior (cosine {_cos(M[:, k], M0[:, k]):.3f} < {MIN_COSINE})"
-    changed = True
-    while changed:
-        changed = False
-        for i in range(K):
-            for j in range(i + 1, K):
-                if i in refused and j in refused:
-                    continue
-                mi = M0[:, i] if i in refused else M[:, i]
-                mj = M0[:, j] if j in refused else M[:, j]
-                a0, a1 = _angle(M0[:, i], M0[:, j]), _angle(mi, mj)
-                if a1 < ANGLE_FLOOR * a0:
-                    # refuse the one that moved more from its prior
-                    cand = [k for k in (i, j) if k not in refused]
-                    k = min(cand, key=lambda q: _cos(M[:, q], M0[:, q]))
-                    other = names[j if k == i else i]
-                    refused[k] = (f"drifted toward {other} (angle {a1:.1f}° < {ANGLE_FLOOR:g} × prior {a0:.1f}°)")
-                    changed = True
-    for k in refused:
+    a0 = _angles(M0)
+    while True:  # refuse, pair by pair, the one that moved more from its prior; until no pair is too close
+        cur = M.copy()
+        cur[:, list(refused)] = M0[:, list(refused)]
+        a1 = _angles(cur)
+        bad = [(i, j) for i, j in zip(*np.triu_indices(K, 1))
+               if not (i in refused and j in refused) and a1[i, j] < ANGLE_FLOOR * a0[i, j]]
+        if not bad:
+            break
+        i, j = bad[0]
+        k = min((q for q in (i, j) if q not in refused), key=lambda q: _cos(M[:, q], M0[:, q]))
+        other = names[j if k == i else i]
+        refused[k] = f"drifted toward {other} (angle {a1[i, j]:.1f}° < {ANGLE_FLOOR:g} × prior {a0[i, j]:.1f}°)"
+    reverted = [k for k in refused if free[k]]
+    for k in reverted:
         M[:, k] = M0[:, k]
-    A = unmix_fn(Y, M).astype(np.float64) if refused else A
+    if reverted:
+        A = unmix_fn(Y, M).astype(np.float64)
     after = _rms(Y, M, A)
     if after > (1.0 - MIN_GAIN) * before and len(refused) < K:
         for k in range(K):
