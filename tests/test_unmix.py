@@ -323,6 +323,24 @@ def test_nnls_exact_for_one_and_many_endmembers(K):
         assert np.abs(X[:, n] - ref).max() <= 1e-4 * max(ref.max(), 1e-9)
 
 
+def test_compiled_pivot_table_equals_the_batched_solves():
+    """The compiled passive-set table equals the batched numpy solves it replaces (K = 1…9),
+    and a Gram matrix with a singular passive block falls back to them."""
+    from qdplex.unmix._kernels import _pivot_table, _pivot_table_for
+
+    rng = np.random.default_rng(3)
+    for K in range(1, 10):
+        G = (lambda M: M.T @ M)(rng.random((31, K)))
+        ref = _pivot_table(G)
+        got = _pivot_table_for(G.tobytes(), K).reshape(ref.shape)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    M = rng.random((6, 3))
+    M[:, 2] = M[:, 0]  # two equal spectra: the passive set {0, 2} is singular
+    G = M.T @ M
+    with pytest.raises(np.linalg.LinAlgError):
+        _pivot_table_for(G.tobytes(), 3)  # the numpy fallback's own error, as before
+
+
 @pytest.mark.parametrize("damage", ["garbage", "dynamic-module", "stale-source"])
 def test_damaged_kernel_cache_does_not_break_unmixing(tmp_path, monkeypatch, damage):
     """A corrupted or stale numba disk cache of a generated kernel (here: garbage bytes, an

@@ -1,4 +1,5 @@
-"""Compile qdplex's segmentation, membrane-ring and quantification kernels ahead of time.
+"""Compile qdplex's segmentation, membrane-ring and quantification kernels (and the unmixing
+pivot table's) ahead of time.
 
 ``python -m qdplex._precompile`` (e.g. as the last step of an install) compiles them,
 with the argument types ``qdplex run`` gives them, into numba's disk cache, so that
@@ -38,6 +39,9 @@ def precompile() -> float:
         seg = segment(image, pixel_size_um=0.5, membrane_image=membrane)
     planes = MultiplexImage(np.stack([image, image]), [Channel("a"), Channel("b")], pixel_size_um=0.5)
     quantify(planes, seg)
+    from .unmix._kernels import _pivot_table_for  # the one unmixing kernel that does not depend on K
+
+    _pivot_table_for(np.eye(2).tobytes(), 2)
     return time.perf_counter() - t
 
 

@@ -55,6 +55,7 @@ into blocks as views, not copies.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -373,13 +374,19 @@ def _unmix_planned(arr: np.ndarray, plan: _Plan, chunk: int = 1024) -> np.ndarra
     C, H, W = Y.shape
     out = np.empty((K, H, W), dtype=np.float32)
     flag = np.empty((H, W), dtype=np.uint8)
-    spans = _spans(H, W, os.cpu_count() or 1, max(1, int(chunk) ** 2))
+    spans = _spans(H, W, _cpus(), max(1, int(chunk) ** 2))
     if len(spans) == 1:
         _fit(Y, plan, out, None, flag, spans[0])
     else:
-        with ThreadPoolExecutor(max_workers=min(len(spans), os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(len(spans), _cpus())) as pool:
             list(pool.map(lambda s: _fit(Y, plan, out, None, flag, s), spans))
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cpus() -> int:
+    """``os.cpu_count()``, read once (~0.1 ms a call in a container; the refinement's small fits call it often)."""
+    return os.cpu_count() or 1
 
 
 def _spans(H: int, W: int, workers: int, max_px: int) -> list[tuple[int, int, int, int]]:

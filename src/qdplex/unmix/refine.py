@@ -89,6 +89,17 @@ def _rms(Y, M, A) -> float:
     return float(np.sqrt(np.einsum("ij,ij->", R, R) / max(R.size, 1)))
 
 
+def _median(x: np.ndarray) -> np.ndarray:
+    """``numpy.median`` along the last axis of a non-empty array without NaN (one
+    partition, without the general function's overhead: ~50 of them per refinement)."""
+    n = x.shape[-1]
+    h = n // 2
+    if n % 2:
+        return np.partition(x, h, axis=-1)[..., h]
+    p = np.partition(x, (h - 1, h), axis=-1)
+    return 0.5 * (p[..., h - 1] + p[..., h])
+
+
 def _angles(M: np.ndarray) -> np.ndarray:
     """K×K angles (degrees) between the columns of ``M``."""
     n = np.linalg.norm(M, axis=0)
@@ -129,7 +140,8 @@ def _least_marked(sel: np.ndarray, contrib: np.ndarray, k: int, markers: np.ndar
     idx = np.flatnonzero(sel)
     if idx.size <= MIN_PIXELS:
         return sel
-    ratio = contrib[markers][:, idx].sum(axis=0) / np.maximum(contrib[k, idx], 1e-12)
+    sub = contrib[:, idx]
+    ratio = sub[markers].sum(axis=0) / np.maximum(sub[k], 1e-12)
     n = int(idx.size * STAIN_QUANTILE)
     n = max(min(n, int((ratio <= STAIN_FLOOR_FACTOR * np.quantile(ratio, 0.05)).sum())), MIN_PIXELS)
     out = np.zeros_like(sel)
@@ -176,6 +188,7 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     stain = set(stain)
     is_stain = np.array([n in stain for n in names])
     centres = _lambda_centres(channels) if channels is not None else None
+    peak0 = [_peak(M0[:, k], centres) for k in range(K)]
     A = unmix_fn(Y, M).astype(np.float64)
     before = _rms(Y, M, A)
     reason: dict[int, str] = {k: "measured on a control, or not asked for (controls win)"
@@ -183,21 +196,23 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     npix = np.zeros(K, int)
     for _ in range(ROUNDS):
         contrib = M.sum(axis=0)[:, None] * A  # K×N fitted signal per endmember
-        total = np.maximum(contrib.sum(axis=0), 1e-12)
-        unstained = np.maximum(contrib[~is_stain].sum(axis=0), 1e-12)  # without the nuclear stain
+        total = contrib.sum(axis=0)
+        unstained = total - contrib[is_stain].sum(axis=0)  # without the nuclear stain
+        share = contrib / np.maximum(unstained, 1e-12)
+        share[is_stain] = contrib[is_stain] / np.maximum(total, 1e-12)
+        dominant = (share >= DOMINANT_SHARE) & (A > 0)
         Mn = M.copy()
         for k in np.flatnonzero(free):  # every column from the same fit, then one unmixing
-            share = contrib[k] / (total if is_stain[k] else unstained)
-            sel = (share >= DOMINANT_SHARE) & (A[k] > 0)
+            sel = dominant[k]
+            n_sel = int(np.count_nonzero(sel))
             if is_stain[k]:  # its brighter half, then the nuclei with the least marker
-                if sel.any():
-                    sel &= A[k] >= np.median(A[k, sel])
+                if n_sel:
+                    sel = sel & (A[k] >= _median(A[k, sel]))
                 sel = _least_marked(sel, contrib, k, free & ~is_stain)
-            elif int(sel.sum()) >= 2 * MIN_PIXELS:  # the purest quarter (≥ 2 × MIN_PIXELS), brighter half
-                n_sel = int(sel.sum())
+            elif n_sel >= 2 * MIN_PIXELS:  # the purest quarter (≥ 2 × MIN_PIXELS), brighter half
                 keep = max(n_sel // 4, 2 * MIN_PIXELS)
-                sel &= share >= np.sort(share[sel])[n_sel - keep]
-                sel &= A[k] >= np.median(A[k, sel])
+                sel = sel & (share[k] >= np.partition(share[k, sel], n_sel - keep)[n_sel - keep])
+                sel &= A[k] >= _median(A[k, sel])
             npix[k] = int(sel.sum())
             if npix[k] < MIN_PIXELS:
                 continue
@@ -209,12 +224,12 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
             else:  # minus every other endmember's fit
                 rest = Yd[:, sel] - M @ As + M[:, k:k + 1] * a
             # median of the per-pixel ratios: robust to pixels where another endmember is misfitted
-            m = np.clip(np.median(rest / a, axis=1), 0.0, None)
+            m = np.clip(_median(rest / a), 0.0, None)
             if not m.max() > 0:
                 continue
             w = PRIOR_PIXELS / (PRIOR_PIXELS + npix[k])  # the prior counts as this many pixels
-            m = (1 - w) * m * (_peak(M0[:, k], centres) / _peak(m, centres)) + w * M0[:, k]
-            Mn[:, k] = m * (_peak(M0[:, k], centres) / _peak(m, centres))
+            m = (1 - w) * m * (peak0[k] / _peak(m, centres)) + w * M0[:, k]
+            Mn[:, k] = m * (peak0[k] / _peak(m, centres))
         M = Mn
         A = unmix_fn(Y, M).astype(np.float64)
     for k in np.flatnonzero(free):
