@@ -32,7 +32,10 @@ Then the unmixing throughput (Mpx/s, best of 3) of ``qdplex.unmix`` with refinem
 slide with the offset given (``bench_unmix``'s NNLS path), and their time ratio (target
 ≤ 1.5), at the slide size and at 4× the area.
 
-Run:  PYTHONPATH=src .venv/bin/python benchmarks/bench_accuracy.py [--size 768] [--quick]
+``--more-seeds 31,32`` adds the error ratios of easy and hard slides made with other seeds
+(other perturbed spectra, other tissue): how far the figures above carry over.
+
+Run:  PYTHONPATH=src .venv/bin/python benchmarks/bench_accuracy.py [--size 768] [--quick] [--more-seeds 31,32]
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ SLIDES = {
 }
 
 
-def make(kind: str, size: int):
+def make(kind: str, size: int, seed: int | None = None):
     from qdplex.panel import read_panel
     from qdplex.synth import make_slide, perturbed_library
 
-    cfg = SLIDES[kind]
+    cfg = dict(SLIDES[kind], **({} if seed is None else {"seed": int(seed)}))
     panel = read_panel(ROOT / "pipelines" / "breast-5plex.toml")
     lib, changes = perturbed_library(SPECTRA, panel.fluors, af_species=cfg["af_species"], seed=cfg["seed"])
     slide = make_slide(panel, shape=(size, size), library=lib, record_offset=False, camera_offset=100.0,
@@ -93,6 +96,29 @@ def scores(result, slide, panel) -> dict:
     return out
 
 
+def _three_runs(panel, truelib, slide, kind: str):
+    """run_slide as a user would (built-ins, control-estimated AF, offset found, refined),
+    the same with refinement off, and the reference (true spectra and offset); seconds of the first."""
+    from qdplex.io import write_ome_tiff
+    from qdplex.panel import panel_from_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctrl = Path(tmp) / f"{kind}_unstained.ome.tif"
+        write_ome_tiff(ctrl, slide.unstained)
+        raw = panel.to_dict()
+        pd_ = {"name": raw["name"], "nuclear_stain": raw["nuclear_stain"],
+               "markers": [{k: v for k, v in m.items() if v is not None} for m in raw["markers"]],
+               "segmentation": raw["segmentation"],
+               "autofluorescence": {"control": str(ctrl), "components": "auto"}}
+        user = panel_from_dict(pd_, base_dir=tmp)
+        t = time.perf_counter()
+        q = run(user, slide)
+        tq = time.perf_counter() - t
+        off = run(user, slide, refine=False)
+    ref = run(panel, slide, library=truelib.subset(slide.abundances.channel_names), offset=100.0, refine=False)
+    return q, off, ref, tq
+
+
 def throughput(slide, library, repeat: int = 3) -> tuple[float, float]:
     import qdplex
 
@@ -114,35 +140,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=768)
     ap.add_argument("--quick", action="store_true", help="a 256² smoke run")
+    ap.add_argument("--more-seeds", default="", metavar="S1,S2",
+                    help="also print the error ratios (qdplex ÷ reference) of easy and hard slides made "
+                         "with these seeds: the same recipe, other spectra and tissue (not targets)")
     args = ap.parse_args(argv)
     size = 256 if args.quick else args.size
     if not SPECTRA.is_dir():
         print(f"skipped: measured spectra not found at {SPECTRA}")
         return 0
-    from qdplex.panel import panel_from_dict
-    from qdplex.io import write_ome_tiff
-
     print(f"qdplex accuracy on slides unlike its assumptions ({size}², offset 100 not recorded, "
           f"measured spectra ±5 nm / ±15 %)\n")
     fails = 0
     last = None
     for kind in SLIDES:
         panel, truelib, slide, changes = make(kind, size)
-        with tempfile.TemporaryDirectory() as tmp:
-            ctrl = Path(tmp) / f"{kind}_unstained.ome.tif"
-            write_ome_tiff(ctrl, slide.unstained)
-            raw = panel.to_dict()
-            pd_ = {"name": raw["name"], "nuclear_stain": raw["nuclear_stain"],
-                   "markers": [{k: v for k, v in m.items() if v is not None} for m in raw["markers"]],
-                   "segmentation": raw["segmentation"],
-                   "autofluorescence": {"control": str(ctrl), "components": "auto"}}
-            user = panel_from_dict(pd_, base_dir=tmp)
-            t = time.perf_counter()
-            q = run(user, slide)
-            tq = time.perf_counter() - t
-            off = run(user, slide, refine=False)
-        ref_lib = truelib.subset(slide.abundances.channel_names)
-        ref = run(panel, slide, library=ref_lib, offset=100.0, refine=False)
+        q, off, ref, tq = _three_runs(panel, truelib, slide, kind)
         rows = {"qdplex": scores(q, slide, panel), "refine off": scores(off, slide, panel),
                 "reference": scores(ref, slide, panel)}
         rec = q.unmixed.record()
@@ -183,6 +195,16 @@ def main(argv=None) -> int:
         mpx = 4 * size * size / 1e6
         print(f"unmixing {2 * size}² (the slide tiled 2×2): plain NNLS {mpx / plain:.1f} Mpx/s ({plain:.3f} s); "
               f"with refinement {mpx / full:.1f} Mpx/s ({full:.3f} s); time ratio {full / plain:.2f}")
+    if args.more_seeds:
+        print("\nother seeds (error ÷ reference's, qdplex | refine off; not targets):")
+        for seed in [int(v) for v in args.more_seeds.split(",") if v.strip()]:
+            for kind in SLIDES:
+                panel, truelib, slide, _ = make(kind, size, seed)
+                q, off, ref, _ = _three_runs(panel, truelib, slide, f"{kind}{seed}")
+                sq, so, sr = (scores(r, slide, panel) for r in (q, off, ref))
+                print(f"{kind:4s} seed {seed:3d}: " + "  ".join(
+                    f"{m} {sq[m]['err'] / sr[m]['err']:.2f} | {so[m]['err'] / sr[m]['err']:.2f}"
+                    for m in panel.marker_names))
     print(f"\ntargets missed (qdplex rows, marked *): {fails}")
     return 0
 

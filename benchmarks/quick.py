@@ -31,6 +31,7 @@ QUICK_ARGS = {
     "bench_unmix.py": ["--size", "256", "--scipy-pixels", "2000", "--repeat", "1"],
     "bench_quantify.py": ["--size", "512", "--cells", "400", "--repeat", "1"],
     "bench_compile.py": ["--no-command"],
+    "bench_accuracy.py": ["--quick", "--more-seeds", "31"],
 }
 
 
