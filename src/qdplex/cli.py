@@ -68,6 +68,19 @@ def _run_options(args) -> dict:
     return opts
 
 
+def _quiet_shutdown() -> None:
+    """After the one line of an interrupted run: nothing more on stderr. A signal that lands
+    while zarr's I/O loop (a library thread) has reads in flight otherwise ends the process
+    with "Exception ignored … Event loop is closed" and "Task was destroyed but it is
+    pending!" for each of them, printed by the interpreter's shutdown (seen in CI's SIGTERM test)."""
+    import os
+
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def _cmd_run(args) -> int:
     import json
     import time
@@ -84,6 +97,7 @@ def _cmd_run(args) -> int:
         why = e.args[0] if e.args else "Ctrl-C"
         print(f"qdplex: interrupted ({why}); the slides completed so far are listed in "
               f"{Path(args.out) / 'manifest.csv'}; rerun to resume", file=sys.stderr)
+        _quiet_shutdown()
         return 143 if why == "SIGTERM" else 130
     summary = batch_summary(manifest, args.out, time.perf_counter() - t0)
     if args.quiet:  # otherwise the progress lines showed them as they happened
