@@ -24,7 +24,7 @@ __all__ = ["fit_quality", "fit_warnings", "RESIDUAL_RATIO", "CHANNEL_RATIO"]
 
 RESIDUAL_RATIO = 2.0
 CHANNEL_RATIO = 3.5
-MAX_PIXELS = 8192
+MAX_PIXELS = 4096
 
 
 def _label(ch) -> str:
