@@ -262,3 +262,43 @@ def test_panel_keys(tmp_path):
                 {"autofluorescence": {"components": "many"}}):
         with pytest.raises(PanelError):
             panel_from_dict({**FIVE, **bad})
+
+
+@pytest.mark.parametrize("chunks", [(6, 300, 400), (6, 128, 96), (2, 100, 128)])
+def test_pixel_sample_of_an_in_memory_image_equals_the_dask_read(chunks):
+    """The sample sliced straight from an in-memory image's blocks (channel- and
+    space-chunked, tiles across block edges) equals the one read through dask, saturated and
+    non-finite pixels left out alike."""
+    import dask.array as da
+
+    from qdplex.unmix._sample import _in_memory_blocks, pixel_sample
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(200.0, 20.0, (6, 300, 400)).astype(np.float32)
+    a[2, 10, 10], a[4, 250, 390] = np.nan, 5000.0
+    x = da.from_array(a, chunks=chunks)
+    assert _in_memory_blocks(x) is not None and _in_memory_blocks(x.map_blocks(lambda b: b)) is None
+    fast, slow = pixel_sample(x, saturation=4000.0), pixel_sample(x.map_blocks(lambda b: b), saturation=4000.0)
+    assert fast.n == slow.n < 16 * 32 * 32
+    np.testing.assert_array_equal(fast.Y, slow.Y)
+    np.testing.assert_array_equal(fast.smooth_total, slow.smooth_total)
+    np.testing.assert_allclose(fast.noise_var, slow.noise_var, rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(fast.noise_var), 20.0, rtol=0.1)  # the pixel noise, from neighbours
+
+
+def test_the_stain_is_refitted_from_its_unmarked_nuclei_even_when_most_are_marked():
+    """Three nuclei in four carry a marker: a plain quarter of the least-marked would take in
+    marked ones; the cap at 3× the 5th percentile of the marker/stain ratio keeps only the
+    unmarked."""
+    from qdplex.unmix.refine import _least_marked
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    marked = rng.random(n) < 0.8
+    contrib = np.zeros((3, n))
+    contrib[0] = rng.uniform(50, 100, n)  # the stain
+    contrib[1] = contrib[0] * np.where(marked, rng.uniform(0.1, 0.4, n), rng.uniform(0.005, 0.015, n))
+    contrib[2] = 30.0  # a fixed endmember (not a marker)
+    sel = _least_marked(np.ones(n, bool), contrib, 0, np.array([False, True, False]))
+    assert sel.sum() >= 20 and not (sel & marked).any()
+    assert sel.sum() > 0.5 * (~marked).sum()  # and most of the unmarked ones

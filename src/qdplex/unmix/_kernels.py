@@ -127,14 +127,14 @@ _SWEEP = 4  # channels per sweep over a tile in the projection
 def _pivot_table_for(gram: bytes, K: int) -> np.ndarray:
     """Raveled, read-only :func:`_pivot_table` of the K×K Gram matrix in ``gram`` (cached).
 
-    Compiled (:func:`_pivot_table_into`, 2^K Cholesky solves: ~0.1 ms for K = 8 where the
+    Compiled (:func:`_pivot_table_into`, 2^K Cholesky solves: ~0.2 ms for K = 8 where the
     batched numpy version takes ~2.6 ms — it was rebuilt for every fit of the on-slide
     refinement's pixel sample, whose matrix changes each round); the numpy version where a
     passive set's Gram block is not positive definite.
     """
     G = np.frombuffer(gram, dtype=np.float64).reshape(K, K)
     tab = np.zeros((1 << K, _table_rows(K), _padded(K)))
-    if not _pivot_table_into(np.ascontiguousarray(G), tab):
+    if not _pivot_table_into(G, tab):
         tab = _pivot_table(G)
     tab = tab.ravel()
     tab.flags.writeable = False

@@ -8,7 +8,7 @@ column of the mixing matrix to the slide by alternating non-negative least squar
 1. unmix a sample of pixels (:mod:`qdplex.unmix._sample`, offset removed) with the
    current matrix;
 2. for each endmember (all from the same fit), take the pixels where it carries at least
-   30 % of the fitted signal, keep the purest quarter of them (highest share; at least
+   30 % of the fitted signal, keep the purest quarter of them (:data:`PURE_SHARE`; at least
    2 × :data:`MIN_PIXELS`, so that a fluor with few such pixels is not cut below the
    minimum) and of those the brighter half, and re-estimate its spectrum there as the per-channel
    median of (pixel − the other endmembers' fit) / its abundance — a median, so that
@@ -46,9 +46,11 @@ never refined. Hence:
 seeds of them, error of the marker plane ÷ that of NNLS given the true spectra): the
 per-fluor re-fit cannot tell a fluor's own tail from a neighbour that sits in the same
 pixels, so where the built-in model's tail is wrong and the neighbour is present the
-error stays (worst seen: mTOR/QD525 1.6× beside QD565, EGFR/QD705 1.3× beside QD655);
+error stays (worst seen: mTOR/QD525 1.65× beside QD565, EGFR/QD705 1.35× beside QD655);
 and where almost every nucleus carries a nuclear marker the stain's spectrum keeps a
-little of it (PR/QD565 1.5×). Without refinement the same slides give up to 3×. Tried
+little of it (PR/QD565 1.5×). Without refinement the same slides give up to 3×, but on a
+few markers refinement is the worse of the two (on one slide HER2 1.15× refined, 0.94×
+not; mTOR 1.65× vs 1.38×). Tried
 and not kept: re-fitting all spectra at once by least squares (3×: the stain took the
 nuclear markers' spectra), re-fitting from the purest pixels without subtracting the
 other markers (better where markers do not overlap, drift where they do), more pixels,
