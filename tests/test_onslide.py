@@ -84,7 +84,7 @@ def test_offset_found_when_not_recorded(measured_slide, panel5):
 def test_refinement_brings_spectra_toward_the_slide(measured_slide, panel5):
     """Refined on the slide, the built-in spectra move toward the true ones and the marker
     planes' errors fall; the record says what was refined, with cosines and residuals."""
-    slide, _ = measured_slide
+    slide, truelib = measured_slide
     lib = SpectralLibrary.builtin(panel5.fluors).merge(estimate_autofluorescence(slide.unstained, "auto"))
     A = np.asarray(slide.abundances.data)
     off = unmix(slide.image, lib, refine=False)
@@ -95,20 +95,20 @@ def test_refinement_brings_spectra_toward_the_slide(measured_slide, panel5):
     assert "QD705" in refined and "AF" not in refined  # the control's AF wins
     assert all(0.95 <= r["cosine_to_prior"] <= 1.0 for r in rec["spectra"].values())
     k = panel5.fluors.index("QD705")
-
-    def cos(a, b):
-        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-    assert cos(on.matrix[:, k], slide.mixing[:, k]) > cos(off.matrix[:, k], slide.mixing[:, k])
-    Xon, Xoff = np.asarray(on.abundances.data), np.asarray(off.abundances.data)
-    assert _err(Xon, A, k) < 0.95 * _err(Xoff, A, k)
+    ref = unmix(slide.image, truelib.subset(slide.abundances.channel_names), offset=100.0, refine=False)
+    Xon, Xoff, Xref = (np.asarray(r.abundances.data) for r in (on, off, ref))
+    # QD705's plane: 2.14× the error of an unmixing given the true spectra without
+    # refinement, 1.11× with it (the matrix column's cosine to the truth is not the measure:
+    # 0.9962 refined vs 0.9984 not, yet the plane is twice as close)
+    assert _err(Xon, A, k) < 0.6 * _err(Xoff, A, k)
+    assert _err(Xon, A, k) < 1.2 * _err(Xref, A, k)
     assert np.mean([_err(Xon, A, i) for i in range(1, 6)]) < np.mean([_err(Xoff, A, i) for i in range(1, 6)])
     assert on.library["QD705"].source.startswith("refined on slide")
 
 
 def test_refinement_of_the_nuclear_stain_frees_the_nuclear_markers(measured_slide, panel5):
-    """The nuclear stain is refined from the lower envelope of its nuclei and the nuclear
-    markers (ER/QD605, PR/QD565) from the nuclei where they are the main stain after it:
+    """The nuclear stain is refined from its least-marked nuclei and the nuclear markers
+    (ER/QD605, PR/QD565) from the nuclei where they dominate with the least other marker:
     their planes come close to an unmixing given the true spectra."""
     slide, truelib = measured_slide
     lib = SpectralLibrary.builtin(panel5.fluors).merge(estimate_autofluorescence(slide.unstained, "auto"))
@@ -142,41 +142,40 @@ def test_refinement_keeps_a_prior_that_fits(panel5):
     assert on.warnings == [] and on.quality["residual_to_noise"] < 1.5
 
 
-def test_refinement_refuses_drift_toward_another_fluor(monkeypatch):
-    """A slide whose 'QD585' really emits at 598 nm, next to QD605. By default the re-fitted
-    spectrum follows the slide part of the way (cosine to the truth 0.75 → 0.84; pairwise
-    angle to QD605 down to 0.92 × the prior's, within what measured spectra do on the
-    benchmark slides: DAPI/AF down to 0.86) and QD605 is left alone. With a pairwise angle
-    floor above that, the refinement of QD585 is refused as drift toward QD605 and its
-    prior kept."""
+def test_refinement_follows_a_shift_and_refuses_drift_toward_another_fluor():
+    """A slide whose 'QD585' really emits at 590 nm: the re-fitted spectrum follows it
+    (cosine to the truth 0.958 → 0.999) and QD605 is left alone. At 592 nm the true
+    spectrum's angle to QD605 is 0.68 × the priors' (39.8° vs 58.3°): the re-fit follows it
+    there too (42°), below the 0.8 floor, so it is refused as drift toward QD605 and the
+    prior kept (the guard is conservative: on ``bench_accuracy``'s slides a floor of 0.6
+    let contaminated spectra through)."""
     from qdplex.spectra import _two_sided_gaussian, lambda_grid
-    from qdplex.unmix import refine as refine_mod
     from qdplex.unmix.refine import refine_matrix
 
     chans = lambda_grid(500, 700, 10)
     lib = SpectralLibrary.builtin(["QD585", "QD605", "QD655"])
     M0 = lib.matrix(chans)
     wl = np.arange(400.0, 800.0, 0.5)
-    drifted = SpectralLibrary().add("QD585", wl, _two_sided_gaussian(wl, 598.0, 28.0, 1.3)).matrix(chans)[:, 0]
-    truth = M0.copy()
-    truth[:, 0] = drifted * (M0[:, 0].max() / drifted.max())
-    rng = np.random.default_rng(0)
-    a = rng.gamma(2.0, 50.0, (3, 6000)) * (rng.random((3, 6000)) < 0.4)
-    Y = rng.poisson(truth @ a).astype(np.float32)
 
     def cos(u, v):
         return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
 
-    def run():
-        return refine_matrix(Y, M0, ["QD585", "QD605", "QD655"], unmix_fn=lambda Y, M: unmix_array(Y, M),
-                             channels=chans)
+    def run(peak_nm):
+        drifted = SpectralLibrary().add("QD585", wl, _two_sided_gaussian(wl, peak_nm, 28.0, 1.3)).matrix(chans)[:, 0]
+        truth = M0.copy()
+        truth[:, 0] = drifted * (M0[:, 0].max() / drifted.max())
+        rng = np.random.default_rng(0)
+        a = rng.gamma(2.0, 50.0, (3, 6000)) * (rng.random((3, 6000)) < 0.4)
+        Y = rng.poisson(truth @ a).astype(np.float32)
+        M, rec = refine_matrix(Y, M0, ["QD585", "QD605", "QD655"], unmix_fn=lambda Y, M: unmix_array(Y, M),
+                               channels=chans, single_peaked=["QD585", "QD605", "QD655"])
+        return truth, M, rec
 
-    M, rec = run()
+    truth, M, rec = run(590.0)
     assert rec["spectra"]["QD585"]["refined"]
-    assert cos(M[:, 0], truth[:, 0]) > cos(M0[:, 0], truth[:, 0]) + 0.05
+    assert cos(M0[:, 0], truth[:, 0]) < 0.96 and cos(M[:, 0], truth[:, 0]) > 0.995
     assert cos(M[:, 1], truth[:, 1]) > 0.999
-    monkeypatch.setattr(refine_mod, "ANGLE_FLOOR", 0.95)
-    M, rec = run()
+    truth, M, rec = run(592.0)
     r = rec["spectra"]["QD585"]
     assert not r["refined"] and "drifted toward QD605" in r["reason"]
     np.testing.assert_array_equal(M[:, 0], M0[:, 0])
@@ -302,3 +301,25 @@ def test_the_stain_is_refitted_from_its_unmarked_nuclei_even_when_most_are_marke
     sel = _least_marked(np.ones(n, bool), contrib, 0, np.array([False, True, False]))
     assert sel.sum() >= 20 and not (sel & marked).any()
     assert sel.sum() > 0.5 * (~marked).sum()  # and most of the unmarked ones
+
+
+def test_unimodal_projection_removes_another_fluors_bump_and_keeps_a_single_peak():
+    """A re-fitted spectrum holding a little of another Qdot (a second bump) and noise off
+    its band: the projection is single-peaked, keeps the mode, removes most of the bump and
+    leaves the band itself nearly as it was."""
+    from qdplex.spectra import lambda_grid
+    from qdplex.unmix.refine import _unimodal
+
+    chans = lambda_grid(420, 720, 10)
+    M = SpectralLibrary.builtin(["QD705", "QD525"]).matrix(chans)
+    rng = np.random.default_rng(1)
+    est = M[:, 0] + 0.15 * M[:, 1] + rng.normal(0, 0.05, len(chans))
+    f = _unimodal(est, int(np.argmax(M[:, 0])))
+    d = np.diff(f)
+    p = int(np.argmax(f))
+    assert p == int(np.argmax(M[:, 0]))
+    assert (d[:p] >= -1e-12).all() and (d[p:] <= 1e-12).all()
+    bump = slice(8, 13)  # 500–540 nm, QD525's band
+    assert np.abs(f[bump] - M[bump, 0]).max() < 0.5 * np.abs(est[bump] - M[bump, 0]).max()
+    band = M[:, 0] > 0.5 * M[:, 0].max()
+    assert np.abs(f[band] - est[band]).max() < 0.1

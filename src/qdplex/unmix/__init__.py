@@ -575,7 +575,8 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
             fixed = {n for n in names if n not in wanted or str(library[n].source).startswith(_MEASURED)}
             Y = sample().subset(MAX_PIXELS, seed=0) - off.astype(np.float32)[:, None]
             M, rec = refine_matrix(Y, M0, names, fixed=fixed, unmix_fn=fit, channels=image.channels,
-                                   stain=_stains(names, nuclear_stain))
+                                   stain=_stains(names, nuclear_stain),
+                                   single_peaked=[n for n in names if not _is_autofluorescence(n)])
             refinement = {"enabled": True, **rec}
             lib_used = _refined_library(library, image.channels, M, rec, where)
         quality, warns = {}, []

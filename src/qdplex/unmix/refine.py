@@ -8,53 +8,51 @@ column of the mixing matrix to the slide by alternating non-negative least squar
 1. unmix a sample of pixels (:mod:`qdplex.unmix._sample`, offset removed) with the
    current matrix;
 2. for each endmember (all from the same fit), take the pixels where it carries at least
-   30 % of the fitted signal, keep the purest quarter of them (:data:`PURE_SHARE`; at least
-   2 × :data:`MIN_PIXELS`, so that a fluor with few such pixels is not cut below the
-   minimum) and of those the brighter half, and re-estimate its spectrum there as the per-channel
-   median of (pixel − the other endmembers' fit) / its abundance — a median, so that
-   pixels where another endmember is misfitted do not pull it; non-negative, scaled so
-   that its interpolated peak equals the prior's (abundances keep their units), and kept
-   close to the prior (which weighs as much as 25 pixels); unmix again;
-3. repeat (three rounds; a fourth changed the benchmark figures by less than their ±0.03 noise
+   30 % of the fitted signal (the nuclear stain's own signal left out of a marker's
+   share), the brighter half of them, and of those the **least marked**: the ones where
+   the *other* refined markers' fitted signal is smallest relative to its own — at most
+   a quarter (:data:`LEAST_MARKED_SHARE`), and none whose ratio exceeds
+   :data:`FLOOR_FACTOR` × the ratio's 5th percentile (at least :data:`MIN_PIXELS`);
+   re-estimate its spectrum there as the per-channel median of (pixel − the endmembers
+   that are not refined markers: autofluorescence measured on a control, spectra from
+   single-stain controls, the nuclear stain when the endmember is a marker) / its
+   abundance; on an evenly spaced λ-stack, project it onto the single-peaked spectra
+   (Qdots and DNA stains emit one band; :func:`scipy.optimize.isotonic_regression` on
+   each side of the peak) — this removes a bump of another fluor; clip at zero, scale it
+   so that its interpolated peak equals the prior's (abundances keep their units) and keep
+   it close to the prior (which weighs as much as 25 pixels); unmix again;
+3. repeat (three rounds; a fourth changed the benchmark figures by less than their noise
    and cost ~9 ms at 768²).
 
-The **nuclear stain** (``stain``) is bright wherever the nuclear markers are, which
-makes both estimates above biased: a stain spectrum that is slightly wrong in its red
-tail is fitted as a little of every nuclear marker in every nucleus, and "the pixel
-minus the other endmembers' fit" then lacks exactly that tail, so the error feeds
-itself; and the nuclear markers never carry 30 % of a nucleus's signal, so they were
-never refined. Hence:
+**Why the least marked, and why the other markers are not subtracted.** A spectrum
+that is wrong in a channel where another fluor emits — a red tail the built-in model
+lacks, under the next Qdot; the nuclear stain's tail under the nuclear markers — is
+fitted as a little of that other fluor in *every* pixel of its own. "The pixel minus
+the other endmembers' fit" then lacks exactly the missing part, so an estimate that
+subtracts the other markers agrees with the wrong spectrum (the earlier rule: on
+``bench_accuracy``'s slides and eight more seeds, 29 of 50 marker planes above 1.1× the
+error of an unmixing given the true spectra, worst 4.0×). Markers only ever *add*
+signal, and a wrong tail adds about the same fitted share to every pixel, so the
+pixels where the other markers' share is smallest are the ones without them (every
+slide has some); there the other markers are not subtracted and the missing part
+shows. A 5 nm shift of a Qdot is followed to cosine 0.999 with the truth (a 7 nm one too,
+but there the drift guard below refuses it).
 
-* the stain's spectrum is re-estimated from the nuclei that carry the least marker: of
-  the pixels it dominates (the brighter half), at most a quarter — those with the
-  smallest ratio of the other refined endmembers' fitted signal to the stain's, and
-  none above :data:`STAIN_FLOOR_FACTOR` × that ratio's 5th percentile (on a slide where
-  three nuclei in four carry PR, a plain quarter took in PR-positive nuclei and the
-  stain's spectrum took up QD565's). Nuclear markers only ever *add* signal to a
-  nucleus, and a wrong stain tail adds about the same fitted marker share to every
-  nucleus, so these are the nuclei without markers (every slide has some), whatever
-  the markers' fit says. There the spectrum is the per-channel median of (pixel − the
-  endmembers that are not being refined, i.e. autofluorescence measured on a control)
-  / its abundance. (A per-channel lower quartile over all its nuclei, the earlier
-  rule, is biased low by the noise in the dim channels of the stain's tail, where the
-  red QDs sit: on ``bench_accuracy``'s hard slide HER2's and EGFR's errors were 1.16×
-  and 1.18× the reference's with it, about 1.11× with this rule);
-* the other endmembers' shares are computed without the stain's signal, so a nuclear
-  marker's pixels are the nuclei where it is the main stain after the nuclear stain.
-
-**Known limits** (measured with ``benchmarks/bench_accuracy.py``'s slides and four more
-seeds of them, error of the marker plane ÷ that of NNLS given the true spectra): the
-per-fluor re-fit cannot tell a fluor's own tail from a neighbour that sits in the same
-pixels, so where the built-in model's tail is wrong and the neighbour is present the
-error stays (worst seen: mTOR/QD525 1.65× beside QD565, EGFR/QD705 1.35× beside QD655);
-and where almost every nucleus carries a nuclear marker the stain's spectrum keeps a
-little of it (PR/QD565 1.5×). Without refinement the same slides give up to 3×, but on a
-few markers refinement is the worse of the two (on one slide HER2 1.15× refined, 0.94×
-not; mTOR 1.65× vs 1.38×). Tried
-and not kept: re-fitting all spectra at once by least squares (3×: the stain took the
-nuclear markers' spectra), re-fitting from the purest pixels without subtracting the
-other markers (better where markers do not overlap, drift where they do), more pixels,
-fewer or more rounds, other selection shares (all within ±0.03).
+**Known limits** (``benchmarks/bench_accuracy.py``'s two slides and eight more seeds,
+``--more-seeds``; error of the marker plane ÷ that of NNLS given the true spectra;
+15 of 50 above 1.1×, geometric mean 1.08×; without refinement 43 of 50, 1.69×): where
+almost every nucleus carries a nuclear marker, no nucleus shows the stain alone and the
+stain's spectrum keeps some of the marker (worst PR/QD565 3.7×; three in four were
+enough to cause it on one slide); a broad fluor that dominates few pixels (QD705 beside
+QD655 in crowded stroma) is refused or keeps a little of its neighbour (EGFR up to
+1.4×). Tried and not kept: subtracting the other markers above their floor ratio, or
+only the markers whose bands do not meet the fluor's (both worse: 21–28 of 50);
+fitting a shift and two widths (and tail exponents) of each prior to the whole sample
+before the per-fluor re-fit (warps of the built-in models reach cosine 0.998–0.9999
+with the true spectra, but the unmixed planes were no better: 29 of 50); re-fitting
+all spectra at once by least squares (3×: the stain took the nuclear markers'
+spectra); a per-channel lower quartile for the stain; lower guard floors (20 of 50,
+worst 4.1×).
 
 A refinement is refused (the prior kept, and the reason recorded) when the endmember
 dominates too few pixels to be estimated, when its spectrum would turn away from its
@@ -70,7 +68,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["refine_matrix", "MIN_COSINE", "ANGLE_FLOOR", "STAIN_QUANTILE", "STAIN_FLOOR_FACTOR"]
+__all__ = ["refine_matrix", "MIN_COSINE", "ANGLE_FLOOR", "LEAST_MARKED_SHARE", "FLOOR_FACTOR"]
 
 #: smallest cosine between a refined spectrum and its prior (measured Qdot 525 is at 0.943 from
 #: the built-in model, so a floor of 0.95 refused the right answer)
@@ -81,8 +79,6 @@ ANGLE_FLOOR = 0.8
 PRIOR_PIXELS = 25
 #: an endmember dominates a pixel where it carries at least this share of the fitted signal
 DOMINANT_SHARE = 0.3
-#: a fluor's spectrum is re-fitted from this share of the pixels it dominates, the purest (then their brighter half)
-PURE_SHARE = 0.25
 #: fewest dominated pixels to re-fit a spectrum from
 MIN_PIXELS = 20
 ROUNDS = 3
@@ -90,10 +86,13 @@ ROUNDS = 3
 MIN_GAIN = 0.02
 #: pixels of the sample used for fitting
 MAX_PIXELS = 8192
-#: the nuclear stain's spectrum comes from at most this share of its pixels: those with the least marker
-STAIN_QUANTILE = 0.25
-#: ... and none whose marker-to-stain ratio exceeds this multiple of the ratio's 5th percentile
-STAIN_FLOOR_FACTOR = 3.0
+#: a spectrum is re-fitted from at most this share of (the brighter half of) the pixels its
+#: endmember dominates: those with the least of the other markers
+LEAST_MARKED_SHARE = 0.25
+#: ... and none whose other-markers-to-own ratio exceeds this multiple of the ratio's 5th percentile
+FLOOR_FACTOR = 3.0
+#: the mode of a single-peaked spectrum is sought within this many channels of the prior's and the estimate's
+MODE_REACH = 1
 
 
 def _cos(a, b) -> float:
@@ -149,25 +148,45 @@ def _lambda_centres(channels):
     return c if np.all(d > 0) and np.ptp(d) <= 1e-6 * d.mean() + 1e-9 else None
 
 
+def _unimodal(m: np.ndarray, mode0: int) -> np.ndarray:
+    """The least-squares single-peaked fit to ``m`` (non-decreasing up to its mode, then
+    non-increasing; :func:`scipy.optimize.isotonic_regression` on each side), the mode sought
+    within :data:`MODE_REACH` channels of ``mode0`` and of ``m``'s largest value."""
+    from scipy.optimize import isotonic_regression
+
+    C = len(m)
+    i = int(np.argmax(m))
+    modes = range(max(min(i, mode0) - MODE_REACH, 0), min(max(i, mode0) + MODE_REACH, C - 1) + 1)
+    best, out = np.inf, m
+    for p in modes:
+        left = isotonic_regression(m[:p + 1], increasing=True).x
+        right = isotonic_regression(m[p:], increasing=False).x
+        f = np.concatenate([left[:-1], [max(left[-1], right[0])], right[1:]])
+        e = float(np.square(f - m).sum())
+        if e < best:
+            best, out = e, f
+    return out
+
+
 def _least_marked(sel: np.ndarray, contrib: np.ndarray, k: int, markers: np.ndarray) -> np.ndarray:
     """Of the pixels ``sel``, those where the ``markers``' fitted signal is smallest relative
-    to endmember ``k``'s: the :data:`STAIN_QUANTILE` share, but none whose ratio exceeds
-    :data:`STAIN_FLOOR_FACTOR` × the ratio's 5th percentile (when most nuclei carry a
+    to endmember ``k``'s: the :data:`LEAST_MARKED_SHARE` share, but none whose ratio exceeds
+    :data:`FLOOR_FACTOR` × the ratio's 5th percentile (when most of them carry another
     marker, a fixed share would take in marked ones); at least :data:`MIN_PIXELS`."""
     idx = np.flatnonzero(sel)
     if idx.size <= MIN_PIXELS:
         return sel
     sub = contrib[:, idx]
     ratio = sub[markers].sum(axis=0) / np.maximum(sub[k], 1e-12)
-    n = int(idx.size * STAIN_QUANTILE)
-    n = max(min(n, int((ratio <= STAIN_FLOOR_FACTOR * np.quantile(ratio, 0.05)).sum())), MIN_PIXELS)
+    n = int(idx.size * LEAST_MARKED_SHARE)
+    n = max(min(n, int((ratio <= FLOOR_FACTOR * np.quantile(ratio, 0.05)).sum())), MIN_PIXELS)
     out = np.zeros_like(sel)
     out[idx[np.argsort(ratio, kind="stable")[:n]]] = True
     return out
 
 
 def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
-                  channels=None, stain=()) -> tuple[np.ndarray, dict]:
+                  channels=None, stain=(), single_peaked=()) -> tuple[np.ndarray, dict]:
     """Refine the C×K mixing matrix ``M0`` on the offset-subtracted pixels ``Y`` (C×N).
 
     Parameters
@@ -186,6 +205,9 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
         The image's channels (peak interpolation on evenly spaced λ-stacks).
     stain : collection of str
         The nuclear stain's endmember(s) (module docstring).
+    single_peaked : collection of str
+        Endmembers whose emission has one band (Qdots, DNA stains): on an evenly spaced
+        λ-stack their re-fitted spectrum is projected onto the single-peaked ones.
 
     Returns
     -------
@@ -204,6 +226,8 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     free = np.array([n not in fixed for n in names])
     stain = set(stain)
     is_stain = np.array([n in stain for n in names])
+    markers = free & ~is_stain
+    single = np.array([n in set(single_peaked) for n in names])
     centres = _lambda_centres(channels) if channels is not None else None
     peak0 = [_peak(M0[:, k], centres) for k in range(K)]
     A = unmix_fn(Y, M).astype(np.float64)
@@ -221,27 +245,26 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
         Mn = M.copy()
         for k in np.flatnonzero(free):  # every column from the same fit, then one unmixing
             sel = dominant[k]
-            n_sel = int(np.count_nonzero(sel))
-            if is_stain[k]:  # its brighter half, then the nuclei with the least marker
-                if n_sel:
+            if is_stain[k] or np.count_nonzero(sel) >= 2 * MIN_PIXELS:
+                # its brighter half, then the pixels with the least of the other markers
+                if sel.any():
                     sel = sel & (A[k] >= _median(A[k, sel]))
-                sel = _least_marked(sel, contrib, k, free & ~is_stain)
-            elif n_sel >= 2 * MIN_PIXELS:  # the purest quarter (≥ 2 × MIN_PIXELS), brighter half
-                keep = max(int(n_sel * PURE_SHARE), 2 * MIN_PIXELS)
-                sel = sel & (share[k] >= np.partition(share[k, sel], n_sel - keep)[n_sel - keep])
-                sel &= A[k] >= _median(A[k, sel])
+                others = markers.copy()
+                others[k] = False
+                sel = _least_marked(sel, contrib, k, others)
             npix[k] = int(sel.sum())
             if npix[k] < MIN_PIXELS:
                 continue
             As = A[:, sel]
             a = As[k]
-            if is_stain[k]:  # minus the fixed endmembers only (the markers there are ~absent)
-                sub = np.flatnonzero(~free & (np.arange(K) != k))
-                rest = Yd[:, sel] - M[:, sub] @ As[sub]
-            else:  # minus every other endmember's fit
-                rest = Yd[:, sel] - M @ As + M[:, k:k + 1] * a
+            # minus what is not a refined marker (the markers there are ~absent; see the docstring)
+            sub = np.flatnonzero(~markers & (np.arange(K) != k))
+            rest = Yd[:, sel] - M[:, sub] @ As[sub]
             # median of the per-pixel ratios: robust to pixels where another endmember is misfitted
-            m = np.clip(_median(rest / a), 0.0, None)
+            m = _median(rest / a)
+            if single[k] and centres is not None:  # (before clipping: zero-mean noise off the band pools to ~0)
+                m = _unimodal(m, int(np.argmax(M0[:, k])))
+            m = np.clip(m, 0.0, None)
             if not m.max() > 0:
                 continue
             w = PRIOR_PIXELS / (PRIOR_PIXELS + npix[k])  # the prior counts as this many pixels
