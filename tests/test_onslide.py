@@ -323,3 +323,22 @@ def test_unimodal_projection_removes_another_fluors_bump_and_keeps_a_single_peak
     assert np.abs(f[bump] - M[bump, 0]).max() < 0.5 * np.abs(est[bump] - M[bump, 0]).max()
     band = M[:, 0] > 0.5 * M[:, 0].max()
     assert np.abs(f[band] - est[band]).max() < 0.1
+
+
+def test_unimodal_fit_equals_the_best_split_of_scipys_isotonic_regression():
+    from scipy.optimize import isotonic_regression
+
+    from qdplex.unmix.refine import MODE_REACH, _increasing_fit, _unimodal
+
+    rng = np.random.default_rng(3)
+    x = np.arange(31)
+    for _ in range(50):
+        m = rng.normal(0, 1, 31) + 5 * np.exp(-0.5 * ((x - 15) / 4) ** 2)
+        np.testing.assert_allclose(_increasing_fit(m)[0], isotonic_regression(m).x)
+        i = int(np.argmax(m))
+        best = None
+        for p in range(max(min(i, 15) - MODE_REACH, 0), min(max(i, 15) + MODE_REACH, 30) + 1):
+            f = np.concatenate([isotonic_regression(m[:p + 1]).x, isotonic_regression(m[p + 1:], increasing=False).x])
+            e = float(np.square(f - m).sum())
+            best = (e, f) if best is None or e < best[0] else best
+        np.testing.assert_allclose(_unimodal(m, 15), best[1])

@@ -17,8 +17,7 @@ column of the mixing matrix to the slide by alternating non-negative least squar
    that are not refined markers: autofluorescence measured on a control, spectra from
    single-stain controls, the nuclear stain when the endmember is a marker) / its
    abundance; on an evenly spaced λ-stack, project it onto the single-peaked spectra
-   (Qdots and DNA stains emit one band; :func:`scipy.optimize.isotonic_regression` on
-   each side of the peak) — this removes a bump of another fluor; clip at zero, scale it
+   (Qdots and DNA stains emit one band; the least-squares increasing-then-decreasing fit) — this removes a bump of another fluor; clip at zero, scale it
    so that its interpolated peak equals the prior's (abundances keep their units) and keep
    it close to the prior (which weighs as much as 25 pixels); unmix again;
 3. repeat (three rounds; a fourth changed the benchmark figures by less than their noise
@@ -148,24 +147,44 @@ def _lambda_centres(channels):
     return c if np.all(d > 0) and np.ptp(d) <= 1e-6 * d.mean() + 1e-9 else None
 
 
-def _unimodal(m: np.ndarray, mode0: int) -> np.ndarray:
-    """The least-squares single-peaked fit to ``m`` (non-decreasing up to its mode, then
-    non-increasing; :func:`scipy.optimize.isotonic_regression` on each side), the mode sought
-    within :data:`MODE_REACH` channels of ``mode0`` and of ``m``'s largest value."""
-    from scipy.optimize import isotonic_regression
+def _increasing_fit(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pool-adjacent-violators: the least-squares non-decreasing fit to ``y`` and, for every
+    prefix ``y[:i + 1]``, the squared error of its own non-decreasing fit, in one pass (the
+    fit equals :func:`scipy.optimize.isotonic_regression`'s; :func:`_unimodal` over 31 channels
+    takes 0.14 ms with it, 0.56 ms with scipy's function called for each candidate mode)."""
+    sums, sqs, ns = [], [], []
+    err = np.empty(len(y))
+    total = 0.0  # sum of the blocks' within-block squared errors
+    for i, v in enumerate(y.tolist()):
+        s, q, n = v, v * v, 1
+        while sums and sums[-1] / ns[-1] >= s / n:  # merge with the previous block while it is not below
+            ps, pq, pn = sums.pop(), sqs.pop(), ns.pop()
+            total -= pq - ps * ps / pn
+            s, q, n = s + ps, q + pq, n + pn
+        sums.append(s), sqs.append(q), ns.append(n)
+        total += q - s * s / n
+        err[i] = total
+    fit = np.repeat([s / n for s, n in zip(sums, ns)], ns)
+    return fit, err
 
+
+def _unimodal(m: np.ndarray, mode0: int) -> np.ndarray:
+    """The least-squares single-peaked fit to ``m`` — non-decreasing up to its mode, then
+    non-increasing (Stout's unimodal regression: the best split into an increasing prefix
+    and a decreasing suffix) — the mode sought within :data:`MODE_REACH` channels of
+    ``mode0`` and of ``m``'s largest value."""
     C = len(m)
+    _, inc = _increasing_fit(m)
+    _, dec = _increasing_fit(m[::-1])
+    dec = dec[::-1]  # dec[i]: error of the non-increasing fit of m[i:]
     i = int(np.argmax(m))
-    modes = range(max(min(i, mode0) - MODE_REACH, 0), min(max(i, mode0) + MODE_REACH, C - 1) + 1)
-    best, out = np.inf, m
-    for p in modes:
-        left = isotonic_regression(m[:p + 1], increasing=True).x
-        right = isotonic_regression(m[p:], increasing=False).x
-        f = np.concatenate([left[:-1], [max(left[-1], right[0])], right[1:]])
-        e = float(np.square(f - m).sum())
-        if e < best:
-            best, out = e, f
-    return out
+    lo, hi = max(min(i, mode0) - MODE_REACH, 0), min(max(i, mode0) + MODE_REACH, C - 1)
+    # split after p: increasing m[:p + 1], decreasing m[p + 1:]
+    cost = [inc[p] + (dec[p + 1] if p + 1 < C else 0.0) for p in range(lo, hi + 1)]
+    p = lo + int(np.argmin(cost))
+    left = _increasing_fit(m[:p + 1])[0]
+    right = _increasing_fit(m[p + 1:][::-1])[0][::-1] if p + 1 < C else m[:0]
+    return np.concatenate([left, right])
 
 
 def _least_marked(sel: np.ndarray, contrib: np.ndarray, k: int, markers: np.ndarray) -> np.ndarray:
