@@ -17,8 +17,8 @@ column of the mixing matrix to the slide by alternating non-negative least squar
    that are not refined markers: autofluorescence measured on a control, spectra from
    single-stain controls, the nuclear stain when the endmember is a marker) / its
    abundance; on an evenly spaced λ-stack, project it onto the single-peaked spectra
-   (Qdots and DNA stains emit one band; the least-squares increasing-then-decreasing fit) — this removes a bump of another fluor; clip at zero, scale it
-   so that its interpolated peak equals the prior's (abundances keep their units) and keep
+   (Qdots and DNA stains emit one band; the least-squares increasing-then-decreasing
+   fit) — this removes a bump of another fluor; clip at zero, scale it so that its interpolated peak equals the prior's (abundances keep their units) and keep
    it close to the prior (which weighs as much as 25 pixels); unmix again;
 3. repeat (three rounds; a fourth changed the benchmark figures by less than their noise
    and cost ~9 ms at 768²).
@@ -41,10 +41,10 @@ but there the drift guard below refuses it).
 ``--more-seeds``; error of the marker plane ÷ that of NNLS given the true spectra;
 15 of 50 above 1.1×, geometric mean 1.08×; without refinement 43 of 50, 1.69×): where
 almost every nucleus carries a nuclear marker, no nucleus shows the stain alone and the
-stain's spectrum keeps some of the marker (worst PR/QD565 3.7×; three in four were
-enough to cause it on one slide); a broad fluor that dominates few pixels (QD705 beside
+stain's spectrum keeps some of the marker (worst PR/QD565 3.7×); a broad fluor that dominates few pixels (QD705 beside
 QD655 in crowded stroma) is refused or keeps a little of its neighbour (EGFR up to
-1.4×). Tried and not kept: subtracting the other markers above their floor ratio, or
+1.4×). Fitting all 16 384 sampled pixels on an 8×8 tile grid gives 10 of 50 (worst 2.1×)
+but adds ~19 ms at 768², beyond the time budget. Tried and not kept: subtracting the other markers above their floor ratio, or
 only the markers whose bands do not meet the fluor's (both worse: 21–28 of 50);
 fitting a shift and two widths (and tail exponents) of each prior to the whole sample
 before the per-fluor re-fit (warps of the built-in models reach cosine 0.998–0.9999
