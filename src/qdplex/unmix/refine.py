@@ -18,8 +18,9 @@ column of the mixing matrix to the slide by alternating non-negative least squar
    single-stain controls, the nuclear stain when the endmember is a marker) / its
    abundance; on an evenly spaced λ-stack, project it onto the single-peaked spectra
    (Qdots and DNA stains emit one band; the least-squares increasing-then-decreasing
-   fit) — this removes a bump of another fluor; clip at zero, scale it so that its interpolated peak equals the prior's (abundances keep their units) and keep
-   it close to the prior (which weighs as much as 25 pixels); unmix again;
+   fit) — this removes a bump of another fluor; clip at zero, scale it so that its
+   interpolated peak equals the prior's (abundances keep their units) and keep it close
+   to the prior (which weighs as much as 25 pixels); unmix again;
 3. repeat (three rounds; a fourth changed the benchmark figures by less than their noise
    and cost ~9 ms at 768²).
 
@@ -38,20 +39,20 @@ shows. A 5 nm shift of a Qdot is followed to cosine 0.999 with the truth (a 7 nm
 but there the drift guard below refuses it).
 
 **Known limits** (``benchmarks/bench_accuracy.py``'s two slides and eight more seeds,
-``--more-seeds``; error of the marker plane ÷ that of NNLS given the true spectra;
-15 of 50 above 1.1×, geometric mean 1.08×; without refinement 43 of 50, 1.69×): where
-almost every nucleus carries a nuclear marker, no nucleus shows the stain alone and the
-stain's spectrum keeps some of the marker (worst PR/QD565 3.7×); a broad fluor that dominates few pixels (QD705 beside
-QD655 in crowded stroma) is refused or keeps a little of its neighbour (EGFR up to
-1.4×). Fitting all 16 384 sampled pixels on an 8×8 tile grid gives 10 of 50 (worst 2.1×)
-but adds ~19 ms at 768², beyond the time budget. Tried and not kept: subtracting the other markers above their floor ratio, or
-only the markers whose bands do not meet the fluor's (both worse: 21–28 of 50);
-fitting a shift and two widths (and tail exponents) of each prior to the whole sample
-before the per-fluor re-fit (warps of the built-in models reach cosine 0.998–0.9999
-with the true spectra, but the unmixed planes were no better: 29 of 50); re-fitting
-all spectra at once by least squares (3×: the stain took the nuclear markers'
-spectra); a per-channel lower quartile for the stain; lower guard floors (20 of 50,
-worst 4.1×).
+``--more-seeds``; error of the marker plane ÷ that of NNLS given the true spectra; 15 of
+50 above 1.1×, geometric mean 1.08×; without refinement 43 of 50, 1.69×): where almost
+every nucleus carries a nuclear marker, no nucleus shows the stain alone and the stain's
+spectrum keeps some of the marker (worst PR/QD565 3.7×); a broad fluor that dominates
+few pixels (QD705 beside QD655 in crowded stroma) is refused or keeps a little of its
+neighbour (EGFR up to 1.4×). Fitting all 16 384 sampled pixels on an 8×8 tile grid gives
+10 of 50 (worst 2.1×) but adds ~19 ms at 768², beyond the time budget. Tried and not
+kept: subtracting the other markers above their floor ratio, or only the markers whose
+bands do not meet the fluor's (both worse: 21–28 of 50); fitting a shift and two widths
+(and tail exponents) of each prior to the whole sample before the per-fluor re-fit
+(warps of the built-in models reach cosine 0.998–0.9999 with the true spectra, but the
+unmixed planes were no better: 29 of 50); re-fitting all spectra at once by least
+squares (3×: the stain took the nuclear markers' spectra); a per-channel lower quartile
+for the stain; lower guard floors (20 of 50, worst 4.1×).
 
 A refinement is refused (the prior kept, and the reason recorded) when the endmember
 dominates too few pixels to be estimated, when its spectrum would turn away from its
