@@ -82,8 +82,9 @@ def test_offset_found_when_not_recorded(measured_slide, panel5):
 
 
 def test_refinement_brings_spectra_toward_the_slide(measured_slide, panel5):
-    """Refined on the slide, the built-in spectra move toward the true ones and the marker
-    planes' errors fall; the record says what was refined, with cosines and residuals."""
+    """Refined on the slide, the marker planes come closer to the truth (QD705's near an
+    unmixing given the true spectra); the record says what was refined, with cosines and
+    residuals."""
     slide, truelib = measured_slide
     lib = SpectralLibrary.builtin(panel5.fluors).merge(estimate_autofluorescence(slide.unstained, "auto"))
     A = np.asarray(slide.abundances.data)

@@ -12,7 +12,8 @@ column of the mixing matrix to the slide by alternating non-negative least squar
    share), the brighter half of them, and of those the **least marked**: the ones where
    the *other* refined markers' fitted signal is smallest relative to its own — at most
    a quarter (:data:`LEAST_MARKED_SHARE`), and none whose ratio exceeds
-   :data:`FLOOR_FACTOR` × the ratio's 5th percentile (at least :data:`MIN_PIXELS`);
+   :data:`FLOOR_FACTOR` × the ratio's 5th percentile (at least :data:`MIN_PIXELS`; a
+   marker that dominates fewer than 2 × :data:`MIN_PIXELS` pixels uses them all);
    re-estimate its spectrum there as the per-channel median of (pixel − the endmembers
    that are not refined markers: autofluorescence measured on a control, spectra from
    single-stain controls, the nuclear stain when the endmember is a marker) / its
@@ -38,8 +39,8 @@ slide has some); there the other markers are not subtracted and the missing part
 shows. A 5 nm shift of a Qdot is followed to cosine 0.999 with the truth (a 7 nm one too,
 but there the drift guard below refuses it).
 
-**Known limits** (``benchmarks/bench_accuracy.py``'s two slides and eight more seeds,
-``--more-seeds``; error of the marker plane ÷ that of NNLS given the true spectra; 15 of
+**Known limits** (``benchmarks/bench_accuracy.py --more-seeds 31,32,33,34``: its two slides
+and eight more; error of the marker plane ÷ that of NNLS given the true spectra; 15 of
 50 above 1.1×, geometric mean 1.08×; without refinement 43 of 50, 1.69×): where almost
 every nucleus carries a nuclear marker, no nucleus shows the stain alone and the stain's
 spectrum keeps some of the marker (worst PR/QD565 3.7×); a broad fluor that dominates
@@ -247,7 +248,8 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     stain = set(stain)
     is_stain = np.array([n in stain for n in names])
     markers = free & ~is_stain
-    single = np.array([n in set(single_peaked) for n in names])
+    single_peaked = set(single_peaked)
+    single = np.array([n in single_peaked for n in names])
     centres = _lambda_centres(channels) if channels is not None else None
     peak0 = [_peak(M0[:, k], centres) for k in range(K)]
     A = unmix_fn(Y, M).astype(np.float64)
