@@ -200,6 +200,20 @@ def _unmix_block(block, plan: _Plan, block_info=None):
     return out
 
 
+def _pseudo_inverse(M: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """``numpy.linalg.pinv(M)`` for a C×K ``M`` of full column rank, as (MᵀM)⁻¹Mᵀ by Cholesky
+    (~40 µs instead of ~130 µs for an SVD: the refinement makes ~8 plans per slide); the
+    SVD where ``G = MᵀM`` is not safely positive definite."""
+    try:
+        L = np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(M)
+    d = np.diag(L)
+    if not d.min() > 1e-6 * d.max():
+        return np.linalg.pinv(M)
+    return np.linalg.solve(G, M.T)
+
+
 def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, poisson_iterations,
                gain, read_noise, dtype, names, where, verify: bool = True) -> _Plan:
     if method not in METHODS:
@@ -229,7 +243,7 @@ def _make_plan(M, *, method, offset, saturation, exclude_saturated, nonfinite, p
         saturation = float(np.iinfo(dt).max) if dt.kind in "ui" else np.inf
     G = M.T @ M
     tab = _pivot_table_for(G.tobytes(), K) if K <= _MAX_TABLE_K else np.zeros(1)
-    P = np.linalg.pinv(M)
+    P = _pseudo_inverse(M, G)
     return _Plan(M=M, P32=P.astype(np.float32), offx32=(P @ off).astype(np.float32),
                  M32=M.astype(np.float32), off32=off.astype(np.float32),
                  MM=np.einsum("ci,cj->cij", M, M).reshape(C, K * K),
@@ -576,7 +590,8 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
             Y = sample().subset(MAX_PIXELS, seed=0) - off.astype(np.float32)[:, None]
             M, rec = refine_matrix(Y, M0, names, fixed=fixed, unmix_fn=fit, channels=image.channels,
                                    stain=_stains(names, nuclear_stain),
-                                   single_peaked=[n for n in names if not _is_autofluorescence(n)])
+                                   single_peaked=[n for n in names if not _is_autofluorescence(n)],
+                                   priors=[library[n] for n in names])
             refinement = {"enabled": True, **rec}
             lib_used = _refined_library(library, image.channels, M, rec, where)
         quality, warns = {}, []

@@ -300,6 +300,42 @@ def _pivot_for(K: int):
     return _pivot
 
 
+@_jit
+def increasing_fit(y, fit, err):
+    """Pool-adjacent-violators on the 1-D float64 ``y``: writes the least-squares
+    non-decreasing fit to ``fit`` and, for every prefix ``y[:i + 1]``, the squared error of
+    its own non-decreasing fit to ``err[i]``, in one pass (see
+    :func:`qdplex.unmix.refine._increasing_fit`)."""
+    n = y.shape[0]
+    sums = np.empty(n)
+    sqs = np.empty(n)
+    ns = np.empty(n, np.int64)
+    m = 0  # blocks
+    total = 0.0  # the blocks' within-block squared errors
+    for i in range(n):
+        s = y[i]
+        q = y[i] * y[i]
+        c = 1
+        while m > 0 and sums[m - 1] / ns[m - 1] >= s / c:  # merge while the previous block is not below
+            m -= 1
+            total -= sqs[m] - sums[m] * sums[m] / ns[m]
+            s += sums[m]
+            q += sqs[m]
+            c += ns[m]
+        sums[m] = s
+        sqs[m] = q
+        ns[m] = c
+        m += 1
+        total += q - s * s / c
+        err[i] = total
+    i = 0
+    for b in range(m):
+        v = sums[b] / ns[b]
+        for _ in range(ns[b]):
+            fit[i] = v
+            i += 1
+
+
 @numba.njit(cache=True, nogil=True)
 def _nnls_scalar(X, need, G):
     """Exact NNLS pixel by pixel (Cholesky active sets) for libraries too large for a table."""
