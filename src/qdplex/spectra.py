@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -116,11 +117,16 @@ class Spectrum:
     def range_nm(self) -> tuple[float, float]:
         return float(self.wavelength_nm[0]), float(self.wavelength_nm[-1])
 
+    @cached_property
+    def _integral_at_samples(self) -> np.ndarray:
+        w, v = self.wavelength_nm, self.intensity
+        return np.concatenate([[0.0], np.cumsum(np.diff(w) * (v[1:] + v[:-1]) / 2.0)])
+
     def cumulative(self, x: np.ndarray) -> np.ndarray:
         """``∫ s(λ) dλ`` from the first sample to each ``x`` (clipped to the defined range)."""
         w, v = self.wavelength_nm, self.intensity
-        cum = np.concatenate([[0.0], np.cumsum(np.diff(w) * (v[1:] + v[:-1]) / 2.0)])
-        x = np.clip(np.asarray(x, dtype=float), w[0], w[-1])
+        cum = self._integral_at_samples
+        x = np.minimum(np.maximum(np.asarray(x, dtype=float), w[0]), w[-1])
         i = np.clip(np.searchsorted(w, x, side="right") - 1, 0, len(w) - 2)
         dw = w[i + 1] - w[i]
         frac = np.divide(x - w[i], dw, out=np.zeros_like(x), where=dw > 0)

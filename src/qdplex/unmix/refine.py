@@ -119,12 +119,9 @@ LEAST_MARKED_SHARE = 0.25
 FLOOR_FACTOR = 3.0
 #: the mode of a single-peaked spectrum is sought within this many channels of the prior's and the estimate's
 MODE_REACH = 1
-#: bounds of a prior's warp: its shift (nm) ...
-WARP_SHIFT = 15.0
-#: ... and the factor each side of its band is stretched or narrowed by
-WARP_WIDTH = 1.6
 #: Gauss-Newton steps of the warp (the abundances held; one unmixing after them); each moves
-#: a shift by at most 3 nm and a width by 6 % (3 steps: the same figures, ~2 ms more)
+#: a shift by at most 3 nm and a side's width by at most 6 %, which bounds the warp
+#: (3 steps: the same figures, ~2 ms more)
 WARP_STEPS = 2
 
 
@@ -183,25 +180,8 @@ def _peak(m: np.ndarray, centres) -> float:
 
 
 def _peaks(rows: np.ndarray, centres) -> np.ndarray:
-    """:func:`_peak` of each row of ``rows`` (T×C; 1 where a row is all zero)."""
-    T, C = rows.shape
-    i = np.argmax(rows, axis=1)
-    r = np.arange(T)
-    top = rows[r, i]
-    out = np.where(top > 0, top, 1.0)
-    if centres is None:
-        return out
-    inner = (i > 0) & (i < C - 1)
-    a = rows[r, np.maximum(i - 1, 0)]
-    c = rows[r, np.minimum(i + 1, C - 1)]
-    ok = inner & (np.minimum(a, c) > 0) & (top > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        la, lb, lc = np.log(a), np.log(top), np.log(c)
-        den = la - 2 * lb + lc
-        ok &= den < 0
-        d = 0.5 * (la - lc) / den
-        fit = np.exp(lb - 0.25 * (la - lc) * d)
-    return np.where(ok, fit, out)
+    """:func:`_peak` of each row of ``rows`` (1 where a row is all zero)."""
+    return np.array([_peak(r, centres) if r.max() > 0 else 1.0 for r in rows])
 
 
 def _lambda_centres(channels):
@@ -262,30 +242,20 @@ def _least_marked(sel: np.ndarray, contrib: np.ndarray, k: int, markers: np.ndar
     return out
 
 
-def _warped_columns(spectrum, lo, hi, thetas, _tables={}) -> np.ndarray:
+def _warped_columns(spectrum, lo, hi, thetas) -> np.ndarray:
     """``spectrum`` shifted by ``theta[0]`` nm and its short- and long-wavelength sides
     stretched by ``theta[1]``, ``theta[2]`` about its peak, integrated over the bands
-    ``lo``–``hi`` (of width > 0): one row per theta of ``thetas`` (T×3). The integrals are
-    exact for the piecewise-linear warped spectrum (as :meth:`Spectrum.cumulative
-    <qdplex.spectra.Spectrum.cumulative>` of the warped samples gives them)."""
-    key = id(spectrum)
-    if key not in _tables or _tables[key][0] is not spectrum:
-        w, v = spectrum.wavelength_nm, spectrum.intensity
-        _tables[key] = (spectrum, w, v, np.concatenate([[0.0], np.cumsum(np.diff(w) * (v[1:] + v[:-1]) / 2.0)]),
-                        spectrum.peak_nm)
-    _, w, v, cum, p = _tables[key]
+    ``lo``–``hi`` (of width > 0): one row per theta of ``thetas`` (T×3). Exact: the warp is
+    linear on each side, so the warped integral up to ``x`` is the side's stretch times the
+    spectrum's own (:meth:`~qdplex.spectra.Spectrum.cumulative`) from its peak to the
+    wavelength ``x`` comes from."""
     t = np.asarray(thetas, float)
+    p = spectrum.peak_nm
     q = (p + t[:, 0])[:, None]  # the warped peaks
     x = np.concatenate([lo, hi])[None, :]
     f = np.where(x < q, t[:, 1:2], t[:, 2:3])  # each side's stretch
-    u = np.minimum(np.maximum(p + (x - q) / f, w[0]), w[-1])  # back to the spectrum's own wavelengths
-    i = np.minimum(np.maximum(np.searchsorted(w, u, side="right") - 1, 0), len(w) - 2)
-    dw = w[i + 1] - w[i]
-    vx = v[i] + np.divide(u - w[i], dw, out=np.zeros_like(u), where=dw > 0) * (v[i + 1] - v[i])
-    # the warped integral up to x: each side's part of the original integral, times its stretch
-    c = f * (cum[i] + (u - w[i]) * (v[i] + vx) / 2.0 - cum[int(np.searchsorted(w, p, side="right")) - 1])
-    n = lo.size
-    return c[:, n:] - c[:, :n]
+    c = f * (spectrum.cumulative(p + (x - q) / f) - spectrum.cumulative(np.array(p)))
+    return c[:, lo.size:] - c[:, :lo.size]
 
 
 def _warp_fit(Y, Yd, M, A, ks, priors, lo, hi, peak0, centres, unmix_fn):
@@ -294,8 +264,6 @@ def _warp_fit(Y, Yd, M, A, ks, priors, lo, hi, peak0, centres, unmix_fn):
     columns held), then one unmixing; returns (M, A, {k: (shift, short width, long width)})."""
     th = {k: np.array([0.0, 1.0, 1.0]) for k in ks}
     steps = np.array([0.5, 0.01, 0.01])  # finite-difference steps (nm, width factors)
-    lower = np.array([-WARP_SHIFT, 1 / WARP_WIDTH, 1 / WARP_WIDTH])
-    upper = np.array([WARP_SHIFT, WARP_WIDTH, WARP_WIDTH])
     probe = np.vstack([np.zeros(3), np.diag(steps)])  # theta and a step in each parameter
     M = M.copy()
     YA, AA = Yd @ A.T, A @ A.T  # (Y − M A) Aᵀ = YA − M AA: the steps never touch the pixels
@@ -318,7 +286,7 @@ def _warp_fit(Y, Yd, M, A, ks, priors, lo, hi, peak0, centres, unmix_fn):
         G += 1e-3 * np.diag(np.diag(G)) + 1e-12 * np.eye(n)  # Levenberg–Marquardt damping
         dx = np.linalg.solve(G, b)
         for i, k in enumerate(ks):
-            th[k] = np.clip(th[k] + np.clip(dx[3 * i:3 * i + 3], -6 * steps, 6 * steps), lower, upper)
+            th[k] = th[k] + np.clip(dx[3 * i:3 * i + 3], -6 * steps, 6 * steps)
     return M, unmix_fn(Y, M).astype(np.float64), th
 
 
