@@ -171,7 +171,11 @@ def test_refinement_follows_a_shift_and_refuses_drift_toward_another_fluor():
         rng = np.random.default_rng(0)
         a = rng.gamma(2.0, 50.0, (3, 6000)) * (rng.random((3, 6000)) < 0.4)
         Y = rng.poisson(truth @ a).astype(np.float32)
-        M, rec = refine_matrix(Y, M0, ["QD585", "QD605", "QD655"], unmix_fn=lambda Y, M: unmix_array(Y, M),
+        def fit(Y, M):  # abundances and each pixel's RMS residual, as refine_matrix takes them
+            A = unmix_array(Y, M)
+            return A, np.sqrt(np.mean((Y - M @ A) ** 2, axis=0))
+
+        M, rec = refine_matrix(Y, M0, ["QD585", "QD605", "QD655"], unmix_fn=fit,
                                channels=chans, single_peaked=["QD585", "QD605", "QD655"])
         return truth, M, rec
 
@@ -293,7 +297,8 @@ def test_the_stain_is_refitted_from_its_unmarked_nuclei_even_when_most_are_marke
     """Three nuclei in four carry a marker: a plain quarter of the least-marked would take in
     marked ones; the cap at 3× the 5th percentile of the marker/stain ratio keeps only the
     unmarked."""
-    from qdplex.unmix.refine import _least_marked
+    from qdplex.unmix._kernels import least_marked
+    from qdplex.unmix.refine import FLOOR_FACTOR, LEAST_MARKED_SHARE, MIN_PIXELS
 
     rng = np.random.default_rng(0)
     n = 2000
@@ -302,9 +307,13 @@ def test_the_stain_is_refitted_from_its_unmarked_nuclei_even_when_most_are_marke
     contrib[0] = rng.uniform(50, 100, n)  # the stain
     contrib[1] = contrib[0] * np.where(marked, rng.uniform(0.1, 0.4, n), rng.uniform(0.005, 0.015, n))
     contrib[2] = 30.0  # a fixed endmember (not a marker)
-    sel = _least_marked(np.ones(n, bool), contrib, 0, np.array([False, True, False]))
-    assert sel.sum() >= 20 and not (sel & marked).any()
-    assert sel.sum() > 0.5 * (~marked).sum()  # and most of the unmarked ones
+    idx = least_marked(np.ones(n), np.ones(n, bool), contrib, 0, True, np.array([False, True, False]),
+                       MIN_PIXELS, LEAST_MARKED_SHARE, FLOOR_FACTOR)  # (all as bright: none dropped as dim)
+    assert idx.size >= 20 and not marked[idx].any()
+    assert idx.size > 0.5 * (~marked).sum()  # and most of the unmarked ones
+    # a plain quarter would take in marked ones
+    ratio = contrib[1] / contrib[0]
+    assert marked[np.argsort(ratio, kind="stable")[:int(n * LEAST_MARKED_SHARE)]].any()
 
 
 def test_unimodal_projection_removes_another_fluors_bump_and_keeps_a_single_peak():
@@ -384,7 +393,8 @@ def test_warp_moves_built_in_qdot_priors_toward_shifted_reshaped_ones_that_domin
 
     M, A = M0, fit(Y, M0)
     for i in range(4):
-        M, A, _ = R._warp_fit(Y, Y.astype(float), M, A, [0, 1], priors, lo, hi, peak0, cen, fit)
+        M, A, _, _ = R._warp_fit(Y.astype(float), M, A, [0, 1], priors, lo, hi, peak0, cen,
+                                 lambda M_: (fit(Y, M_), 0.0))
         if i == 0:
             for k in (0, 1):
                 assert np.linalg.norm(M[:, k] - Mt[:, k]) < 0.6 * np.linalg.norm(M0[:, k] - Mt[:, k])

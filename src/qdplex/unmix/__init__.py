@@ -382,20 +382,21 @@ def unmix_array(data: np.ndarray, matrix: np.ndarray, method: str = "nnls", *, c
     return out[:, 0, :] if flat else out
 
 
-def _unmix_planned(arr: np.ndarray, plan: _Plan, chunk: int = 1024) -> np.ndarray:
-    """K×Y×X float32 abundances of a C×Y×X array with a ready ``plan`` (spans in a thread pool)."""
+def _unmix_planned(arr: np.ndarray, plan: _Plan, chunk: int = 1024, residual: bool = False):
+    """K×Y×X float32 abundances of a C×Y×X array with a ready ``plan`` (spans in a thread pool),
+    and with ``residual`` the Y×X RMS residual too."""
     Y = _kernel_input(arr)
     K = plan.M.shape[1]
     C, H, W = Y.shape
     out = np.empty((K, H, W), dtype=np.float32)
+    rms = np.empty((H, W), dtype=np.float32) if residual else None
     flag = np.empty((H, W), dtype=np.uint8)
     spans = _spans(H, W, _cpus(), max(1, int(chunk) ** 2))
     if len(spans) == 1:
-        _fit(Y, plan, out, None, flag, spans[0])
+        _fit(Y, plan, out, rms, flag, spans[0])
     else:
-        with ThreadPoolExecutor(max_workers=min(len(spans), _cpus())) as pool:
-            list(pool.map(lambda s: _fit(Y, plan, out, None, flag, s), spans))
-    return out
+        list(_pool().map(lambda s: _fit(Y, plan, out, rms, flag, s), spans))
+    return (out, rms) if residual else out
 
 
 @functools.lru_cache(maxsize=1)
@@ -404,13 +405,32 @@ def _cpus() -> int:
     return os.cpu_count() or 1
 
 
+_POOLS: dict = {}
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One thread per CPU for the spans of :func:`_unmix_planned`, started once per process
+    (a new pool costs ~0.5 ms: as much as the refinement's fit of its 8192-pixel sample
+    saves on two threads)."""
+    pid = os.getpid()  # (threads do not survive a fork: a child starts its own)
+    pool = _POOLS.get(pid)
+    if pool is None:
+        pool = _POOLS.setdefault(pid, ThreadPoolExecutor(max_workers=_cpus(), thread_name_prefix="qdplex-unmix"))
+    return pool
+
+
+#: pixels below which a fit runs in one span (a thread hand-off costs ~20 µs, 2048 pixels' fit ~0.2 ms)
+MIN_SPLIT = 4096
+
+
 def _spans(H: int, W: int, workers: int, max_px: int) -> list[tuple[int, int, int, int]]:
     """Split H×W pixels into (y0, y1, x0, x1) spans: about 4 per worker (load balance;
-    fewer, longer spans stream memory better), whole rows when there are enough rows,
-    at most ``max_px`` pixels each."""
-    if H * W <= 1 << 16 and H * W <= max_px:
-        return [(0, H, 0, W)]  # small: one span, no thread pool
-    n = max(4 * workers, -(-H * W // max_px))
+    fewer, longer spans stream memory better) — one per worker up to 2^16 pixels, one span
+    below :data:`MIN_SPLIT` — whole rows when there are enough rows, at most ``max_px``
+    pixels each."""
+    if H * W <= max_px and (H * W < MIN_SPLIT or workers == 1):
+        return [(0, H, 0, W)]  # small: one span, no thread hand-off
+    n = max(workers if H * W <= 1 << 16 else 4 * workers, -(-H * W // max_px))
     if H >= n or W == 1:
         step = max(1, -(-H // n))
         return [(a, min(H, a + step), 0, W) for a in range(0, H, step)]
@@ -572,10 +592,13 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
             cache.append(pixel_sample(image, saturation=sat))
         return cache[0]
 
-    def fit(Y, M):  # NNLS of the C×N sample; M's conditioning is checked once, before the slide is unmixed
+    def fit(Y, M, residual=False):
+        """NNLS of the C×N sample (with ``residual``, and its N RMS residuals); M's
+        conditioning is checked once, before the slide is unmixed."""
         plan = _make_plan(M, method="nnls", dtype=Y.dtype, names=None, where=where, verify=False,
                           **_plan_options({}))
-        return _unmix_planned(np.asarray(Y)[:, None, :], plan)[:, 0, :]
+        out = _unmix_planned(np.asarray(Y)[:, None, :], plan, residual=residual)
+        return (out[0][:, 0, :], out[1][0]) if residual else out[:, 0, :]
 
     # the estimates work on small matrices between compiled kernels: BLAS threads only
     # contend with the kernels' threads there (measured: refinement 35 → 19 ms at 768²)
@@ -589,8 +612,8 @@ def unmix(image, library, method: str = "nnls", *, offset="auto", refine=True, s
                       else {str(n) for n in refine})
             fixed = {n for n in names if n not in wanted or str(library[n].source).startswith(_MEASURED)}
             Y = sample().subset(MAX_PIXELS, seed=0) - off.astype(np.float32)[:, None]
-            M, rec = refine_matrix(Y, M0, names, fixed=fixed, unmix_fn=fit, channels=image.channels,
-                                   stain=_stains(names, nuclear_stain),
+            M, rec = refine_matrix(Y, M0, names, fixed=fixed, unmix_fn=functools.partial(fit, residual=True),
+                                   channels=image.channels, stain=_stains(names, nuclear_stain),
                                    single_peaked=[n for n in names if not _is_autofluorescence(n)],
                                    priors=[library[n] for n in names])
             refinement = {"enabled": True, **rec}

@@ -14,6 +14,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
+from .._integrals import cumulative_at
+
 _jit = numba.njit(cache=True, nogil=True)
 
 
@@ -144,33 +146,42 @@ def _pivot_table_for(gram: bytes, K: int) -> np.ndarray:
 @_jit
 def _pivot_table_into(G, out):
     """:func:`_pivot_table` of the K×K Gram matrix ``G`` written into the zeroed ``out``
-    (2^K × rows × padded K), by one Cholesky factorisation per passive set. Returns False
-    (``out`` then partly written) when some G_FF is not positive definite."""
+    (2^K × rows × padded K). Passive sets are visited depth first, each extending its
+    parent by a larger index, so the Cholesky factor of G_FF is the parent's plus one row
+    (O(m²) per set instead of O(m³)). Returns False (``out`` then partly written) when
+    some G_FF is not positive definite."""
     K = G.shape[0]
-    L = np.zeros((K, K))
+    L = np.zeros((K, K))  # rows 0..m-1: the Cholesky factor of the current G_FF
     Z = np.zeros((K, K))
-    A = np.zeros((K, K))
     idx = np.zeros(K, np.int64)
-    for code in range(1 << K):
-        m = 0
-        for j in range(K):
-            if (code >> j) & 1:
-                idx[m] = j
-                m += 1
-        for i in range(m):  # G_FF = L Lᵀ
-            for j in range(i + 1):
-                s = G[idx[i], idx[j]]
-                for p in range(j):
-                    s -= L[i, p] * L[j, p]
-                if i == j:
-                    if s <= 1e-12 * G[idx[i], idx[i]]:  # (numerically) singular
-                        return False
-                    L[i, i] = np.sqrt(s)
-                else:
-                    L[i, j] = s / L[j, j]
-        for r in range(K):
-            for c in range(K):
-                A[r, c] = 0.0
+    for c in range(K):  # the empty passive set: every row is the gradient −G
+        for i in range(K):
+            out[0, c, i] = -G[i, c]
+    m = 0
+    code = 0
+    nxt = 0
+    while True:
+        if nxt >= K:  # back up
+            if m == 0:
+                break
+            m -= 1
+            code &= ~(1 << idx[m])
+            nxt = idx[m] + 1
+            continue
+        idx[m] = nxt
+        for j in range(m + 1):  # row m of the factor of G_FF = L Lᵀ
+            s = G[idx[m], idx[j]]
+            for p in range(j):
+                s -= L[m, p] * L[j, p]
+            if j == m:
+                if s <= 1e-12 * G[idx[m], idx[m]]:  # (numerically) singular
+                    return False
+                L[m, m] = np.sqrt(s)
+            else:
+                L[m, j] = s / L[j, j]
+        m += 1
+        code |= 1 << nxt
+        nxt += 1
         for c in range(K):  # rows F of A: G_FF⁻¹ G_F:, column by column
             for i in range(m):
                 s = G[idx[i], c]
@@ -182,17 +193,17 @@ def _pivot_table_into(G, out):
                 for p in range(i + 1, m):
                     s -= L[p, i] * Z[p, c]
                 Z[i, c] = s / L[i, i]
-            for i in range(m):
-                A[idx[i], c] = Z[i, c]
+        f = 0
         for i in range(K):  # row i: z_i (i ∈ F) or the gradient (G (A_F − I))_i; stored transposed
             if (code >> i) & 1:
                 for c in range(K):
-                    out[code, c, i] = A[i, c]
+                    out[code, c, i] = Z[f, c]
+                f += 1
             else:
                 for c in range(K):
                     s = -G[i, c]
-                    for j in range(K):
-                        s += G[i, j] * A[j, c]
+                    for q in range(m):  # (A is zero outside the rows F)
+                        s += G[i, idx[q]] * Z[q, c]
                     out[code, c, i] = s
     return True
 
@@ -334,6 +345,192 @@ def increasing_fit(y, fit, err):
         for _ in range(ns[b]):
             fit[i] = v
             i += 1
+
+
+@_jit
+def peak_of(m, interpolate):
+    """Peak of the 1-D ``m`` (see :func:`qdplex.unmix.refine._peak`): its largest value, or
+    when ``interpolate`` the apex of the parabola in log through it and its neighbours."""
+    n = m.shape[0]
+    i = np.argmax(m)
+    if not interpolate or not 0 < i < n - 1 or min(m[i - 1], m[i + 1]) <= 0:
+        return m[i]
+    a, b, c = np.log(m[i - 1]), np.log(m[i]), np.log(m[i + 1])
+    den = a - 2 * b + c
+    if den >= 0:
+        return m[i]
+    d = 0.5 * (a - c) / den
+    return np.exp(b - 0.25 * (a - c) * d)
+
+
+@_jit
+def warped_band_integrals(w, v, cum, p, lo, hi, thetas, out):
+    """Band integrals of a spectrum (samples ``w``, ``v``, integral ``cum``; peak ``p``)
+    shifted by ``thetas[t, 0]`` nm and its sides stretched by ``thetas[t, 1]`` (short) and
+    ``thetas[t, 2]`` (long) about the peak, over the bands ``lo``–``hi``: ``out[t, c]``
+    (see :func:`qdplex.unmix.refine._warped_columns`)."""
+    c0 = cumulative_at(w, v, cum, p)
+    for t in range(thetas.shape[0]):
+        q = p + thetas[t, 0]  # the warped peak
+        for c in range(lo.shape[0]):
+            x = lo[c]
+            f = thetas[t, 1] if x < q else thetas[t, 2]
+            a = f * (cumulative_at(w, v, cum, p + (x - q) / f) - c0)
+            x = hi[c]
+            f = thetas[t, 1] if x < q else thetas[t, 2]
+            b = f * (cumulative_at(w, v, cum, p + (x - q) / f) - c0)
+            out[t, c] = b - a
+
+
+@_jit
+def _select(a, i):
+    """The ``i``-th smallest (0-based) of the 1-D ``a``, by Hoare's quickselect in place:
+    afterwards ``a[:i]`` hold values ≤ it (numba's ``np.partition`` is ~2× numpy's)."""
+    lo, hi = 0, a.shape[0] - 1
+    while hi > lo:
+        mid = (lo + hi) // 2
+        x, y, z = a[lo], a[mid], a[hi]  # median of three as the pivot
+        pivot = max(min(x, y), min(max(x, y), z))
+        p, q = lo, hi
+        while p <= q:
+            while a[p] < pivot:
+                p += 1
+            while a[q] > pivot:
+                q -= 1
+            if p <= q:
+                a[p], a[q] = a[q], a[p]
+                p += 1
+                q -= 1
+        if i <= q:
+            hi = q
+        elif i >= p:
+            lo = p
+        else:
+            return a[i]
+    return a[i]
+
+
+@_jit
+def _order_stat(x, i):
+    """The ``i``-th smallest of the 1-D ``x`` (0-based; ``x`` is not changed)."""
+    return _select(x.copy(), i)
+
+
+@_jit
+def _median_of(x):
+    """``numpy.median`` of a non-empty 1-D array without NaN (the same value, exactly;
+    ``x`` is reordered)."""
+    n = x.shape[0]
+    h = n // 2
+    v = _select(x, h)
+    if n % 2:
+        return v
+    return 0.5 * (x[:h].max() + v)
+
+
+@_jit
+def least_marked(a, dominant, contrib, k, thin, others, min_pixels, share, floor_factor):
+    """The pixels an endmember's spectrum is re-fitted on (step 2 of
+    :func:`qdplex.unmix.refine.refine_matrix`), in increasing order.
+
+    Of the pixels where ``dominant`` (N bools), when ``thin``: those where its abundance
+    ``a`` is at or above its median there, then (of more than ``min_pixels``) the ``share``
+    with the least of the ``others``' fitted signal ``contrib`` (K×N) relative to its own
+    ``contrib[k]``, but none whose ratio exceeds ``floor_factor`` × the ratio's 5th
+    percentile, and at least ``min_pixels`` (the smallest ratios; ties in pixel order, as a
+    stable sort would take them)."""
+    idx = np.flatnonzero(dominant)
+    if not thin:
+        return idx
+    if idx.size:
+        cut = _median_of(a[idx])  # (fancy indexing: a copy)
+        keep = np.empty(idx.size, np.bool_)
+        for p in range(idx.size):
+            keep[p] = a[idx[p]] >= cut
+        idx = idx[keep]
+    n_idx = idx.size
+    if n_idx <= min_pixels:
+        return idx
+    ratio = np.empty(n_idx)
+    for p in range(n_idx):
+        s = 0.0
+        first = True
+        for q in range(others.shape[0]):
+            if others[q]:
+                s = contrib[q, idx[p]] if first else s + contrib[q, idx[p]]
+                first = False
+        ratio[p] = s / max(contrib[k, idx[p]], 1e-12)
+    h = 0.05 * (n_idx - 1)  # the 5th percentile, linearly interpolated (numpy.quantile)
+    i = int(np.floor(h))
+    j = min(i + 1, n_idx - 1)
+    part = ratio.copy()
+    lo = _select(part, i)
+    hi = lo if j == i else part[i + 1:].min()
+    q05 = lo + (h - i) * (hi - lo)
+    below = 0
+    for p in range(n_idx):
+        if ratio[p] <= floor_factor * q05:
+            below += 1
+    n = max(min(int(n_idx * share), below), min_pixels)
+    v = _order_stat(ratio, n - 1)
+    ties = n
+    for p in range(n_idx):
+        if ratio[p] < v:
+            ties -= 1
+    keep = np.empty(n_idx, np.bool_)
+    for p in range(n_idx):
+        keep[p] = ratio[p] < v
+        if ratio[p] == v and ties > 0:
+            keep[p] = True
+            ties -= 1
+    return idx[keep]
+
+
+@_jit
+def ratio_median(Y, A, idx, k, sub, M, out):
+    """``out[c]``: the median over the pixels ``idx`` of (``Y[c]`` − ``M[c, sub]`` ``A[sub]``)
+    / ``A[k]``, the per-channel spectrum of endmember ``k`` there with the endmembers ``sub``
+    taken out (:func:`qdplex.unmix.refine.refine_matrix`)."""
+    npix = idx.size
+    r = np.empty(npix)
+    for c in range(Y.shape[0]):
+        for p in range(npix):
+            t = idx[p]
+            rest = 0.0
+            for q in range(sub.shape[0]):
+                rest = M[c, sub[q]] * A[sub[q], t] if q == 0 else rest + M[c, sub[q]] * A[sub[q], t]
+            r[p] = (Y[c, t] - rest) / A[k, t]
+        out[c] = _median_of(r)
+
+
+@_jit
+def unimodal_fit(m, lo, hi, out):
+    """Stout's unimodal regression of the 1-D float64 ``m`` with the mode sought in
+    ``lo``–``hi``: writes to ``out`` the non-decreasing fit of ``m[:p + 1]`` followed by the
+    non-increasing fit of ``m[p + 1:]`` for the split ``p`` in ``lo``–``hi`` of least total
+    squared error (the first such; see :func:`qdplex.unmix.refine._unimodal`)."""
+    C = m.shape[0]
+    fit = np.empty(C)
+    inc = np.empty(C)
+    dec = np.empty(C)
+    rev = np.empty(C)
+    for i in range(C):
+        rev[i] = m[C - 1 - i]
+    increasing_fit(m, fit, inc)
+    increasing_fit(rev, fit, dec)  # dec[C - 1 - i]: error of the non-increasing fit of m[i:]
+    p = lo
+    best = np.inf
+    for q in range(lo, hi + 1):
+        cost = inc[q] + (dec[C - 2 - q] if q + 1 < C else 0.0)
+        if cost < best:
+            best = cost
+            p = q
+    increasing_fit(m[:p + 1].copy(), out[:p + 1], inc[:p + 1])
+    n = C - 1 - p
+    if n > 0:
+        increasing_fit(rev[:n].copy(), fit[:n], dec[:n])
+        for i in range(n):
+            out[C - 1 - i] = fit[i]
 
 
 @numba.njit(cache=True, nogil=True)
