@@ -364,6 +364,13 @@ def peak_of(m, interpolate):
 
 
 @_jit
+def peaks_of(rows, interpolate, out):
+    """:func:`peak_of` of each row of the 2-D ``rows`` into ``out`` (1 where a row is all zero)."""
+    for r in range(rows.shape[0]):
+        out[r] = peak_of(rows[r], interpolate) if rows[r].max() > 0 else 1.0
+
+
+@_jit
 def warped_band_integrals(w, v, cum, p, lo, hi, thetas, out):
     """Band integrals of a spectrum (samples ``w``, ``v``, integral ``cum``; peak ``p``)
     shifted by ``thetas[t, 0]`` nm and its sides stretched by ``thetas[t, 1]`` (short) and

@@ -151,7 +151,12 @@ def _peak(m: np.ndarray, centres) -> float:
 
 def _peaks(rows: np.ndarray, centres) -> np.ndarray:
     """:func:`_peak` of each row of ``rows`` (1 where a row is all zero)."""
-    return np.array([_peak(r, centres) if r.max() > 0 else 1.0 for r in rows])
+    from ._kernels import peaks_of
+
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    out = np.empty(rows.shape[0])
+    peaks_of(rows, centres is not None, out)
+    return out
 
 
 def _lambda_centres(channels):
@@ -228,11 +233,9 @@ def _warp_fit(Yd, M, A, ks, priors, lo, hi, peak0, centres, solve):
             break
         RA = YA - M @ AA
         n = 3 * len(ks)
-        G, b = np.zeros((n, n)), np.zeros(n)
-        for i, k in enumerate(ks):
-            b[3 * i:3 * i + 3] = J[k].T @ RA[:, k]
-            for j, q in enumerate(ks):
-                G[3 * i:3 * i + 3, 3 * j:3 * j + 3] = (J[k].T @ J[q]) * AA[k, q]
+        Jall = np.concatenate([J[k] for k in ks], axis=1)  # C × 3·len(ks)
+        b = np.concatenate([J[k].T @ RA[:, k] for k in ks])
+        G = (Jall.T @ Jall) * np.kron(AA[np.ix_(ks, ks)], np.ones((3, 3)))  # block (k, q): J_kᵀ J_q (A Aᵀ)_kq
         G += 1e-3 * np.diag(np.diag(G)) + 1e-12 * np.eye(n)  # Levenberg–Marquardt damping
         dx = np.linalg.solve(G, b)
         for i, k in enumerate(ks):
