@@ -34,7 +34,14 @@ column of the mixing matrix to the slide by alternating non-negative least squar
    interpolated peak equals the prior's (abundances keep their units) and keep it close
    to the (warped) prior (which weighs as much as 25 pixels); unmix again;
 3. repeat (three rounds; a fourth changed the benchmark figures by less than their noise
-   and cost ~9 ms at 768²).
+   and would cost ~3 ms at 768²).
+
+**Speed.** The refinement works on an 8192-pixel sample, so its cost is fixed (at 768²
+about a fifth of plain NNLS unmixing, ~16–25 ms on this project's 2-CPU machines): six NNLS
+fits of the sample, whose residuals come from the fit kernel itself, and between them small
+steps compiled with numba (:mod:`qdplex.unmix._kernels`: the least-marked pixels, the
+per-channel medians, the single-peaked fit, the warped band integrals and peaks; they
+replaced ~150 numpy calls of a few µs each and give the same matrices to 1e-15).
 
 **Why the least marked, and why the other markers are not subtracted.** A spectrum
 that is wrong in a channel where another fluor emits — a red tail the built-in model
@@ -61,7 +68,7 @@ and keeps its warped prior, or keeps a little of its neighbour (EGFR up to 1.15�
 estimate's cosine to the true spectrum is 0.953, so refusing it is right); with QD705 at
 its unwarped prior even the true QD655 left EGFR at 1.15×, with the warped prior EGFR is at
 1.07×. Before the warp, fitting all 16 384 sampled pixels on an 8×8 tile grid gave
-10 of 50 (worst 2.1×) but adds ~19 ms at 768², beyond the time budget. Tried and not
+10 of 50 (worst 2.1×) but added ~19 ms at 768² (before the steps were compiled), beyond the time budget. Tried and not
 kept (figures before the warp was added, against 15 of 50): subtracting the other markers
 above their floor ratio, or only the markers whose bands do not meet the fluor's (both
 worse: 21–28 of 50); the warp with tail exponents as well, its 2 % gain counted from the
