@@ -37,7 +37,7 @@ column of the mixing matrix to the slide by alternating non-negative least squar
    and would cost ~3 ms at 768²).
 
 **Speed.** The refinement works on an 8192-pixel sample, so its cost is fixed (at 768²
-about a fifth of plain NNLS unmixing, ~16–25 ms on this project's 2-CPU machines): six NNLS
+about a quarter of plain NNLS unmixing, ~16–25 ms on this project's 2-CPU machines): five or six NNLS
 fits of the sample, whose residuals come from the fit kernel itself, and between them small
 steps compiled with numba (:mod:`qdplex.unmix._kernels`: the least-marked pixels, the
 per-channel medians, the single-peaked fit, the warped band integrals and peaks; they
@@ -328,6 +328,8 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     reason: dict[int, str] = {k: "measured on a control, or not asked for (controls win)"
                               for k in range(K) if not free[k]}
     npix = np.zeros(K, int)
+    others = [markers & (np.arange(K) != k) for k in range(K)]  # the other refined markers
+    subtracted = [np.flatnonzero(~markers & (np.arange(K) != k)) for k in range(K)]  # what is not one
     for _ in range(ROUNDS):
         contrib = M.sum(axis=0)[:, None] * A  # K×N fitted signal per endmember
         total = contrib.sum(axis=0)
@@ -342,15 +344,13 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
             # refined marker (the markers there are ~absent; see the docstring), the median of
             # the per-pixel ratios: robust to pixels where another endmember is misfitted
             thin = bool(is_stain[k] or np.count_nonzero(dominant[k]) >= 2 * MIN_PIXELS)
-            others = markers.copy()
-            others[k] = False
-            j = least_marked(A[k], dominant[k], contrib, k, thin, others, MIN_PIXELS, LEAST_MARKED_SHARE,
+            j = least_marked(A[k], dominant[k], contrib, k, thin, others[k], MIN_PIXELS, LEAST_MARKED_SHARE,
                              FLOOR_FACTOR)
             npix[k] = j.size
             if npix[k] < MIN_PIXELS:
                 continue
             m = np.empty(C)
-            ratio_median(Y, A, j, k, np.flatnonzero(~markers & (np.arange(K) != k)), M, m)
+            ratio_median(Y, A, j, k, subtracted[k], M, m)
             if single[k] and centres is not None:  # (before clipping: zero-mean noise off the band pools to ~0)
                 m = _unimodal(m, int(np.argmax(Mp[:, k])))
             m = np.clip(m, 0.0, None)
@@ -382,8 +382,8 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
         k = min((q for q in (i, j) if q not in refused), key=lambda q: _cos(M[:, q], Mp[:, q]))
         other = names[j if k == i else i]
         refused[k] = f"drifted toward {other} (angle {a1[i, j]:.1f}° < {ANGLE_FLOOR:g} × prior {a0[i, j]:.1f}°)"
-    reverted = [k for k in refused if free[k]]
-    for k in reverted:
+    reverted = [k for k in refused if free[k] and not np.array_equal(M[:, k], Mp[:, k])]
+    for k in reverted:  # (one that dominated too few pixels never left its warped prior)
         M[:, k] = Mp[:, k]
     if reverted:
         A, resid = solve(M)
