@@ -499,14 +499,20 @@ def ratio_median(Y, A, idx, k, sub, M, out):
     / ``A[k]``, the per-channel spectrum of endmember ``k`` there with the endmembers ``sub``
     taken out (:func:`qdplex.unmix.refine.refine_matrix`)."""
     npix = idx.size
+    S = sub.shape[0]
+    a = np.empty(npix)  # the abundances at those pixels, gathered once for all channels
+    As = np.empty((S, npix))
+    for p in range(npix):
+        a[p] = A[k, idx[p]]
+        for q in range(S):
+            As[q, p] = A[sub[q], idx[p]]
     r = np.empty(npix)
     for c in range(Y.shape[0]):
         for p in range(npix):
-            t = idx[p]
             rest = 0.0
-            for q in range(sub.shape[0]):
-                rest = M[c, sub[q]] * A[sub[q], t] if q == 0 else rest + M[c, sub[q]] * A[sub[q], t]
-            r[p] = (Y[c, t] - rest) / A[k, t]
+            for q in range(S):
+                rest = M[c, sub[q]] * As[q, p] if q == 0 else rest + M[c, sub[q]] * As[q, p]
+            r[p] = (Y[c, idx[p]] - rest) / a[p]
         out[c] = _median_of(r)
 
 
