@@ -519,17 +519,20 @@ def _saturation_level(image: MultiplexImage, saturation):
 
 
 def _step_spectrum(channels: Sequence[Channel], per_channel: np.ndarray):
-    """Per-nm spectrum from per-channel signals: a step over each band (a point without a band)."""
+    """Per-nm spectrum from per-channel signals: a step over each band (a point without a band).
+    ``per_channel`` is C values, or C×n for n spectra at once (then the densities are rows × n)."""
     bands = np.array([_channel_band(c) for c in channels], dtype=float)
     order = np.argsort(bands.mean(axis=1))
     bands, vals = bands[order], np.asarray(per_channel, float)[order]
     width = bands[:, 1] - bands[:, 0]
+    if vals.ndim == 2:
+        width = width[:, None]
     overlapping = np.any(bands[1:, 0] < bands[:-1, 1] - 1e-9)
     if overlapping or np.any(width <= 0):
         return bands.mean(axis=1), vals / np.where(width > 0, width, 1.0)
     dens = vals / width
     wl = np.repeat(bands, 1, axis=0).ravel()  # lo0, hi0, lo1, hi1, ...
-    return wl, np.repeat(dens, 2)
+    return wl, np.repeat(dens, 2, axis=0)
 
 
 def estimate_spectrum(image: MultiplexImage, *, name: str | None = None, offset=None,

@@ -665,12 +665,14 @@ def _refined_library(library, channels, M: np.ndarray, rec: dict, where):
     from ..spectra import SpectralLibrary, _step_spectrum
 
     out = SpectralLibrary(list(library))
-    for k, n in enumerate(library.names):
+    ks = [k for k, n in enumerate(library.names) if rec["spectra"][n]["refined"]]
+    if ks:
+        wl, dens = _step_spectrum(channels, M[:, ks])  # (the bands once for all)
+    for i, k in enumerate(ks):
+        n = library.names[k]
         r = rec["spectra"][n]
-        if r["refined"]:
-            wl, dens = _step_spectrum(channels, M[:, k])
-            out.add(n, wl, dens, source=f"refined on slide {where} from [{library[n].source}] "
-                                        f"(cosine to prior {r['cosine_to_prior']:.4f}, {r['pixels']} pixels)")
+        out.add(n, wl, dens[:, i], source=f"refined on slide {where} from [{library[n].source}] "
+                                          f"(cosine to prior {r['cosine_to_prior']:.4f}, {r['pixels']} pixels)")
     out.autofluorescence = getattr(library, "autofluorescence", None)
     return out
 
