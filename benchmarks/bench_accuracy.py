@@ -123,7 +123,7 @@ def _three_runs(panel, truelib, slide, kind: str):
     return q, off, ref, tq
 
 
-def throughput(slide, library, repeat: int = 11) -> dict:
+def throughput(slide, library, repeat: int) -> dict:
     """Seconds of plain NNLS unmixing (offset given; ``plain``), of the full unmixing (offset
     found, spectra refined, fit checked; ``full``) and of the same without refinement
     (``unrefined``): each the median of ``repeat`` runs taken in turn (the machine's speed
@@ -192,9 +192,10 @@ def main(argv=None) -> int:
         print()
         last = (slide, q.library)
     slide, lib = last
-    t = throughput(slide, lib)
+    repeat = 11
+    t = throughput(slide, lib, repeat)
     mpx = size * size / 1e6
-    print(f"unmixing {size}² ({slide.image.shape[0]} channels, {len(lib)} endmembers; medians of 11 runs in turn): "
+    print(f"unmixing {size}² ({slide.image.shape[0]} channels, {len(lib)} endmembers; medians of {repeat} runs in turn): "
           f"plain NNLS {mpx / t['plain']:.1f} Mpx/s ({t['plain']:.3f} s); with offset estimate + refinement + checks "
           f"{mpx / t['full']:.1f} Mpx/s ({t['full']:.3f} s); time ratio {t['full'] / t['plain']:.2f} (target ≤ 1.5; "
           f"of the fastest runs {t['fastest']:.2f}); the refinement's own share: {t['full'] / t['unrefined']:.2f}× "
@@ -205,9 +206,10 @@ def main(argv=None) -> int:
         big = replace(slide, image=MultiplexImage(np.tile(np.asarray(slide.image.data), (1, 2, 2)),
                                                   slide.image.channels, pixel_size_um=slide.image.pixel_size_um,
                                                   name="tiled"))
-        t = throughput(big, lib, repeat=5)
+        repeat = 5
+        t = throughput(big, lib, repeat)
         mpx = 4 * size * size / 1e6
-        print(f"unmixing {2 * size}² (the slide tiled 2×2; medians of 5): plain NNLS {mpx / t['plain']:.1f} Mpx/s "
+        print(f"unmixing {2 * size}² (the slide tiled 2×2; medians of {repeat}): plain NNLS {mpx / t['plain']:.1f} Mpx/s "
               f"({t['plain']:.3f} s); with refinement {mpx / t['full']:.1f} Mpx/s ({t['full']:.3f} s); time ratio "
               f"{t['full'] / t['plain']:.2f} (of the fastest runs {t['fastest']:.2f})")
     if args.more_seeds:

@@ -118,16 +118,12 @@ class Spectrum:
         return float(self.wavelength_nm[0]), float(self.wavelength_nm[-1])
 
     @cached_property
-    def _integral_at_samples(self) -> np.ndarray:
-        w, v = self.wavelength_nm, self.intensity
-        return np.concatenate([[0.0], np.cumsum(np.diff(w) * (v[1:] + v[:-1]) / 2.0)])
-
-    @cached_property
     def _samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(wavelengths, intensities, integral at each sample), contiguous float64: what the
         compiled integrals (:mod:`qdplex._integrals`) take."""
-        return (np.ascontiguousarray(self.wavelength_nm, dtype=np.float64),
-                np.ascontiguousarray(self.intensity, dtype=np.float64), self._integral_at_samples)
+        w = np.ascontiguousarray(self.wavelength_nm, dtype=np.float64)
+        v = np.ascontiguousarray(self.intensity, dtype=np.float64)
+        return w, v, np.concatenate([[0.0], np.cumsum(np.diff(w) * (v[1:] + v[:-1]) / 2.0)])
 
     def cumulative(self, x: np.ndarray) -> np.ndarray:
         """``∫ s(λ) dλ`` from the first sample to each ``x`` (clipped to the defined range;

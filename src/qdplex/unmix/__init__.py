@@ -203,7 +203,7 @@ def _unmix_block(block, plan: _Plan, block_info=None):
 def _pseudo_inverse(M: np.ndarray, G: np.ndarray) -> np.ndarray:
     """``numpy.linalg.pinv(M)`` for a C×K ``M`` of full column rank: (MᵀM)⁻¹Mᵀ, solved from
     the normal equations ``G = MᵀM`` (~50 µs instead of ~100 µs for an SVD: the refinement
-    makes ~8 plans per slide); the SVD where a Cholesky factorisation finds ``G`` not safely
+    makes six or seven plans per slide); the SVD where a Cholesky factorisation finds ``G`` not safely
     positive definite."""
     try:
         L = np.linalg.cholesky(G)

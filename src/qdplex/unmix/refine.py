@@ -219,7 +219,7 @@ def _warped_columns(spectrum, lo, hi, thetas) -> np.ndarray:
     return out
 
 
-def _warp_fit(Yd, M, A, ks, priors, lo, hi, peak0, centres, solve):
+def _warp_fit(Y, M, A, ks, priors, lo, hi, peak0, centres, solve):
     """Gauss–Newton fit of a shift and two side widths of each prior spectrum ``priors[k]``
     for ``k`` in ``ks`` to the sample (all of them at once, the abundances and the other
     columns held), then one unmixing (``solve``); returns (M, A, its RMS residual, {k: (shift,
@@ -228,7 +228,7 @@ def _warp_fit(Yd, M, A, ks, priors, lo, hi, peak0, centres, solve):
     steps = np.array([0.5, 0.01, 0.01])  # finite-difference steps (nm, width factors)
     probe = np.vstack([np.zeros(3), np.diag(steps)])  # theta and a step in each parameter
     M = M.copy()
-    YA, AA = Yd @ A.T, A @ A.T  # (Y − M A) Aᵀ = YA − M AA: the steps never touch the pixels
+    YA, AA = Y.astype(np.float64) @ A.T, A @ A.T  # (Y − M A) Aᵀ = YA − M AA: the steps never touch the pixels
     for step in range(WARP_STEPS + 1):
         J = {}
         for k in ks:
@@ -294,7 +294,6 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     if Y.shape[1] > MAX_PIXELS:
         Y = Y[:, np.random.default_rng(0).choice(Y.shape[1], MAX_PIXELS, replace=False)]
     Y = np.ascontiguousarray(Y, dtype=np.float32)
-    Yd = Y.astype(np.float64)
     M = M0.copy()
     free = np.array([n not in fixed for n in names])
     stain = set(stain)
@@ -316,7 +315,7 @@ def refine_matrix(Y: np.ndarray, M0: np.ndarray, names, *, fixed=(), unmix_fn,
     ks = [k for k in np.flatnonzero(markers & single) if priors is not None and priors[k] is not None]
     if ks and all(b is not None and b[1] > b[0] for b in bands):
         lo, hi = (np.ascontiguousarray(b) for b in np.array(bands, float).T)
-        Mw, Aw, rw, th = _warp_fit(Yd, M, A, ks, priors, lo, hi, peak0, centres, solve)
+        Mw, Aw, rw, th = _warp_fit(Y, M, A, ks, priors, lo, hi, peak0, centres, solve)
         aw, a0 = _angles(Mw), _angles(M0)
         ok = [k for k in ks if _cos(Mw[:, k], M0[:, k]) >= MIN_COSINE
               and np.all(np.delete(aw[k] >= ANGLE_FLOOR * a0[k], k))]
